@@ -1,0 +1,65 @@
+"""How one callable is timed, and the device's copy bandwidth (the roofline's ceiling)."""
+
+import statistics
+
+import torch
+
+
+def median_ms(fn, device_type: str, quick: bool) -> float:
+    """Median wall time of ``fn()`` in milliseconds, warm-up excluded.
+
+    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) when Triton is there, else events
+    around repeated calls. CPU: ``torch.utils.benchmark`` blocked_autorange, which picks the repeat count.
+    """
+    if device_type == "cuda":
+        return _median_ms_cuda(fn, quick)
+    from torch.utils import benchmark
+
+    fn()  # warm-up: first-call allocation and thread-pool start stay out of the numbers
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.3 if quick else 1.0).median * 1e3
+
+
+def _median_ms_cuda(fn, quick: bool) -> float:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=25, rep=100 if quick else 400, return_mode="median"))
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(20 if quick else 100):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Bytes read + written per second by a large device-to-device copy: the memory ceiling we report against.
+
+    256 MiB on GPU (well past L2, 50 MiB on H100) and 64 MiB on CPU (past the last-level cache of this class
+    of machine) so the number is DRAM's, not a cache's.
+    """
+    nbytes = (256 if device.type == "cuda" else 64) * 2**20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device.type, quick)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def peak_extra_mib(fn, device: torch.device):
+    """Peak memory above what was allocated before ``fn()`` ran, in MiB (GPU only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20

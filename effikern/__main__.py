@@ -1,0 +1,74 @@
+"""``python -m effikern info`` and ``python -m effikern bench``."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def info() -> None:
+    """Versions, device, which backends are built and usable per op, and what ``auto`` picks."""
+    import effikern
+    from effikern import _ext, backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    ext = _ext.extension()
+    print(f"effikern {effikern.__version__}  torch {torch.__version__}  triton {triton_version}  "
+          f"CUDA {torch.version.cuda or 'none (CPU build of torch)'}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"devices: cpu ({torch.get_num_threads()} threads), cuda: {gpu}")
+    print(f"extension effikern._C: {ext.build_info() if ext else _ext.extension_error()}")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  backend choice: {backends.get_backend()}"
+          " (set with effikern.set_backend or EFFIKERN_BACKEND)")
+    for op in backends.ops():
+        print(f"\n{op}:")
+        impls = backends.registered(op)
+        for device in devices:
+            for name in backends.BACKENDS:
+                if name not in impls:
+                    status = "not implemented"
+                elif device not in impls[name].devices:
+                    continue
+                else:
+                    status = backends.unavailable_reason(name, device) or "usable"
+                print(f"  {device:<5}{name:<8}{status}")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                try:
+                    picked = backends.choose(op, device, dtype)
+                except backends.BackendUnavailableError as err:
+                    picked = f"error: {err}"
+                print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9} -> runs on: {picked}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effikern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, built backends and what auto picks")
+    bench = sub.add_parser("bench", help="run the benchmark suite on this machine's device")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="quick", action="store_true", default=True,
+                      help="the default: a few minutes on a 2-core CPU")
+    size.add_argument("--full", dest="quick", action="store_false", help="the whole matrix")
+    bench.add_argument("--family", action="append", help="only these families (repeatable), e.g. dwsep")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--out", help="results folder (default: benchmarks/results in a checkout)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    from effikern.benchmarks import runner
+
+    device = torch.device(args.device) if args.device else None
+    runner.run(tuple(args.family or runner.FAMILIES), device=device, quick=args.quick, out_dir=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""``torch.ops.effikern.dwsep_conv2d``: fused depthwise-separable convolution.
+
+    y = pw(act(dw(x) + dw_bias)) + pw_bias [+ residual]
+
+Shapes: x [N, C, H, W] (NCHW or channels_last); dw_weight [C, 1, kh, kw]; dw_bias [C] or None;
+pw_weight [Cout, C, 1, 1]; pw_bias [Cout] or None; residual [N, Cout, Ho, Wo] or None;
+y [N, Cout, Ho, Wo] in x's memory format, with Ho = (H + 2*ph - dh*(kh-1) - 1) // sh + 1 (likewise Wo).
+
+Layers (DESIGN.md): kernels in csrc/cpu, csrc/cuda and kernels/dwsep.py; this file holds the op schema,
+the argument checks (once, here), the fake function for torch.compile, autograd, and the backend table.
+Backward recomputes the depthwise output from x instead of saving it: it saves N*C*Ho*Wo activations.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, backends
+from . import _checks
+from .activation import CODES, activation_backward, apply_activation
+
+OP = "dwsep_conv2d"
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
+
+
+def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual):
+    """Validates every argument of the op; returns the output shape (N, Cout, Ho, Wo)."""
+    _checks.tensor(x, "x", 4)
+    _checks.floating(x, "x", _ALL_FLOAT)
+    n, c, h, w = x.shape
+    if c == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    _checks.tensor(dw_weight, "dw_weight", 4)
+    _checks.tensor(pw_weight, "pw_weight", 4)
+    if dw_weight.shape[1] != 1 or dw_weight.shape[0] != c:
+        raise ValueError(
+            f"dw_weight must have shape [C={c}, 1, kh, kw] (depthwise, depth multiplier 1), "
+            f"got {tuple(dw_weight.shape)}"
+        )
+    kh, kw = dw_weight.shape[2:]
+    if kh < 1 or kw < 1:
+        raise ValueError(f"dw_weight must have a kernel of at least 1x1, got {tuple(dw_weight.shape)}")
+    cout = pw_weight.shape[0]
+    if cout < 1:
+        raise ValueError(f"pw_weight must have at least one output channel, got {tuple(pw_weight.shape)}")
+    _checks.shape(pw_weight, "pw_weight", (cout, c, 1, 1), f"[Cout, C={c}, 1, 1]")
+    if dw_bias is not None:
+        _checks.tensor(dw_bias, "dw_bias")
+        _checks.shape(dw_bias, "dw_bias", (c,), f"[C={c}]")
+    if pw_bias is not None:
+        _checks.tensor(pw_bias, "pw_bias")
+        _checks.shape(pw_bias, "pw_bias", (cout,), f"[Cout={cout}]")
+    _checks.same_dtype_device(x, "x", dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight,
+                              pw_bias=pw_bias, residual=residual)
+    sh, sw = _checks.pair(stride, "stride", 1)
+    ph, pw = _checks.pair(padding, "padding", 0)
+    dh, dw = _checks.pair(dilation, "dilation", 1)
+    if activation not in CODES:
+        raise ValueError(f"activation must be one of {sorted(CODES)}, got {activation!r}")
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if span_h > h + 2 * ph or span_w > w + 2 * pw:
+        raise ValueError(
+            f"dw_weight's kernel spans {span_h}x{span_w} (kernel {kh}x{kw}, dilation {(dh, dw)}), larger than "
+            f"the padded input {h + 2 * ph}x{w + 2 * pw} (x {h}x{w}, padding {(ph, pw)})"
+        )
+    out = (n, cout, (h + 2 * ph - span_h) // sh + 1, (w + 2 * pw - span_w) // sw + 1)
+    if residual is not None:
+        _checks.tensor(residual, "residual", 4)
+        _checks.shape(residual, "residual", out, "the output's shape [N, Cout, Ho, Wo]")
+    return out
+
+
+def reference(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual):
+    """The ``torch`` backend: two ``F.conv2d`` calls. ``activation`` is a name from CODES."""
+    z = F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=x.shape[1])
+    y = F.conv2d(apply_activation(z, activation), pw_weight, pw_bias)
+    return y if residual is None else y + residual
+
+
+def reference_backward(grad_y, x, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation):
+    """Gradients of :func:`reference`: (grad_x, grad_dw_w, grad_dw_b, grad_pw_w, grad_pw_b).
+
+    Written out with torch's own backward ops rather than autograd, which does not run inside a custom op.
+    """
+    c = x.shape[1]
+    z = F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=c)
+    a = apply_activation(z, activation)
+    pw = pw_weight.flatten(1)  # [Cout, C]
+    grad_pw = torch.einsum("nohw,nchw->oc", grad_y, a).reshape(pw_weight.shape)
+    grad_z = activation_backward(torch.einsum("nohw,oc->nchw", grad_y, pw), z, activation)
+    grad_x = torch.nn.grad.conv2d_input(x.shape, dw_weight, grad_z, stride, padding, dilation, groups=c)
+    grad_dw = torch.nn.grad.conv2d_weight(x, dw_weight.shape, grad_z, stride, padding, dilation, groups=c)
+    return grad_x, grad_dw, grad_z.sum((0, 2, 3)), grad_pw, grad_y.sum((0, 2, 3))
+
+
+# --- backends -----------------------------------------------------------------------------------------
+# Each loader returns a callable with the kernel contract: (x, dw_w, dw_b, pw_w, pw_b, stride, padding,
+# dilation, activation_code, residual) -> y, and the backward one with the matching arguments.
+
+def _cuda_stream_args(x):
+    # The CUDA glue in csrc/cuda takes the raw stream from here rather than from c10/cuda headers, which
+    # lets it compile (and be compile-checked) against the CPU torch wheel on CI.
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _load_torch():
+    names = {v: k for k, v in CODES.items()}
+
+    def fwd(x, dw_w, dw_b, pw_w, pw_b, stride, padding, dilation, act, residual):
+        return reference(x, dw_w, dw_b, pw_w, pw_b, stride, padding, dilation, names[act], residual)
+
+    def bwd(g, x, dw_w, dw_b, pw_w, stride, padding, dilation, act):
+        return reference_backward(g, x, dw_w, dw_b, pw_w, stride, padding, dilation, names[act])
+
+    return fwd, bwd
+
+
+def _load_cpp():
+    ext = _ext.require("cpu")
+    return ext.dwsep_fwd_cpu, ext.dwsep_bwd_cpu
+
+
+def _load_cuda():
+    ext = _ext.require("cuda")
+
+    def fwd(x, *args):
+        with torch.cuda.device(x.device):
+            return ext.dwsep_fwd_cuda(x, *args, _cuda_stream_args(x))
+
+    def bwd(g, x, *args):
+        with torch.cuda.device(x.device):
+            return ext.dwsep_bwd_cuda(g, x, *args, _cuda_stream_args(x))
+
+    return fwd, bwd
+
+
+def _load_triton():
+    from ..kernels import dwsep as kernels
+
+    return kernels.dwsep_fwd_triton, kernels.dwsep_bwd_triton
+
+
+backends.register(OP, "torch", ("cpu", "cuda"), _ALL_FLOAT, _load_torch)
+backends.register(OP, "cpp", ("cpu",), _ALL_FLOAT, _load_cpp)
+backends.register(OP, "triton", ("cpu", "cuda"), _HALF_AND_FLOAT, _load_triton)
+backends.register(OP, "cuda", ("cuda",), _HALF_AND_FLOAT, _load_cuda)
+
+
+# --- the ops --------------------------------------------------------------------------------------------
+
+def _empty(shape, like, fmt):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+@torch.library.custom_op("effikern::dwsep_conv2d", mutates_args=())
+def dwsep_conv2d(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    pw_weight: torch.Tensor,
+    pw_bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    activation: str,
+    residual: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The fused op; see the module docstring. Prefer ``effikern.functional.dwsep_conv2d``."""
+    out_shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
+                           residual)
+    fmt = _checks.memory_format_of(x)
+    if x.shape[0] == 0:
+        return _empty(out_shape, x, fmt)
+    _, (fwd, _) = backends.resolve(OP, x)
+    y = fwd(
+        x.contiguous(memory_format=fmt), dw_weight.contiguous(), _contig(dw_bias), pw_weight.contiguous(),
+        _contig(pw_bias), list(stride), list(padding), list(dilation), CODES[activation],
+        None if residual is None else residual.contiguous(memory_format=fmt),
+    )
+    # Backends return y in x's layout; this is a no-op then, and pins the layout the fake function promises.
+    return y.contiguous(memory_format=fmt)
+
+
+@dwsep_conv2d.register_fake
+def _(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual):
+    out_shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
+                           residual)
+    return _empty(out_shape, x, _checks.memory_format_of(x))
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("effikern::dwsep_conv2d_backward", mutates_args=())
+def dwsep_conv2d_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    pw_weight: torch.Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    activation: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of dwsep_conv2d w.r.t. (x, dw_weight, dw_bias, pw_weight, pw_bias); recomputes dw(x).
+
+    grad_y: [N, Cout, Ho, Wo]. Returns grad_x [N, C, H, W] in x's layout, grad_dw_weight [C, 1, kh, kw],
+    grad_dw_bias [C], grad_pw_weight [Cout, C, 1, 1], grad_pw_bias [Cout], all in x's dtype. The bias
+    gradients are returned even when the bias is None (autograd drops them).
+    """
+    out_shape = check_args(x, dw_weight, dw_bias, pw_weight, None, stride, padding, dilation, activation, None)
+    _checks.tensor(grad_y, "grad_y", 4)
+    _checks.shape(grad_y, "grad_y", out_shape, "the output's shape")
+    _checks.same_dtype_device(x, "x", grad_y=grad_y)
+    fmt = _checks.memory_format_of(x)
+    if x.shape[0] == 0:
+        return _zero_grads(x, dw_weight, pw_weight, fmt)
+    _, (_, bwd) = backends.resolve(OP, x)
+    grads = bwd(
+        grad_y.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), dw_weight.contiguous(),
+        _contig(dw_bias), pw_weight.contiguous(), list(stride), list(padding), list(dilation), CODES[activation],
+    )
+    gx, gdw, gdwb, gpw, gpwb = grads
+    return gx.contiguous(memory_format=fmt), gdw.contiguous(), gdwb.contiguous(), gpw.contiguous(), gpwb.contiguous()
+
+
+def _zero_grads(x, dw_weight, pw_weight, fmt):
+    c, cout = dw_weight.shape[0], pw_weight.shape[0]
+    return (
+        torch.zeros(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt),
+        torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
+        x.new_zeros(c),
+        torch.zeros_like(pw_weight, memory_format=torch.contiguous_format),
+        x.new_zeros(cout),
+    )
+
+
+@dwsep_conv2d_backward.register_fake
+def _(grad_y, x, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation):
+    check_args(x, dw_weight, dw_bias, pw_weight, None, stride, padding, dilation, activation, None)
+    fmt = _checks.memory_format_of(x)
+    return (
+        _empty(x.shape, x, fmt),
+        _empty(dw_weight.shape, x, torch.contiguous_format),
+        x.new_empty(dw_weight.shape[0]),
+        _empty(pw_weight.shape, x, torch.contiguous_format),
+        x.new_empty(pw_weight.shape[0]),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), activation)
+    ctx.has_bias = (dw_bias is not None, pw_bias is not None)
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad_y):
+    x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
+    gx, gdw, gdwb, gpw, gpwb = torch.ops.effikern.dwsep_conv2d_backward(
+        grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args
+    )
+    has_dw_b, has_pw_b = ctx.has_bias
+    return (
+        gx, gdw, gdwb if has_dw_b else None, gpw, gpwb if has_pw_b else None,
+        None, None, None, None, grad_y if ctx.has_residual else None,
+    )
+
+
+dwsep_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,34 @@
+"""Test setup shared by every test file.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be switched on
+before triton is first imported: hence here, at the top of the first file pytest loads.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Every tensor allocated with torch.empty (kernel outputs included) starts as NaN, so an element a
+    kernel forgets to write shows up as NaN instead of passing by luck."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -1,0 +1,64 @@
+"""Backend selection, the info command and lazy loading."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import effikern
+from effikern import backends
+
+
+def test_set_backend_is_a_setter_and_a_context_manager():
+    assert effikern.get_backend() == "auto"
+    with effikern.set_backend("cpp"):
+        assert effikern.get_backend() == "cpp"
+        with effikern.set_backend("torch"):
+            assert effikern.get_backend() == "torch"
+        assert effikern.get_backend() == "cpp"
+    assert effikern.get_backend() == "auto"
+    effikern.set_backend("torch")
+    try:
+        assert effikern.get_backend() == "torch"
+    finally:
+        effikern.set_backend("auto")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
+        effikern.set_backend("fast")
+
+
+def test_auto_falls_back_to_torch_for_dtypes_a_kernel_lacks():
+    import torch
+
+    assert backends.choose("dwsep_conv2d", "cpu", torch.float64) in ("torch", "cpp")
+    # float64 is not a Triton dtype here: an explicit request says so instead of running something else.
+    with effikern.set_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="float64"):
+        backends.choose("dwsep_conv2d", "cpu", torch.float64)
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_environment_variable_sets_the_initial_backend():
+    out = _python("import effikern; print(effikern.get_backend())", EFFIKERN_BACKEND="cpp")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "cpp"
+
+
+def test_import_needs_neither_triton_nor_the_extension():
+    code = "import sys, effikern; print('triton' in sys.modules, 'effikern._C' in sys.modules)"
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_info_lists_backends_and_the_auto_choice():
+    out = subprocess.run([sys.executable, "-m", "effikern", "info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for word in ("effikern", "torch", "triton", "dwsep_conv2d", "cpp", "runs on:"):
+        assert word in out.stdout, out.stdout

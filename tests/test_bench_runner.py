@@ -1,0 +1,30 @@
+"""The shared benchmark runner writes what it promises: JSON with device, versions, sha, date and rows."""
+
+import json
+import sys
+import types
+
+import torch
+
+from effikern.benchmarks import runner
+
+
+def test_runner_writes_results(tmp_path, monkeypatch):
+    def build():
+        a = torch.randn(256, 256)
+        return {"torch": lambda: a @ a, "cpp": lambda: a.mm(a), "cuda": "unavailable: no GPU"}
+
+    case = runner.Case(op="mm", shape="256x256", dtype="fp32", layout="-", mode="fwd", bytes=3 * 256 * 256 * 4,
+                       flops=2 * 256**3, baseline="torch", build=build)
+    fake = types.ModuleType("effikern.benchmarks.bench_fake")
+    fake.cases = lambda device, quick: [case]
+    monkeypatch.setitem(sys.modules, "effikern.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(runner.timing, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    path = runner.run(("fake",), device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
+    data = json.loads(open(path).read())
+    for key in ("device", "versions", "git_sha", "date", "copy_bandwidth_gbps", "rows", "summary"):
+        assert key in data
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert rows["torch"]["speedup"] == 1.0 and rows["torch"]["ms"] > 0
+    assert abs(rows["cpp"]["speedup"] - rows["torch"]["ms"] / rows["cpp"]["ms"]) < 1e-9
+    assert rows["cuda"]["ms"] is None and "unavailable" in rows["cuda"]["note"]

@@ -1,0 +1,247 @@
+"""torch.ops.effikern.dwsep_conv2d on every backend against the float64 reference."""
+
+import os
+
+import pytest
+import torch
+
+import effikern
+from effikern.ops import dwsep as dwsep_op
+from oracle import assert_matches
+
+F_DWSEP = effikern.functional.dwsep_conv2d
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+# (N, C, H, W, (kh, kw), stride, padding, dilation, Cout, activation, dw_bias, pw_bias, residual, layout)
+CONFIGS = {
+    "c3_k3_relu": (2, 3, 7, 7, (3, 3), 1, 1, 1, 5, "relu", True, True, False, NCHW),
+    "c17_k5_s2_silu_res": (1, 17, 13, 13, (5, 5), 2, 2, 1, 8, "silu", False, True, True, CL),
+    "rect_gelu": (2, 16, 9, 11, (3, 5), (1, 2), (0, 3), (2, 1), 7, "gelu", True, False, False, NCHW),
+    "k7_hardswish_res": (1, 8, 17, 17, (7, 7), 1, 3, 1, 16, "hardswish", True, True, True, CL),
+    "cout1_relu6": (3, 20, 7, 7, (3, 3), 1, 1, 1, 1, "relu6", True, True, False, CL),
+    "k1_none": (1, 5, 4, 4, (1, 1), 1, 0, 1, 3, "none", False, False, False, NCHW),
+    "pad_over_kernel": (1, 6, 5, 5, (3, 3), 3, 4, 1, 4, "relu", True, True, False, CL),
+}
+# Larger cases: too slow for the Triton interpreter, run on torch/cpp (and on GPU).
+BIG_CONFIGS = {
+    "c130_h13": (2, 130, 13, 13, (3, 3), 1, 1, 1, 33, "relu6", True, True, True, CL),
+    "c130_h17_nchw": (2, 130, 17, 17, (5, 5), 2, 2, 1, 64, "silu", True, True, False, NCHW),
+}
+
+
+def _backends():
+    params = [pytest.param("torch"), pytest.param("cpp")]
+    params.append(pytest.param("triton", marks=pytest.mark.triton))
+    params.append(pytest.param("cuda", marks=pytest.mark.gpu))
+    return params
+
+
+def _device_for(backend):
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() and backend == "triton" else "cpu"
+
+
+def _skip_unavailable(backend, device):
+    why = effikern.backends.unavailable_reason(backend, device)
+    if why:
+        if os.environ.get("CI") and backend in ("cpp", "triton") and device == "cpu":
+            pytest.fail(f"backend {backend} must be available in CI: {why}")
+        pytest.skip(why)
+
+
+def _make(cfg, dtype, device, layout=None):
+    n, c, h, w, k, s, p, d, cout, act, has_dwb, has_pwb, has_res, fmt = cfg
+    fmt = layout or fmt
+    x = torch.randn(n, c, h, w, dtype=torch.float64, device=device).contiguous(memory_format=fmt)
+    dw_w = torch.randn(c, 1, *k, dtype=torch.float64, device=device) / (k[0] * k[1]) ** 0.5
+    dw_b = torch.randn(c, dtype=torch.float64, device=device) if has_dwb else None
+    pw_w = torch.randn(cout, c, 1, 1, dtype=torch.float64, device=device) / c**0.5
+    pw_b = torch.randn(cout, dtype=torch.float64, device=device) if has_pwb else None
+    args = dict(stride=s, padding=p, dilation=d, activation=act)
+    ho = (h + 2 * _pair(p)[0] - _pair(d)[0] * (k[0] - 1) - 1) // _pair(s)[0] + 1
+    wo = (w + 2 * _pair(p)[1] - _pair(d)[1] * (k[1] - 1) - 1) // _pair(s)[1] + 1
+    res = torch.randn(n, cout, ho, wo, dtype=torch.float64, device=device).contiguous(memory_format=fmt) \
+        if has_res else None
+    tensors = [x, dw_w, dw_b, pw_w, pw_b, res]
+    low = [None if t is None else t.to(dtype).contiguous(memory_format=_fmt_of(t)) for t in tensors]
+    return tensors, low, args, fmt
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def _fmt_of(t):
+    return CL if t.dim() == 4 and not t.is_contiguous() else NCHW
+
+
+def _ref(tensors, args):
+    x, dw_w, dw_b, pw_w, pw_b, res = tensors
+    return dwsep_op.reference(x, dw_w, dw_b, pw_w, pw_b, args["stride"], args["padding"], args["dilation"],
+                              args["activation"], res)
+
+
+def _run(backend, low, args):
+    x, dw_w, dw_b, pw_w, pw_b, res = low
+    with effikern.set_backend(backend):
+        return F_DWSEP(x, dw_w, dw_b, pw_w, pw_b, residual=res, **args)
+
+
+def _check_forward_and_backward(backend, cfg, dtype, layout=None):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    tensors, low, args, fmt = _make(cfg, dtype, device, layout)
+    names = ["x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "residual"]
+    for group in (tensors, low):
+        for t in group:
+            if t is not None:
+                t.requires_grad_()
+    truth = _ref(tensors, args)
+    torch_out = _ref(low, args)  # PyTorch's own path in the kernel's dtype: the error budget
+    out = _run(backend, low, args)
+    assert_matches("y", out, truth, torch_out)
+    if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=fmt), "output must keep x's memory format"
+    g = torch.randn_like(truth)
+    present = [(n, i) for n, i in zip(names, range(6)) if tensors[i] is not None]
+    truth_g = torch.autograd.grad(truth, [tensors[i] for _, i in present], g)
+    torch_g = torch.autograd.grad(torch_out, [low[i] for _, i in present], g.to(dtype))
+    with effikern.set_backend(backend):
+        out_g = torch.autograd.grad(out, [low[i] for _, i in present], g.to(dtype))
+    for (name, _), o, t, b in zip(present, out_g, truth_g, torch_g):
+        assert_matches(f"grad {name}", o, t, b)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=str)
+@pytest.mark.parametrize("backend", _backends())
+def test_matches_reference(backend, cfg, dtype):
+    _check_forward_and_backward(backend, CONFIGS[cfg], dtype)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("layout", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("cfg", ["c3_k3_relu", "c17_k5_s2_silu_res"], ids=str)
+@pytest.mark.parametrize("backend", _backends())
+def test_both_layouts(backend, cfg, layout):
+    _check_forward_and_backward(backend, CONFIGS[cfg], torch.float32, layout)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cfg", list(BIG_CONFIGS), ids=str)
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+def test_larger_shapes(backend, cfg, dtype):
+    _check_forward_and_backward(backend, BIG_CONFIGS[cfg], dtype)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "silu", "gelu", "hardswish"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_float64(backend, activation):
+    """Exact gradients in float64: the reference and the C++ kernel."""
+    _skip_unavailable(backend, "cpu")
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    dw_w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    dw_b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    pw_w = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    pw_b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    # Keep z away from the activations' kinks (0, +-3, 6), where finite differences are not derivatives.
+    with torch.no_grad():
+        dw_b += 0.05
+
+    def f(*inputs):
+        with effikern.set_backend(backend):
+            return F_DWSEP(*inputs[:5], stride=(2, 1), padding=1, dilation=(1, 2), activation=activation,
+                           residual=inputs[5])
+
+    assert torch.autograd.gradcheck(f, (x, dw_w, dw_b, pw_w, pw_b, res), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_empty_batch(backend):
+    _skip_unavailable(backend, "cpu")
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    dw_w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    pw_w = torch.randn(6, 4, 1, 1, requires_grad=True)
+    with effikern.set_backend(backend):
+        y = F_DWSEP(x, dw_w, None, pw_w, None, padding=1)
+        assert y.shape == (0, 6, 8, 8)
+        y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(dw_w.grad, torch.zeros_like(dw_w))
+
+
+def _valid_args():
+    return [torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(4), torch.randn(6, 4, 1, 1),
+            torch.randn(6)]
+
+
+@pytest.mark.parametrize("mutate, kwargs, match", [
+    (lambda a: a.__setitem__(0, torch.randn(4, 8, 8)), {}, r"x must be a 4-D tensor.*\(4, 8, 8\)"),
+    (lambda a: a.__setitem__(1, torch.randn(8, 1, 3, 3)), {}, r"dw_weight must have shape \[C=4, 1, kh, kw\]"),
+    (lambda a: a.__setitem__(1, torch.randn(4, 2, 3, 3)), {}, r"depth multiplier 1"),
+    (lambda a: a.__setitem__(3, torch.randn(6, 5, 1, 1)), {}, r"pw_weight must have shape \(6, 4, 1, 1\)"),
+    (lambda a: a.__setitem__(3, torch.randn(6, 4, 3, 3)), {}, r"pw_weight must have shape"),
+    (lambda a: a.__setitem__(2, torch.randn(5)), {}, r"dw_bias must have shape \(4,\)"),
+    (lambda a: a.__setitem__(4, torch.randn(4)), {}, r"pw_bias must have shape \(6,\)"),
+    (lambda a: a.__setitem__(1, torch.randn(4, 1, 3, 3, dtype=torch.float64)), {}, r"dw_weight must have the dtype"),
+    (lambda a: a.__setitem__(0, torch.randint(0, 3, (2, 4, 8, 8))), {}, r"x must have dtype"),
+    (lambda a: a.__setitem__(1, torch.randn(4, 1, 11, 11)), {}, r"larger than the padded input"),
+    (lambda a: None, {"stride": 0}, r"stride must be >= 1"),
+    (lambda a: None, {"padding": (1, 2, 3)}, r"padding must be an int or a pair"),
+    (lambda a: None, {"activation": "tanh"}, r"activation must be None or one of"),
+    (lambda a: None, {"residual": torch.randn(2, 6, 7, 7)}, r"residual must have shape \(2, 6, 6, 6\)"),
+])
+def test_bad_input_names_the_argument(mutate, kwargs, match):
+    args = _valid_args()
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        F_DWSEP(*args, **kwargs)
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_an_error():
+    args = _valid_args()
+    args[0] = args[0].cuda()
+    with pytest.raises(ValueError, match=r"dw_weight must be on the device of x"):
+        F_DWSEP(*args)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    args = _valid_args()
+    with effikern.set_backend("cuda"), pytest.raises(effikern.BackendUnavailableError, match="cuda"):
+        F_DWSEP(*args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_opcheck(backend):
+    _skip_unavailable(backend, "cpu")
+    x = torch.randn(2, 5, 7, 6, requires_grad=True)
+    dw_w = torch.randn(5, 1, 3, 3, requires_grad=True)
+    pw_w = torch.randn(4, 5, 1, 1, requires_grad=True)
+    pw_b = torch.randn(4, requires_grad=True)
+    res = torch.randn(2, 4, 4, 3)
+    with effikern.set_backend(backend):
+        for xx in (x, x.detach().contiguous(memory_format=CL).requires_grad_()):
+            torch.library.opcheck(torch.ops.effikern.dwsep_conv2d,
+                                  (xx, dw_w, None, pw_w, pw_b, [2, 2], [1, 1], [1, 1], "silu", res))
+        g = torch.randn(2, 4, 4, 3)
+        torch.library.opcheck(torch.ops.effikern.dwsep_conv2d_backward,
+                              (g, x.detach(), dw_w.detach(), None, pw_w.detach(), [2, 2], [1, 1], [1, 1], "silu"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_fullgraph(backend):
+    _skip_unavailable(backend, "cpu")
+    x = torch.randn(2, 6, 9, 9).contiguous(memory_format=CL)
+    w = [torch.randn(6, 1, 3, 3), torch.randn(6), torch.randn(8, 6, 1, 1), torch.randn(8)]
+
+    def f(x):
+        return F_DWSEP(x, *w, stride=1, padding=1, activation="gelu") * 2
+
+    with effikern.set_backend(backend):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), f(x))
