@@ -1,8 +1,9 @@
 """The one runner every ``bench_<family>.py`` plugs into.
 
-A family module exposes ``FAMILY`` (a name) and ``cases(device, quick) -> list[Case]``. The runner times every
-candidate of every case in one process, so speedups compare numbers measured minutes apart on the same
-machine, and writes ``<out>/<device>.json`` (device, versions, git sha, date, every row) and ``<device>.png``.
+A family module exposes ``FAMILY`` (a name) and ``cases(device, quick) -> list[Case]``, and optionally
+``report(quick) -> list[dict]`` for measurements that are not timings (the padding a batching strategy
+adds). The runner times every candidate of every case in one process, so speedups compare numbers measured
+minutes apart on the same machine, and writes ``<out>/<device>.json`` (device, versions, git sha, date, every row) and ``<device>.png``.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("dwsep",)
+FAMILIES = ("dwsep", "data")
 
 
 @dataclasses.dataclass
@@ -245,8 +246,11 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
     copy_gbps = timing.copy_bandwidth_gbps(device, quick)
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", flush=True)
     rows: List[Row] = []
+    reports = {}
     for family in families:
         module = importlib.import_module(f"{__package__}.bench_{family}")
+        if hasattr(module, "report"):
+            reports[family] = module.report(quick)
         cases = module.cases(device, quick)
         for i, case in enumerate(cases, 1):
             case_rows = _rows_for_case(family, case, device, quick, copy_gbps)
@@ -262,7 +266,8 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
     path = os.path.join(out_dir, f"{slug}.json")
     with open(path, "w") as f:
         json.dump({**meta, "mode": "quick" if quick else "full", "copy_bandwidth_gbps": copy_gbps,
-                   "summary": summary, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+                   "summary": summary, "reports": reports,
+                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     png = plot(rows, os.path.join(out_dir, f"{slug}.png"), f"effikern on {meta['device']}, {meta['date']}")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return path
