@@ -1,6 +1,289 @@
-"""``effikern.optimize`` (work in progress)."""
+"""``effikern.optimize``: swap provably equivalent layer patterns in a model for effikern's fused modules.
+
+The walk is generic; what gets replaced is decided by a list of rules (``RULES``). A rule is a function
+
+    rule(window: Sequence[nn.Module]) -> Optional[Rewrite]
+
+``window[0]`` is the module being considered. When its parent is a plain ``nn.Sequential`` (whose forward
+is known: each child feeds the next) ``window[1:]`` are the siblings that follow it, so a rule may match a
+run of layers; elsewhere the window is ``[module]`` alone. A rule returns None when the module is not its
+business, ``Rewrite(length, replacement, reason)`` to replace ``window[:length]``, or a Rewrite with
+``replacement=None`` for a candidate it could not prove equivalent (the reason goes to the report).
+The depthwise-separable rule (:func:`dwsep_rule`) is the first; a family adds its own by appending to
+``RULES`` (or passing ``rules=`` to :func:`optimize`).
+"""
+
+import copy
+import dataclasses
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .nn.dwsep import DepthwiseSeparableConv2d
+from .ops.activation import module_activation_name
 
 
-def optimize(model, inplace=True):
-    """Placeholder; being written."""
-    raise NotImplementedError
+@dataclasses.dataclass
+class Rewrite:
+    """A rule's verdict on ``window[:length]``: the module replacing it, or None (left) and why."""
+
+    length: int
+    replacement: Optional[nn.Module]
+    reason: str
+
+
+Rule = Callable[[Sequence[nn.Module]], Optional[Rewrite]]
+
+
+@dataclasses.dataclass
+class Entry:
+    """One line of the report: the qualified name of the (first) module, 'replaced' or 'left', and why."""
+
+    name: str
+    action: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Report:
+    """What :func:`optimize` did; ``str(report)`` is a table."""
+
+    entries: List[Entry] = dataclasses.field(default_factory=list)
+
+    @property
+    def replaced(self) -> List[Entry]:
+        return [e for e in self.entries if e.action == "replaced"]
+
+    @property
+    def left(self) -> List[Entry]:
+        return [e for e in self.entries if e.action == "left"]
+
+    def __str__(self) -> str:
+        rows = [("module", "action", "reason")]
+        rows += [(e.name or "(model)", e.action, e.reason) for e in self.entries]
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        lines = [f"effikern.optimize: {len(self.replaced)} replaced, {len(self.left)} left"]
+        lines += [f"{name:<{widths[0]}}  {action:<{widths[1]}}  {reason}" for name, action, reason in rows]
+        if self.replaced:
+            lines.append("note: replaced modules have new state_dict keys; load checkpoints before optimize")
+        return "\n".join(lines)
+
+
+def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Rule]] = None
+             ) -> Tuple[nn.Module, Report]:
+    """Replaces every layer pattern that ``rules`` can prove equivalent by a fused module.
+
+    With the default rules: each depthwise ``Conv2d`` -> [``BatchNorm2d``] -> [activation] -> 1x1 ``Conv2d``
+    becomes one :class:`~effikern.nn.DepthwiseSeparableConv2d`, whether the layers are consecutive children
+    of an ``nn.Sequential`` (the run becomes one child, under the first layer's name) or the children of a
+    module whose forward torch.fx shows to be exactly that chain. Anything not provable (residual adds,
+    extra ops, untraceable forwards, hooks, Conv2d subclasses) is left alone, with the reason in the report.
+
+    Outputs are unchanged in both train and eval mode (BatchNorm folds in eval, runs unfused in training).
+    The structure is not: replaced layers' ``state_dict`` keys change (``0.weight`` -> ``0.depthwise.weight``,
+    ``1.running_mean`` -> ``0.bn.running_mean``, ...), so load checkpoints BEFORE calling optimize, and
+    code that reaches into replaced layers by name or index must be updated.
+
+    Args:
+        model: any ``nn.Module``.
+        inplace: True (default) rewrites ``model`` itself; the fused modules share its Parameter objects, so
+            an optimizer built over ``model.parameters()`` beforehand keeps working and no weight is copied.
+            False rewrites a deep copy and leaves ``model`` untouched.
+        rules: the rewrite rules to apply, in order (default ``RULES``).
+
+    Returns:
+        (model, report). Use the returned model: if ``model`` itself matched it is a new module.
+    """
+    rules = RULES if rules is None else list(rules)
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report()
+    rewrite = _apply_rules(rules, [model], "", report)
+    if rewrite is not None:
+        return rewrite.replacement, report
+    _rewrite_children(model, "", rules, report)
+    return model, report
+
+
+def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
+    """The first rule's replacement for ``window``, or None; records it or every rule's 'left' verdict."""
+    left = []
+    for rule in rules:
+        rewrite = rule(window)
+        if rewrite is not None and rewrite.replacement is not None:
+            report.entries.append(Entry(name, "replaced", rewrite.reason))
+            return rewrite
+        if rewrite is not None:
+            left.append(Entry(name, "left", rewrite.reason))
+    report.entries.extend(left)
+    return None
+
+
+def _rewrite_children(parent: nn.Module, prefix: str, rules, report) -> None:
+    # Only a plain Sequential promises that each child feeds the next; a subclass may override forward.
+    runs = type(parent) is nn.Sequential
+    names = [name for name, child in parent._modules.items() if child is not None]
+    i = 0
+    while i < len(names):
+        window = [parent._modules[n] for n in (names[i:] if runs else names[i:i + 1])]
+        qualified = prefix + names[i]
+        rewrite = _apply_rules(rules, window, qualified, report)
+        if rewrite is None:
+            _rewrite_children(window[0], qualified + ".", rules, report)
+            i += 1
+            continue
+        # The replacement takes the first layer's name (and so its place); the rest of the run is dropped.
+        setattr(parent, names[i], rewrite.replacement)
+        for name in names[i + 1:i + rewrite.length]:
+            delattr(parent, name)
+        i += rewrite.length
+
+
+# --- the depthwise-separable rule ------------------------------------------------------------------------
+
+def dwsep_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
+    """depthwise Conv2d -> [BatchNorm2d] -> [activation] -> 1x1 Conv2d => DepthwiseSeparableConv2d.
+
+    Matches a run starting at ``window[0]`` (inside a Sequential), or a module with a depthwise and a 1x1
+    ``Conv2d`` child whose traced forward is exactly that chain.
+    """
+    first = window[0]
+    if _is_depthwise(first):
+        return _match_run(window) if len(window) > 1 else None
+    if _is_block_candidate(first):
+        return _match_block(first)
+    return None
+
+
+def _is_depthwise(module) -> bool:
+    # Exactly Conv2d: subclasses (timm's Conv2dSame, QAT convs, parametrized convs) change forward.
+    return type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
+
+
+def _is_block_candidate(module) -> bool:
+    if isinstance(module, (DepthwiseSeparableConv2d, nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
+    children = list(module.children())
+    return any(_is_depthwise(c) for c in children) and any(
+        type(c) is nn.Conv2d and c.kernel_size == (1, 1) for c in children)
+
+
+class _Unproven(Exception):
+    """The pattern does not hold here; the message is the reason shown in the report."""
+
+
+def _match_run(window) -> Rewrite:
+    """Sequential children: window[0] (depthwise) -> [BatchNorm2d] -> [activation] -> 1x1 Conv2d -> ..."""
+    try:
+        dw, bn, act, pw, length = _split_chain(window)
+    except _Unproven as err:
+        return Rewrite(1, None, str(err))
+    return _build(dw, pw, act, bn, length, f"{length} Sequential children")
+
+
+def _split_chain(steps):
+    """steps = [dw, bn?, act?, pw, ...] -> (dw, bn, act, pw, number of steps used); _Unproven otherwise.
+
+    Steps are modules, or activation names for functional calls in a traced forward.
+    """
+    rest = list(steps)
+    dw = rest.pop(0) if rest and _is_depthwise(rest[0]) else None
+    if dw is None:
+        raise _Unproven("the first op is not a depthwise nn.Conv2d")
+    bn = rest.pop(0) if rest and type(rest[0]) is nn.BatchNorm2d else None
+    act = rest.pop(0) if rest and (isinstance(rest[0], str) or module_activation_name(rest[0]) is not None) \
+        else None
+    if not rest or type(rest[0]) is not nn.Conv2d:
+        before = "depthwise" + " -> bn" * (bn is not None) + " -> act" * (act is not None)
+        got = "nothing" if not rest else rest[0] if isinstance(rest[0], str) else type(rest[0]).__name__
+        raise _Unproven(f"expected a 1x1 nn.Conv2d after {before}, got {got}")
+    return dw, bn, act, rest[0], len(steps) - len(rest) + 1
+
+
+def _build(dw, pw, act, bn, length: int, source: str) -> Rewrite:
+    try:
+        fused = DepthwiseSeparableConv2d.from_modules(dw, pw, act, bn)
+    except ValueError as err:
+        return Rewrite(1, None, str(err))
+    return Rewrite(length, fused, f"{source}: {_describe(fused)}")
+
+
+def _describe(module: DepthwiseSeparableConv2d) -> str:
+    dw, pw = module.depthwise, module.pointwise
+    kh, kw = dw.kernel_size
+    steps = [f"dw {kh}x{kw}" + (f" stride {dw.stride}" if dw.stride != (1, 1) else "")]
+    steps += ["bn"] * (module.bn is not None) + [module.activation] * (module.activation != "none")
+    return " -> ".join(steps + [f"pw {pw.in_channels}->{pw.out_channels}"])
+
+
+def _match_block(module: nn.Module) -> Rewrite:
+    """A module whose traced forward is exactly input -> dw -> [bn] -> [act] -> pw -> output."""
+    try:
+        graph = fx.symbolic_trace(module).graph
+    except Exception as err:  # noqa: BLE001 - any tracing failure just means "not provable"
+        return Rewrite(1, None, f"torch.fx cannot trace forward ({type(err).__name__}: {_first_line(err)})")
+    try:
+        steps = [_step(module, node) for node in _linear_chain(graph)]
+        dw, bn, act, pw, length = _split_chain(steps)
+        if length != len(steps):
+            raise _Unproven(f"{len(steps) - length} more ops follow the pointwise conv")
+    except _Unproven as err:
+        return Rewrite(1, None, f"forward is not dw -> [bn] -> [act] -> pw: {err}")
+    return _build(dw, pw, act, bn, 1, "forward traced by torch.fx")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:120]
+
+
+def _linear_chain(graph: fx.Graph) -> List[fx.Node]:
+    """The graph's ops between its single input and its output, each consuming only the previous one."""
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise _Unproven(f"forward takes {len(inputs)} inputs, not 1")
+    body, output = nodes[1:-1], nodes[-1]
+    previous = inputs[0]
+    for node in body + [output]:
+        if len(previous.users) != 1:
+            users = ", ".join(sorted(u.name for u in previous.users))
+            raise _Unproven(f"{previous.name} feeds {len(previous.users)} ops ({users}), e.g. a residual add")
+        node_inputs = node.all_input_nodes
+        if node_inputs != [previous] or not node.args or node.args[0] is not previous:
+            what = f"{node.name} ({node.op} {_target_name(node)})"
+            raise _Unproven(f"{what} is not applied to {previous.name} alone")
+        previous = node
+    return body
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+# Functional activations fx records as call_function targets, with the extra parameters they may be given.
+_FUNCTION_ACTIVATIONS = {
+    F.relu: ("relu", ("inplace",)), torch.relu: ("relu", ()), F.relu6: ("relu6", ("inplace",)),
+    F.silu: ("silu", ("inplace",)), F.hardswish: ("hardswish", ("inplace",)),
+    F.gelu: ("gelu", ("approximate",)),
+}
+
+
+def _step(root: nn.Module, node: fx.Node):
+    """A chain op as a module, or as an activation name for a functional call; _Unproven otherwise."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        return root.get_submodule(node.target)
+    if node.op == "call_function" and node.target in _FUNCTION_ACTIVATIONS:
+        name, params = _FUNCTION_ACTIVATIONS[node.target]
+        options = dict(zip(params, node.args[1:]), **node.kwargs)
+        known = len(node.args) - 1 <= len(params) and set(options) <= set(params)
+        # inplace changes nothing here (its input has no other user); gelu must be the exact erf form.
+        if known and options.get("approximate", "none") == "none":
+            return name
+        raise _Unproven(f"{node.name} calls {_target_name(node)} with {options}, which has no fused form")
+    raise _Unproven(f"{node.name} ({node.op} {_target_name(node)}) is not a fusable step")
+
+
+RULES: List[Rule] = [dwsep_rule]
