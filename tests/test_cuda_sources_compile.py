@@ -7,6 +7,7 @@ works with the CPU wheel.
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -28,6 +29,15 @@ def _nvcc():
     return path
 
 
+def _nvcc_includes():
+    # Ask nvcc where its headers are (torch's CUDA_HOME is None in a CPU build, and nvcc may be a wrapper).
+    out = subprocess.run([_nvcc(), "--dryrun", "-x", "cu", "-c", os.devnull], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if "INCLUDES=" in line:
+            return shlex.split(line.split("INCLUDES=", 1)[1].strip().strip('"'))
+    pytest.fail(f"could not read nvcc's include path from --dryrun:\n{out.stderr}")
+
+
 def test_sources_exist():
     if not os.path.isdir(os.path.join(ROOT, "csrc")):
         pytest.skip("not a source checkout")
@@ -47,8 +57,7 @@ def test_cu_compiles(source, arch, tmp_path):
 def test_cuda_glue_compiles_against_torch_headers(source):
     from torch.utils.cpp_extension import include_paths
 
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(_nvcc()))), "include")
-    flags = [f"-I{p}" for p in include_paths()] + [f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}"]
+    flags = [f"-I{p}" for p in include_paths()] + _nvcc_includes() + [f"-I{sysconfig.get_paths()['include']}"]
     cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DEFFIKERN_WITH_CUDA=1", *flags, source]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stderr[-4000:]}"
