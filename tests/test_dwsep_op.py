@@ -138,6 +138,30 @@ def test_larger_shapes(backend, cfg, dtype):
     _check_forward_and_backward(backend, BIG_CONFIGS[cfg], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish"])
+@pytest.mark.parametrize("backend", _backends())
+def test_derivative_at_the_kinks_follows_torch(backend, activation, dtype):
+    """z exactly on -3, 0, 3 and 6, where relu, relu6 and hardswish have a one-sided derivative: every backend
+    must take the side torch's autograd takes (hardswish'(-3) = 0 and hardswish'(3) = 1 since torch 2.7)."""
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    kinks = torch.tensor([-3.0, 0.0, 3.0, 6.0], dtype=dtype, device=device)
+    x = kinks[torch.randint(0, 4, (2, 16, 5, 5), device=device)].requires_grad_()
+    dw_w = torch.ones(16, 1, 1, 1, dtype=dtype, device=device)  # z == x exactly: a 1x1 depthwise of weight 1
+    pw_w = torch.randn(8, 16, 1, 1, dtype=dtype, device=device)
+    g = torch.randn(2, 8, 5, 5, dtype=dtype, device=device)
+    def ref_grad(*ts):
+        y = dwsep_op.reference(ts[0], ts[1], None, ts[2], None, 1, 0, 1, activation, None)
+        return torch.autograd.grad(y, ts[0], ts[3])[0]
+
+    truth = ref_grad(*(t.detach().double().requires_grad_(t is x) for t in (x, dw_w, pw_w, g)))
+    with effikern.set_backend(backend):
+        got = torch.autograd.grad(F_DWSEP(x, dw_w, None, pw_w, None, activation=activation), x, g)[0]
+    # A kernel taking the other side at -3 or 3 is off by 0.5 * |pw^T g| on a quarter of the elements.
+    assert_matches("grad x at kinks", got, truth, ref_grad(x, dw_w, pw_w, g))
+
+
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6", "silu", "gelu", "hardswish"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_gradcheck_float64(backend, activation):

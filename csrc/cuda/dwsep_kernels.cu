@@ -115,7 +115,7 @@ __device__ __forceinline__ float act_grad(float z, int act) {
       return s * (1.f + z * (1.f - s));
     }
     case kGelu: return 0.5f * (1.f + erff(z * kInvSqrt2)) + z * kInvSqrt2Pi * expf(-0.5f * z * z);
-    case kHardswish: return z < -3.f ? 0.f : (z <= 3.f ? z * (1.f / 3.f) + 0.5f : 1.f);  // torch's boundaries
+    case kHardswish: return z <= -3.f ? 0.f : (z >= 3.f ? 1.f : z * (1.f / 3.f) + 0.5f);  // torch >= 2.7: 0 at -3, 1 at 3
     default: return 1.f;
   }
 }
