@@ -18,7 +18,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["effikern", "effikern.ops", "effikern.nn", "effikern.data", "effikern.kernels", "effikern.benchmarks"]
+PACKAGES = ["effikern", "effikern.ops", "effikern.nn", "effikern.data", "effikern.kernels", "effikern.benchmarks",
+            "effikern.losses"]
 PACKAGE_DIR = {"effikern": "effikern", "effikern.kernels": "kernels", "effikern.benchmarks": "benchmarks"}
 
 

@@ -43,3 +43,58 @@ def dwsep_conv2d(
         list(_checks.pair(stride, "stride", 1)), list(_checks.pair(padding, "padding", 0)),
         list(_checks.pair(dilation, "dilation", 1)), activation_name(activation), residual,
     )
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Knowledge-distillation loss, fused: the student's gradient is computed with the loss, in one kernel.
+
+    With a target, per token::
+
+        loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, target)
+
+    i.e. ``alpha * T**2 * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
+    + (1 - alpha) * F.cross_entropy(s, target)`` for 2-D logits and ``reduction="mean"``. CE uses the
+    untempered student logits. Without a target (``target=None``) the loss is ``T^2 * KL`` alone and ``alpha``
+    is ignored (there is no hard term to weigh it against), and every token counts.
+
+    Tokens whose target is ``ignore_index`` count in neither term. Gradients flow to ``student_logits`` only;
+    ``teacher_logits`` never gets one, whether or not it requires grad.
+
+    Args:
+        student_logits: [..., V]; float32, float16 or bfloat16 (float64 on the torch and cpp backends).
+        teacher_logits: [..., V], same shape, dtype and device as ``student_logits``.
+        target: [...] int64 class indices in [0, V) or ``ignore_index``; or None.
+        temperature: T > 0, softens both distributions of the soft term.
+        alpha: in [0, 1], the soft term's weight.
+        ignore_index: target value of tokens that do not count.
+        reduction: "mean" (over counted tokens; 0, with zero gradient, when none counts), "sum", or "none".
+
+    Returns:
+        float32 (float64 for float64 logits): a scalar, or [...] per token for "none" (ignored tokens 0).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    # The kernels write the student's gradient only when backward can ask for it.
+    compute_grad = torch.is_grad_enabled() and bool(getattr(student_logits, "requires_grad", False))
+    if isinstance(teacher_logits, torch.Tensor):
+        teacher_logits = teacher_logits.detach()  # the teacher is a fixed target, never trained by this loss
+    loss, _ = torch.ops.effikern.distillation_loss(
+        student_logits, teacher_logits, target, temperature, alpha, ignore_index, compute_grad
+    )
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    # Both terms are averaged over the same count: the tokens that are not ignored (every token without a
+    # target). Clamped to 1 so that a batch with none gives 0 and a zero gradient, not 0/0.
+    count = loss.numel() if target is None else (target != ignore_index).sum()
+    return total / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1))

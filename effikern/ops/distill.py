@@ -1,0 +1,233 @@
+"""``torch.ops.effikern.distillation_loss``: knowledge-distillation loss per token, with its gradient.
+
+Per token i, with p = softmax(teacher_i / T) and q = softmax(student_i / T):
+
+    loss_i = w_soft * T^2 * KL(p || q) + w_hard * CE(student_i, target_i)
+    grad_i = d loss_i / d student_i = w_soft * T * (q - p) + w_hard * (softmax(student_i) - onehot(target_i))
+
+(w_soft, w_hard) = (alpha, 1 - alpha) with a target and (1, 0) without one. CE uses the untempered student
+logits. Tokens whose target is ``ignore_index`` get loss 0 and gradient 0. The teacher gets no gradient.
+
+Shapes: student, teacher [..., V] (same shape, dtype and device); target [...] int64 or None.
+Returns (loss [...] float32 (float64 for float64 logits), grad [..., V] in the logits' dtype, or an empty [0]
+tensor when ``compute_grad`` is False). The reduction over tokens (mean over counted tokens, sum, none) is
+``effikern.functional.distillation_loss``'s, done on these per-token losses.
+
+Why the gradient comes out of the forward: a row's loss and its gradient need the same softmax statistics, so
+the cpp and triton kernels compute both in one visit to the row (a statistics pass, then a pass that writes the
+gradient): the logits are not read again in backward, and no [tokens, vocab] float32 intermediate exists (the
+``torch`` reference does keep some). The gradient is saved for backward, which scales it by grad_loss per token
+(``distillation_loss_backward``): one elementwise pass at memory bandwidth, the same PyTorch call on every
+backend. It is not done in place on the saved gradient, which would give wrong gradients to a second backward
+(retain_graph=True); the price is one more [tokens, vocab] buffer in the logits' dtype during backward.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, backends
+from . import _checks
+
+OP = "distillation_loss"
+REDUCTIONS = ("mean", "sum", "none")
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
+
+
+def check_options(temperature, alpha, ignore_index, reduction="none"):
+    """Validates the scalar options shared by the op, the function and the module."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float in [0, 1], got {alpha!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_args(student, teacher, target, temperature, alpha, ignore_index):
+    """Validates every argument of the op; returns (tokens M, vocab V)."""
+    _checks.tensor(student, "student_logits")
+    _checks.tensor(teacher, "teacher_logits")
+    if student.dim() < 1:
+        raise ValueError("student_logits must have shape [..., V], got a 0-D tensor")
+    _checks.floating(student, "student_logits", _ALL_FLOAT)
+    _checks.same_dtype_device(student, "student_logits", teacher_logits=teacher)
+    _checks.shape(teacher, "teacher_logits", student.shape, "the shape of student_logits")
+    vocab = student.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"student_logits must have at least one class (V >= 1), got shape "
+                         f"{tuple(student.shape)}")
+    if target is not None:
+        _checks.tensor(target, "target")
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must hold int64 class indices, got dtype {str(target.dtype)[6:]}")
+        _checks.shape(target, "target", student.shape[:-1], "student_logits' shape without the class dim")
+        if target.device != student.device:
+            raise ValueError(f"target must be on the device of student_logits ({student.device}), "
+                             f"got {target.device}")
+    check_options(temperature, alpha, ignore_index)
+    return student.numel() // vocab, vocab
+
+
+def _check_target_values(target, vocab, ignore_index):
+    # Data-dependent, so not in check_args (the fake function cannot see values); on CPU it costs one pass
+    # over M ints. On CUDA it would cost a host sync every step: there the kernels write a NaN loss instead.
+    if target is None or target.device.type != "cpu":
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bad.any():
+        value = target[bad][0].item()
+        raise ValueError(f"target must hold class indices in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {value}")
+
+
+def weights(target, alpha) -> Tuple[float, float]:
+    """(w_soft, w_hard): (alpha, 1 - alpha) with a target, (1, 0) without (the loss is then T^2 * KL)."""
+    return (float(alpha), 1.0 - float(alpha)) if target is not None else (1.0, 0.0)
+
+
+def reference(student, teacher, target, temperature, soft_weight, hard_weight, ignore_index, compute_grad):
+    """The ``torch`` backend: the eager formula per token and its gradient written out.
+
+    student, teacher: [M, V]; target: [M] or None. Math in float32 (float64 for float64 logits). Returns
+    (loss [M], grad [M, V] in the logits' dtype or empty [0]); see the module docstring.
+    """
+    math_dtype = torch.promote_types(student.dtype, torch.float32)
+    s, t = student.to(math_dtype), teacher.to(math_dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    p = F.softmax(t / temperature, dim=-1)
+    loss = soft_weight * temperature**2 * F.kl_div(log_q, p, reduction="none").sum(-1)
+    if target is not None:
+        counted = target != ignore_index
+        ce = F.cross_entropy(s, target, ignore_index=ignore_index, reduction="none")
+        loss = torch.where(counted, loss + hard_weight * ce, 0.0)
+    if not compute_grad:
+        return loss, student.new_empty(0)
+    grad = soft_weight * temperature * (log_q.exp() - p)
+    if target is not None:
+        # d CE / d s = softmax(s) - onehot(target); ignored rows are zeroed below, whatever index they carry.
+        hard = F.softmax(s, dim=-1).scatter_add_(
+            -1, target.clamp(0, s.shape[-1] - 1)[:, None], s.new_full((s.shape[0], 1), -1.0))
+        grad = torch.where(counted[:, None], grad + hard_weight * hard, 0.0)
+    return loss, grad.to(student.dtype)
+
+
+# --- backends -----------------------------------------------------------------------------------------
+# Each loader returns a callable with the kernel contract: (student [M, V], teacher [M, V], target [M] int64
+# or None, temperature, soft_weight, hard_weight, ignore_index, compute_grad) -> (loss [M], grad [M, V] or
+# [0]), inputs contiguous.
+
+def _load_torch():
+    return reference
+
+
+def _load_cpp():
+    return _ext.require("cpu").distill_fwd_cpu
+
+
+def _load_triton():
+    from ..kernels import distill as kernels
+
+    return kernels.distill_fwd_triton
+
+
+backends.register(OP, "torch", ("cpu", "cuda"), _ALL_FLOAT, _load_torch)
+backends.register(OP, "cpp", ("cpu",), _ALL_FLOAT, _load_cpp)
+backends.register(OP, "triton", ("cpu", "cuda"), _HALF_AND_FLOAT, _load_triton)
+
+
+# --- the ops --------------------------------------------------------------------------------------------
+
+def _loss_dtype(student):
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("effikern::distillation_loss", mutates_args=())
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and gradient (module docstring). Prefer ``effikern.functional.distillation_loss``."""
+    tokens, vocab = check_args(student, teacher, target, temperature, alpha, ignore_index)
+    _check_target_values(target, vocab, ignore_index)
+    lead = student.shape[:-1]
+    if tokens == 0:
+        grad = student.new_empty(student.shape if compute_grad else (0,))
+        return student.new_empty(lead, dtype=_loss_dtype(student)), grad
+    _, fwd = backends.resolve(OP, student)
+    soft_weight, hard_weight = weights(target, alpha)
+    loss, grad = fwd(
+        student.reshape(tokens, vocab).contiguous(), teacher.reshape(tokens, vocab).contiguous(),
+        None if target is None else target.reshape(tokens).contiguous(),
+        float(temperature), soft_weight, hard_weight, int(ignore_index), bool(compute_grad),
+    )
+    return loss.reshape(lead), grad.reshape(student.shape) if compute_grad else grad
+
+
+@distillation_loss.register_fake
+def _(student, teacher, target, temperature, alpha, ignore_index, compute_grad):
+    check_args(student, teacher, target, temperature, alpha, ignore_index)
+    grad = student.new_empty(student.shape if compute_grad else (0,))
+    return student.new_empty(student.shape[:-1], dtype=_loss_dtype(student)), grad
+
+
+@torch.library.custom_op("effikern::distillation_loss_backward", mutates_args=())
+def distillation_loss_backward(grad_loss: torch.Tensor, grad_student: torch.Tensor) -> torch.Tensor:
+    """grad_student * grad_loss[..., None], in grad_student's dtype.
+
+    grad_loss: [...] (float32/float64); grad_student: [..., V] from ``distillation_loss``. The product is
+    taken in float32 and rounded once (``out=`` in the low dtype): neither a [..., V] float32 temporary nor a
+    bf16-rounded scale, which would add an error of 2^-9 to every element.
+    """
+    _check_backward_args(grad_loss, grad_student)
+    out = torch.empty_like(grad_student)
+    return torch.mul(grad_student, grad_loss.unsqueeze(-1), out=out)
+
+
+def _check_backward_args(grad_loss, grad_student):
+    _checks.tensor(grad_loss, "grad_loss")
+    _checks.tensor(grad_student, "grad_student")
+    _checks.shape(grad_loss, "grad_loss", grad_student.shape[:-1],
+                  "grad_student's shape without the class dim")
+
+
+@distillation_loss_backward.register_fake
+def _(grad_loss, grad_student):
+    _check_backward_args(grad_loss, grad_student)
+    return torch.empty_like(grad_student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, _, _, _, _, _, compute_grad = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(grad if compute_grad else None)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.needs_input_grad[0]:  # only the teacher required grad: it gets none
+        return None, None, None, None, None, None, None
+    if not ctx.compute_grad:
+        raise RuntimeError("effikern.distillation_loss was called with compute_grad=False, so it kept no "
+                           "gradient for student_logits; call it with compute_grad=True to backpropagate")
+    (grad,) = ctx.saved_tensors
+    grad_student = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
+    return grad_student, None, None, None, None, None, None
+
+
+distillation_loss.register_autograd(_backward, setup_context=_setup_context)

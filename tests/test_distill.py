@@ -1,0 +1,346 @@
+"""torch.ops.effikern.distillation_loss on every backend against the issue's eager formula (float64 truth)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effikern
+from effikern.losses import DistillationLoss
+from oracle import assert_matches, rel_err
+
+F_KD = effikern.functional.distillation_loss
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IGNORE = -100
+
+
+def _backends():
+    return ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _device_for(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _skip_unavailable(backend, device):
+    why = effikern.backends.unavailable_reason(backend, device)
+    if why:
+        if os.environ.get("CI") and backend in ("cpp", "triton") and device == "cpu":
+            pytest.fail(f"backend {backend} must be available in CI: {why}")
+        pytest.skip(why)
+
+
+def eager(s, t, y, temperature, alpha, ignore_index=IGNORE, reduction="mean"):
+    """The issue's formula in plain PyTorch, per token, then reduced; autograd gives the reference gradient.
+
+    ``kl_div(log_softmax(s/T), softmax(t/T)) * T^2 * alpha + cross_entropy(s, y) * (1 - alpha)``, both terms over
+    the tokens whose target is not ignore_index; without a target, T^2 * KL over every token.
+    """
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="none").sum(-1)
+    if y is None:
+        per_token, count = temperature**2 * kl, max(kl.numel(), 1)
+    else:
+        counted = y != ignore_index
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
+                             reduction="none").reshape(y.shape)
+        per_token = torch.where(counted, alpha * temperature**2 * kl + (1 - alpha) * ce, 0.0)
+        count = counted.sum().clamp(min=1)
+    if reduction == "none":
+        return per_token
+    return per_token.sum() if reduction == "sum" else per_token.sum() / count
+
+
+def _inputs(shape, device, scale=3.0, ignored=0.25, with_target=True):
+    """float64 student/teacher logits [*shape] and int64 targets [*shape[:-1]] with about `ignored` ignored."""
+    s = torch.randn(shape, dtype=torch.float64, device=device) * scale
+    t = torch.randn(shape, dtype=torch.float64, device=device) * scale
+    if not with_target:
+        return s, t, None
+    y = torch.randint(0, shape[-1], shape[:-1], device=device)
+    y[torch.rand(shape[:-1], device=device) < ignored] = IGNORE
+    return s, t, y
+
+
+def _check(backend, s, t, y, temperature, alpha, reduction, dtype, torch_math=None):
+    """Loss and student gradient of ``backend`` on s, t rounded to ``dtype``, under the oracle rule.
+
+    The error budget is PyTorch's own eager formula on the same rounded inputs, computed in ``torch_math``
+    (default: ``dtype``); the loss is float32 on every backend, so PyTorch's loss is compared as float32.
+    """
+    low_s, low_t = s.to(dtype).requires_grad_(), t.to(dtype)
+    truth_s = low_s.detach().double().requires_grad_()
+    truth = eager(truth_s, low_t.double(), y, temperature, alpha, reduction=reduction)
+    base_s = low_s.detach().to(torch_math or dtype).requires_grad_()
+    base = eager(base_s, low_t.to(torch_math or dtype), y, temperature, alpha, reduction=reduction)
+    with effikern.set_backend(backend):
+        out = F_KD(low_s, low_t, y, temperature, alpha, IGNORE, reduction)
+    assert out.dtype == torch.float32
+    assert_matches("loss", out, truth, base.float())
+    g = torch.randn_like(truth) if reduction == "none" else torch.ones_like(truth)
+    (truth_g,) = torch.autograd.grad(truth, truth_s, g)
+    (base_g,) = torch.autograd.grad(base, base_s, g.to(base.dtype))
+    with effikern.set_backend(backend):
+        (out_g,) = torch.autograd.grad(out, low_s, g.float())
+    assert_matches("grad student", out_g, truth_g, base_g.to(dtype))
+    return out, out_g
+
+
+# (shape, temperature, alpha, reduction, fraction of ignored targets or None for target=None)
+CONFIGS = {
+    "mean_T1_a05_3d": ((2, 5, 37), 1.0, 0.5, "mean", 0.25),
+    "sum_T2_a0": ((13, 100), 2.0, 0.0, "sum", 0.25),
+    "none_T4_a1_3d": ((3, 4, 129), 4.0, 1.0, "none", 0.25),
+    "mean_T05_no_target": ((7, 64), 0.5, 0.3, "mean", None),
+    "none_no_target": ((5, 300), 2.0, 0.5, "none", None),
+    "mean_odd_V1271": ((3, 1271), 2.0, 0.5, "mean", 0.25),
+    "none_nothing_ignored": ((2, 3, 300), 1.0, 0.5, "none", 0.0),
+}
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=str)
+@pytest.mark.parametrize("backend", _backends())
+def test_matches_eager_formula(backend, cfg, dtype):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    shape, temperature, alpha, reduction, ignored = CONFIGS[cfg]
+    s, t, y = _inputs(shape, device, ignored=ignored or 0.0, with_target=ignored is not None)
+    _check(backend, s, t, y, temperature, alpha, reduction, dtype)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("backend", _backends())
+def test_temperature_and_alpha(backend, temperature, alpha):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    s, t, y = _inputs((6, 33), device)
+    _check(backend, s, t, y, temperature, alpha, "mean", torch.float32)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_large_odd_vocab(backend, dtype):
+    """V = 32001: many vocabulary blocks and a ragged tail (the interpreter is too slow for it)."""
+    _skip_unavailable(backend, "cpu")
+    s, t, y = _inputs((3, 32001), "cpu")
+    _check(backend, s, t, y, 2.0, 0.5, "none", dtype)
+
+
+def _extreme(kind, device):
+    s, t, y = _inputs((4, 300), device, ignored=0.0)
+    if kind == "pm1e4":  # confident models that disagree: the KL term is ~1e4 / T
+        for x in (s, t):
+            x[:, torch.randperm(300)[:3]] = 1e4
+            x[:, torch.randperm(300)[:3]] = -1e4
+        return s, t, y, torch.float32
+    if kind == "fp16_max":
+        fmax = torch.finfo(torch.float16).max
+        for x in (s, t):
+            x[:, torch.randperm(300)[:2]] = fmax
+            x[:, torch.randperm(300)[:2]] = -fmax
+        return s, t, y, torch.float16
+    if kind == "teacher_minus_inf":  # a padded vocabulary masked out in the teacher only
+        t[:, -5:] = float("-inf")
+        return s, t, y, torch.bfloat16
+    # Whole leading vocabulary blocks of -inf (the C++ kernel's 1024, the interpreter's 256): running maxima
+    # that stay -inf for a while must not turn into NaN.
+    s, t, y = _inputs((3, 1100), device, ignored=0.0)
+    t[:, :1030] = float("-inf")
+    return s, t, y, torch.float32
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("kind", ["pm1e4", "fp16_max", "teacher_minus_inf", "teacher_leading_minus_inf"])
+@pytest.mark.parametrize("backend", _backends())
+def test_extreme_logits(backend, kind, temperature):
+    """Budget: PyTorch's formula in float32 on the same inputs (in fp16 itself, x / T overflows to inf)."""
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    s, t, y, dtype = _extreme(kind, device)
+    for reduction in ("mean", "none"):
+        _check(backend, s, t, y, temperature, 0.5, reduction, dtype, torch_math=torch.float32)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", _backends())
+def test_all_ignored_is_zero_with_zero_gradient(backend, reduction):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    s = torch.randn(3, 4, 50, device=device, requires_grad=True)
+    t = torch.randn(3, 4, 50, device=device)
+    y = torch.full((3, 4), IGNORE, device=device)
+    with effikern.set_backend(backend):
+        loss = F_KD(s, t, y, 2.0, 0.5, reduction=reduction)
+        loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_formula_is_the_issues(backend):
+    """Pins the docstring: alpha*T^2*kl_div(batchmean / sum) + (1-alpha)*cross_entropy, float64, no ignored."""
+    _skip_unavailable(backend, "cpu")
+    s, t, y = _inputs((9, 41), "cpu", ignored=0.0)
+    temperature, alpha = 3.0, 0.3
+    log_q, p = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
+    with effikern.set_backend(backend):
+        for reduction, kl_reduction in (("mean", "batchmean"), ("sum", "sum")):
+            want = F.kl_div(log_q, p, reduction=kl_reduction) * temperature**2 * alpha \
+                + F.cross_entropy(s, y, reduction=reduction) * (1 - alpha)
+            torch.testing.assert_close(F_KD(s, t, y, temperature, alpha, reduction=reduction), want)
+        # target=None: T^2 * KL alone; alpha is ignored (alpha = 0 still gives the soft loss).
+        soft = F.kl_div(log_q, p, reduction="batchmean") * temperature**2
+        for a in (0.0, 0.7, 1.0):
+            torch.testing.assert_close(F_KD(s, t, None, temperature, a), soft)
+        module = DistillationLoss(temperature=temperature, alpha=alpha, reduction="sum")
+        torch.testing.assert_close(module(s, t, y), F_KD(s, t, y, temperature, alpha, reduction="sum"))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_teacher_never_gets_a_gradient(backend):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    s = torch.randn(4, 20, device=device, requires_grad=True)
+    t = torch.randn(4, 20, device=device, requires_grad=True)
+    y = torch.randint(0, 20, (4,), device=device)
+    with effikern.set_backend(backend):
+        DistillationLoss(2.0)(s, t, y).backward()
+        assert t.grad is None and s.grad is not None
+        # Straight through the op: the teacher alone requiring grad must not fail, and still gets nothing.
+        loss, _ = torch.ops.effikern.distillation_loss(s.detach(), t, y, 2.0, 0.5, IGNORE, False)
+        loss.sum().backward()
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_no_gradient_written_when_not_needed(backend):
+    device = _device_for(backend)
+    _skip_unavailable(backend, device)
+    s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((5, 70), device))
+    with effikern.set_backend(backend):
+        loss, grad = torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, False)
+        assert grad.shape == (0,)
+        full, grad = torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, True)
+        assert grad.shape == s.shape
+        torch.testing.assert_close(loss, full)
+        with torch.no_grad():
+            torch.testing.assert_close(F_KD(s.requires_grad_(), t, y, 2.0, reduction="none"), full)
+        loss, _ = torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, False)
+        with pytest.raises(RuntimeError, match="compute_grad=False"):
+            loss.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_float64(backend):
+    _skip_unavailable(backend, "cpu")
+    s, t, y = _inputs((4, 11), "cpu")
+    y[0] = IGNORE
+
+    def f(s):
+        with effikern.set_backend(backend):
+            return F_KD(s, t, y, 1.5, 0.4, reduction="none")
+
+    assert torch.autograd.gradcheck(f, (s.requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_strided_inputs_and_empty_batch(backend):
+    _skip_unavailable(backend, "cpu")
+    wide_s, wide_t, y = _inputs((6, 64), "cpu")
+    s, t = wide_s[::2, :50], wide_t[1::2, :50]  # a padded vocabulary sliced off, every other row
+    y = y[::2].clamp(max=49)
+    with effikern.set_backend(backend):
+        torch.testing.assert_close(F_KD(s, t, y, 2.0), eager(s, t, y, 2.0, 0.5))
+        empty = torch.randn(0, 7, 50, requires_grad=True)
+        loss = F_KD(empty, empty.detach(), torch.zeros(0, 7, dtype=torch.long))
+        loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == empty.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_opcheck(backend):
+    _skip_unavailable(backend, "cpu")
+    s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((2, 3, 40), "cpu"))
+    s.requires_grad_()
+    with effikern.set_backend(backend):
+        for target in (y, None):
+            for student, compute_grad in ((s, True), (s.detach(), False)):
+                torch.library.opcheck(torch.ops.effikern.distillation_loss,
+                                      (student, t, target, 2.0, 0.5, IGNORE, compute_grad))
+        torch.library.opcheck(torch.ops.effikern.distillation_loss_backward,
+                              (torch.randn(2, 3), torch.randn(2, 3, 40)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_fullgraph(backend):
+    _skip_unavailable(backend, "cpu")
+    s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((2, 5, 40), "cpu"))
+    module = DistillationLoss(temperature=2.0, alpha=0.5)
+
+    def f(s):
+        return module(s * 2.0, t, y) + 1.0
+
+    with effikern.set_backend(backend):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        results = []
+        for fn in (compiled, f):
+            leaf = s.clone().requires_grad_()
+            loss = fn(leaf)
+            loss.backward()  # through the compiled graph's backward, which calls distillation_loss_backward
+            results.append((loss, leaf.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def _valid():
+    return [torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))]
+
+
+@pytest.mark.parametrize("mutate, kwargs, match", [
+    (lambda a: a.__setitem__(1, torch.randn(4, 11)), {}, r"teacher_logits must have shape \(4, 10\)"),
+    (lambda a: a.__setitem__(1, torch.randn(4, 10, dtype=torch.float64)), {}, r"teacher_logits must have the dtype"),
+    (lambda a: a.__setitem__(0, torch.randint(0, 3, (4, 10))), {}, r"student_logits must have dtype"),
+    (lambda a: a.__setitem__(2, torch.randint(0, 10, (4, 1))), {}, r"target must have shape \(4,\)"),
+    (lambda a: a.__setitem__(2, torch.zeros(4)), {}, r"target must hold int64 class indices, got dtype float32"),
+    (lambda a: a.__setitem__(2, torch.tensor([0, 1, 10, 2])), {}, r"target must hold class indices in \[0, 10\)"),
+    (lambda a: None, {"reduction": "avg"}, r"reduction must be one of .*'avg'"),
+    (lambda a: None, {"temperature": 0.0}, r"temperature must be a finite number > 0"),
+    (lambda a: None, {"temperature": -1.0}, r"temperature must be a finite number > 0"),
+    (lambda a: None, {"alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
+    (lambda a: None, {"alpha": -0.1}, r"alpha must be in \[0, 1\]"),
+])
+def test_bad_input_names_the_argument(mutate, kwargs, match):
+    args = _valid()
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        F_KD(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": 0}, "temperature"), ({"alpha": 2.0}, "alpha"), ({"reduction": "batchmean"}, "reduction"),
+])
+def test_module_rejects_bad_options_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationLoss(**kwargs)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    with effikern.set_backend("cuda"), pytest.raises(effikern.BackendUnavailableError, match="cuda"):
+        F_KD(*_valid())
+
+
+def test_oracle_rejects_a_wrong_gradient():
+    """The oracle is not vacuous here: a 1% error in the gradient of one class fails it."""
+    s, t, y = _inputs((4, 50), "cpu")
+    truth_s = s.clone().requires_grad_()
+    (g,) = torch.autograd.grad(eager(truth_s, t, y, 2.0, 0.5), truth_s)
+    bad = g.float().clone()
+    bad[:, 3] *= 1.01
+    low = s.float().requires_grad_()
+    (base,) = torch.autograd.grad(eager(low, t.float(), y, 2.0, 0.5), low)
+    assert rel_err(bad, g) > 2 * rel_err(base, g) + 2e-6
