@@ -23,7 +23,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("dwsep", "data")
+FAMILIES = ("dwsep", "kd", "data")
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 // before any of these is called.
 #include <torch/extension.h>
 
+#include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/dwsep_cuda.h"
@@ -38,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("dwsep_fwd_cpu", &effikern::dwsep_fwd_cpu, release());
   m.def("dwsep_bwd_cpu", &effikern::dwsep_bwd_cpu, release());
+  m.def("distill_fwd_cpu", &effikern::distill_fwd_cpu, release());
 #ifdef EFFIKERN_WITH_CUDA
   m.def("dwsep_fwd_cuda", &effikern::dwsep_fwd_cuda, release());
   m.def("dwsep_bwd_cuda", &effikern::dwsep_bwd_cuda, release());
