@@ -1,17 +1,23 @@
-"""What ``auto`` picks, per op and device type: the backends in order of measured speed.
+"""What ``auto`` picks, per op, device type and dtype: the backends in order of measured speed.
 
-Only a measurement moves a backend ahead of ``torch`` here. Each entry names the results file it comes
-from; a kernel that has not been timed on a device stays behind PyTorch on that device.
+Only a measurement moves a backend ahead of ``torch`` here, and each entry names the results file it comes
+from. A kernel not yet timed on a device, or in a dtype, stays behind PyTorch there.
 """
 
+import torch
+
 _PREFERENCE = {
-    # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter-/compile-checked only):
-    # on CUDA, auto keeps PyTorch (cuDNN) until benchmarks/results/ shows a kernel that beats it.
-    ("dwsep_conv2d", "cuda"): ("torch",),
-    ("dwsep_conv2d", "cpu"): ("torch",),
+    # benchmarks/results/cpu-AMD-EPYC-2t.json (2 threads, N=8): cpp's geomean over the 12 MobileNetV2 /
+    # EfficientNet / ConvNeXt shapes is 1.05-1.93x torch in every (layout, mode) group; it is slower on some
+    # shapes (listed in the README). Other CPU dtypes are not timed yet.
+    ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
+    # Same file: 5.3x eager over 256 x {32000, 50257} fp32, forward + backward.
+    ("distillation_loss", "cpu", torch.float32): ("cpp", "torch"),
+    # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter- and compile-checked only):
+    # on CUDA tensors auto keeps PyTorch until a benchmark shows a kernel faster.
 }
 
 
-def preference(op: str, device_type: str):
-    """Backends to try in order for ``op`` on ``device_type``; ``torch`` is always the last resort."""
-    return _PREFERENCE.get((op, device_type), ("torch",))
+def preference(op: str, device_type: str, dtype: torch.dtype):
+    """Backends to try in order; ``torch`` is always the last resort."""
+    return _PREFERENCE.get((op, device_type, dtype), ("torch",))

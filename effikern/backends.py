@@ -148,7 +148,7 @@ def choose(op: str, device_type: str, dtype: torch.dtype) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"effikern backend {choice!r} cannot run this call: {reason}")
         return choice
-    for name in _auto.preference(op, device_type):
+    for name in _auto.preference(op, device_type, dtype):
         if _why_not(op, impls.get(name), name, device_type, dtype) is None:
             return name
     return "torch"

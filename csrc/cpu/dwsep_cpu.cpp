@@ -47,6 +47,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -130,14 +131,22 @@ __attribute__((target("avx2,fma"))) void run_avx2(const K& k) {
   k.template run<32>();
 }
 
+// 2: AVX-512, 1: AVX2 + FMA, 0: baseline. EFFIKERN_CPU_ISA=avx2 or =baseline caps it (like ATEN_CPU_CAPABILITY),
+// to test or time the other builds on one machine.
 int isa_level() {
   static const int level = [] {
     __builtin_cpu_init();
+    int best = 0;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return 2;
+      best = 2;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = 1;
     }
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    const char* cap = std::getenv("EFFIKERN_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(best, 1);
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return 0;
+    return best;
   }();
   return level;
 }
@@ -207,7 +216,11 @@ TilePlan plan_tiles(const Geometry& g, bool backward) {
     rows = std::max(rows, (g.kh - 1) * g.dh / g.sh);
   }
   rows = std::min(std::max<int64_t>(rows, 1), g.Ho);
-  return {rows, ceil_div(g.Ho, rows)};
+  // Same number of tiles, heights as even as possible: 7 rows at a target of 5 make tiles of 4 + 3, not 5 + 2 (a
+  // 14-pixel GEMM).
+  const int64_t per_image = ceil_div(g.Ho, rows);
+  if (!backward) rows = ceil_div(g.Ho, per_image);
+  return {rows, per_image};
 }
 
 // The polyphase window of a tile (top comment). Window positions are numbered plane * Rq*Wq + rr*Wq + jj, plane =
@@ -729,16 +742,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
   }
 }
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, in 16 x 16 blocks that stay in L1.
-template <typename T>
-EK_INLINE void transpose(const T* __restrict src, int64_t rows, int64_t cols, int64_t ld_src, T* __restrict dst,
+// dst[j * ld_dst + i] = D(src[i * ld_src + j]) for i < rows, j < cols, in 16 x 16 blocks that stay in L1.
+template <typename S, typename D>
+EK_INLINE void transpose(const S* __restrict src, int64_t rows, int64_t cols, int64_t ld_src, D* __restrict dst,
                          int64_t ld_dst) {
   constexpr int64_t kB = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kB) {
     for (int64_t j0 = 0; j0 < cols; j0 += kB) {
       const int64_t i1 = std::min(rows, i0 + kB), j1 = std::min(cols, j0 + kB);
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = static_cast<D>(src[i * ld_src + j]);
       }
     }
   }
@@ -1303,51 +1316,53 @@ at::Tensor reduce_partials(const std::vector<GradPartials<T>>& parts, std::vecto
 // ---------------------------------------------------------------------------------------------------------------
 // Drivers.
 
-// The transpose of a contiguous rows x cols matrix. ATen's strided copy took 190 us for a 192 x 1152 weight, 10% of
-// the whole forward of 8 x 1152 x 7 x 7; this takes about a fifth of that.
+// The weights in T and the layouts Problem documents, in one buffer. Built with plain loops: the ATen ops this
+// replaced (a transposing copy, pads, index_select) cost 100-200 us of serial time per call, 10-20% of a whole
+// forward at 8 x 960 x 7 x 7.
 template <typename T>
-at::Tensor transposed(const at::Tensor& m) {
-  const int64_t rows = m.size(0), cols = m.size(1);
-  at::Tensor out = at::empty({cols, rows}, m.options());
-  const T* src = m.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  constexpr int64_t kRowsPerTask = 64;
-  at::parallel_for(0, ceil_div(rows, kRowsPerTask), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t i0 = b * kRowsPerTask;
-      transpose(src + i0 * cols, std::min(kRowsPerTask, rows - i0), cols, cols, dst + i0, rows);
-    }
-  });
-  return out;
-}
-
-// The weights in the accumulation type and the layouts Problem documents.
 struct PreparedWeights {
-  at::Tensor w_dw, w_back, b_dw, w_pw, b_pw;
+  std::unique_ptr<T[]> buf;
+  T *w_dw, *w_back, *b_dw, *w_pw, *b_pw;
 };
 
-template <typename T>
-PreparedWeights prepare_weights(const Geometry& g, const Window& win, bool channels_last, bool backward, int64_t cp,
-                                const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
-                                const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  PreparedWeights p;
-  const at::Tensor w_dw = dw_weight.reshape({g.C, g.taps()}).to(opts).contiguous();
-  const at::Tensor b_dw = dw_bias.has_value() ? dw_bias->to(opts).contiguous() : at::zeros({g.C}, opts);
-  const at::Tensor by_plane = at::tensor(at::IntArrayRef(win.by_plane), at::kLong);
-  if (channels_last) {  // [taps][cp] and [cp], zero in the padding channels
-    p.w_dw = at::constant_pad_nd(transposed<T>(w_dw), {0, cp - g.C});
-    p.w_back = p.w_dw.index_select(0, by_plane);
-    p.b_dw = at::constant_pad_nd(b_dw, {0, cp - g.C});
+template <typename scalar_t, typename T>
+void prepare_weights(const Geometry& g, const Window& win, bool channels_last, bool backward, int64_t cp,
+                     const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
+                     const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias, PreparedWeights<T>& p) {
+  TORCH_INTERNAL_ASSERT(dw_weight.is_contiguous() && pw_weight.is_contiguous());
+  const int64_t taps = g.taps(), dw_elems = channels_last ? taps * cp : g.C * taps;
+  p.buf = std::unique_ptr<T[]>(new T[2 * dw_elems + cp + g.C * g.Cout + g.Cout]);
+  p.w_dw = p.buf.get(), p.w_back = p.w_dw + dw_elems, p.b_dw = p.w_back + dw_elems, p.w_pw = p.b_dw + cp;
+  p.b_pw = p.w_pw + g.C * g.Cout;
+
+  const scalar_t* wd = dw_weight.data_ptr<scalar_t>();  // [C][taps]
+  if (channels_last) {  // [taps][cp], zero in the padding channels
+    std::fill(p.w_dw, p.w_dw + dw_elems, T(0));
+    transpose(wd, g.C, taps, taps, p.w_dw, cp);
+    for (int64_t k = 0; k < taps; ++k) std::copy_n(p.w_dw + win.by_plane[k] * cp, cp, p.w_back + k * cp);
   } else {
-    p.w_dw = w_dw;
-    p.w_back = w_dw.index_select(1, by_plane);
-    p.b_dw = b_dw;
+    load_converted(wd, dw_elems, p.w_dw);
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t k = 0; k < taps; ++k) p.w_back[c * taps + k] = p.w_dw[c * taps + win.by_plane[k]];
+    }
   }
-  const at::Tensor w_pw = pw_weight.reshape({g.Cout, g.C}).to(opts).contiguous();
-  p.w_pw = channels_last != backward ? transposed<T>(w_pw) : w_pw;
-  p.b_pw = pw_bias.has_value() ? pw_bias->to(opts).contiguous() : at::zeros({g.Cout}, opts);
-  return p;
+  std::fill(p.b_dw, p.b_dw + cp, T(0));
+  if (dw_bias.has_value()) load_converted(dw_bias->data_ptr<scalar_t>(), g.C, p.b_dw);
+
+  const scalar_t* wp = pw_weight.data_ptr<scalar_t>();  // [Cout][C]
+  if (channels_last != backward) {  // [C][Cout]; a large weight (1536 x 384) takes ~0.5 ms on one core
+    constexpr int64_t kRowsPerTask = 64;
+    at::parallel_for(0, ceil_div(g.Cout, kRowsPerTask), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * kRowsPerTask;
+        transpose(wp + r0 * g.C, std::min(kRowsPerTask, g.Cout - r0), g.C, g.C, p.w_pw + r0, g.Cout);
+      }
+    });
+  } else {
+    load_converted(wp, g.C * g.Cout, p.w_pw);
+  }
+  std::fill(p.b_pw, p.b_pw + g.Cout, T(0));
+  if (pw_bias.has_value()) load_converted(pw_bias->data_ptr<scalar_t>(), g.Cout, p.b_pw);
 }
 
 // The problem for x and the weights; `w` must outlive it (Problem holds raw pointers into it).
@@ -1355,23 +1370,23 @@ template <class L, typename scalar_t, typename T>
 Problem<scalar_t, T> make_problem(const Geometry& g, bool backward, int64_t act, const at::Tensor& x,
                                   const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
                                   const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias,
-                                  PreparedWeights& w) {
+                                  PreparedWeights<T>& w) {
   constexpr bool cl = std::is_same_v<L, Interleaved>;
   const TilePlan plan = plan_tiles(g, backward);
   Window win = make_window(g, plan.rows);
   const int64_t cp = cl ? round_up(g.C, kMaxLanes) : g.C;
-  w = prepare_weights<T>(g, win, cl, backward, cp, dw_weight, dw_bias, pw_weight, pw_bias);
+  prepare_weights<scalar_t, T>(g, win, cl, backward, cp, dw_weight, dw_bias, pw_weight, pw_bias, w);
   return Problem<scalar_t, T>{g,
                               plan,
                               std::move(win),
                               act,
                               cp,
                               x.data_ptr<scalar_t>(),
-                              w.w_dw.data_ptr<T>(),
-                              w.w_back.data_ptr<T>(),
-                              w.b_dw.data_ptr<T>(),
-                              w.w_pw.data_ptr<T>(),
-                              w.b_pw.data_ptr<T>()};
+                              w.w_dw,
+                              w.w_back,
+                              w.b_dw,
+                              w.w_pw,
+                              w.b_pw};
 }
 
 template <class L, typename scalar_t>
@@ -1379,7 +1394,7 @@ void forward_impl(const Geometry& g, const at::Tensor& x, const at::Tensor& dw_w
                   const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
                   const c10::optional<at::Tensor>& pw_bias, int64_t act, const at::Tensor& res, at::Tensor& y) {
   using T = at::opmath_type<scalar_t>;
-  PreparedWeights w;
+  PreparedWeights<T> w;
   const auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/false, act, x, dw_weight, dw_bias, pw_weight, pw_bias, w);
   const scalar_t* res_ptr = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
   scalar_t* y_ptr = y.data_ptr<scalar_t>();
@@ -1393,7 +1408,7 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
                                       const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
                                       const at::Tensor& pw_weight, int64_t act) {
   using T = at::opmath_type<scalar_t>;
-  PreparedWeights w;
+  PreparedWeights<T> w;
   const auto pb =
       make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w);
   const int64_t cp = pb.cp;
@@ -1427,20 +1442,23 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
           gpw.to(dt).contiguous().view({g.Cout, g.C, 1, 1}), gpb.to(dt)};
 }
 
-}  // namespace
+// NCHW images of at most this many pixels run through the channels_last kernels, x (and grad_y) converted on the
+// way in and y (grad_x) on the way out: at 7x7 and 14x14 the planar kernels were 1.8-1.9x slower than the
+// channels_last ones (7-14 wide rows are mostly vector tails, and the GEMM's N is P), and the conversions cost
+// 5-15% of the op. At 28x28 the two were even.
+constexpr int64_t kSmallImage = 14 * 14;
 
-at::Tensor dwsep_fwd_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
-                         const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                         int64_t activation, const c10::optional<at::Tensor>& residual) {
+at::Tensor forward(const at::Tensor& x, bool channels_last, const at::Tensor& dw_weight,
+                   const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
+                   const c10::optional<at::Tensor>& pw_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation, int64_t activation, const c10::optional<at::Tensor>& residual) {
   const Geometry g = make_geometry(x, dw_weight, pw_weight, stride, padding, dilation);
-  const auto fmt = x.suggest_memory_format();
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt));
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwsep_fwd_cpu", [&] {
-    if (cl) {
+    if (channels_last) {
       forward_impl<Interleaved, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y);
     } else {
       forward_impl<Planar, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y);
@@ -1449,21 +1467,54 @@ at::Tensor dwsep_fwd_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const
   return y;
 }
 
-std::vector<at::Tensor> dwsep_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& dw_weight,
-                                      const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
-                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t activation) {
+std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, bool channels_last,
+                                 const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
+                                 const at::Tensor& pw_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t activation) {
   const Geometry g = make_geometry(x, dw_weight, pw_weight, stride, padding, dilation);
-  const auto fmt = x.suggest_memory_format();
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt));
   const at::Tensor gy = grad_y.contiguous(fmt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwsep_bwd_cpu", [&] {
-    out = cl ? backward_impl<Interleaved, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation)
-             : backward_impl<Planar, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation);
+    out = channels_last ? backward_impl<Interleaved, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation)
+                        : backward_impl<Planar, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation);
   });
   return out;
+}
+
+bool is_small_nchw(const at::Tensor& x) {
+  return x.suggest_memory_format() != at::MemoryFormat::ChannelsLast && x.size(2) * x.size(3) <= kSmallImage;
+}
+
+}  // namespace
+
+at::Tensor dwsep_fwd_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
+                         const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t activation, const c10::optional<at::Tensor>& residual) {
+  if (is_small_nchw(x)) {
+    return forward(x.contiguous(at::MemoryFormat::ChannelsLast), /*channels_last=*/true, dw_weight, dw_bias,
+                   pw_weight, pw_bias, stride, padding, dilation, activation, residual)
+        .contiguous();
+  }
+  const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return forward(x, cl, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual);
+}
+
+std::vector<at::Tensor> dwsep_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& dw_weight,
+                                      const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t activation) {
+  if (is_small_nchw(x)) {
+    std::vector<at::Tensor> grads = backward(grad_y, x.contiguous(at::MemoryFormat::ChannelsLast),
+                                             /*channels_last=*/true, dw_weight, dw_bias, pw_weight, stride, padding,
+                                             dilation, activation);
+    grads[0] = grads[0].contiguous();
+    return grads;
+  }
+  const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return backward(grad_y, x, cl, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation);
 }
 
 }  // namespace effikern
