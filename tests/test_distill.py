@@ -1,13 +1,12 @@
 """torch.ops.effikern.distillation_loss on every backend against the issue's eager formula (float64 truth)."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import effikern
 from effikern.losses import DistillationLoss
+from backend_util import device_for, skip_unavailable
 from oracle import assert_matches, rel_err
 
 F_KD = effikern.functional.distillation_loss
@@ -17,18 +16,6 @@ IGNORE = -100
 
 def _backends():
     return ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
-
-
-def _device_for(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
-def _skip_unavailable(backend, device):
-    why = effikern.backends.unavailable_reason(backend, device)
-    if why:
-        if os.environ.get("CI") and backend in ("cpp", "triton") and device == "cpu":
-            pytest.fail(f"backend {backend} must be available in CI: {why}")
-        pytest.skip(why)
 
 
 def eager(s, t, y, temperature, alpha, ignore_index=IGNORE, reduction="mean"):
@@ -103,8 +90,8 @@ CONFIGS = {
 @pytest.mark.parametrize("cfg", list(CONFIGS), ids=str)
 @pytest.mark.parametrize("backend", _backends())
 def test_matches_eager_formula(backend, cfg, dtype):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     shape, temperature, alpha, reduction, ignored = CONFIGS[cfg]
     s, t, y = _inputs(shape, device, ignored=ignored or 0.0, with_target=ignored is not None)
     _check(backend, s, t, y, temperature, alpha, reduction, dtype)
@@ -114,8 +101,8 @@ def test_matches_eager_formula(backend, cfg, dtype):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 @pytest.mark.parametrize("backend", _backends())
 def test_temperature_and_alpha(backend, temperature, alpha):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     s, t, y = _inputs((6, 33), device)
     _check(backend, s, t, y, temperature, alpha, "mean", torch.float32)
 
@@ -125,7 +112,7 @@ def test_temperature_and_alpha(backend, temperature, alpha):
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_large_odd_vocab(backend, dtype):
     """V = 32001: many vocabulary blocks and a ragged tail (the interpreter is too slow for it)."""
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     s, t, y = _inputs((3, 32001), "cpu")
     _check(backend, s, t, y, 2.0, 0.5, "none", dtype)
 
@@ -159,8 +146,8 @@ def _extreme(kind, device):
 @pytest.mark.parametrize("backend", _backends())
 def test_extreme_logits(backend, kind, temperature):
     """Budget: PyTorch's formula in float32 on the same inputs (in fp16 itself, x / T overflows to inf)."""
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     s, t, y, dtype = _extreme(kind, device)
     for reduction in ("mean", "none"):
         _check(backend, s, t, y, temperature, 0.5, reduction, dtype, torch_math=torch.float32)
@@ -170,8 +157,8 @@ def test_extreme_logits(backend, kind, temperature):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", _backends())
 def test_all_ignored_is_zero_with_zero_gradient(backend, reduction):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     s = torch.randn(3, 4, 50, device=device, requires_grad=True)
     t = torch.randn(3, 4, 50, device=device)
     y = torch.full((3, 4), IGNORE, device=device)
@@ -185,7 +172,7 @@ def test_all_ignored_is_zero_with_zero_gradient(backend, reduction):
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_formula_is_the_issues(backend):
     """Pins the docstring: alpha*T^2*kl_div(batchmean / sum) + (1-alpha)*cross_entropy, float64, no ignored."""
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     s, t, y = _inputs((9, 41), "cpu", ignored=0.0)
     temperature, alpha = 3.0, 0.3
     log_q, p = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
@@ -204,8 +191,8 @@ def test_formula_is_the_issues(backend):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_teacher_never_gets_a_gradient(backend):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     s = torch.randn(4, 20, device=device, requires_grad=True)
     t = torch.randn(4, 20, device=device, requires_grad=True)
     y = torch.randint(0, 20, (4,), device=device)
@@ -220,8 +207,8 @@ def test_teacher_never_gets_a_gradient(backend):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_no_gradient_written_when_not_needed(backend):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((5, 70), device))
     with effikern.set_backend(backend):
         loss, grad = torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, False)
@@ -238,7 +225,7 @@ def test_no_gradient_written_when_not_needed(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_gradcheck_float64(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     s, t, y = _inputs((4, 11), "cpu")
     y[0] = IGNORE
 
@@ -251,7 +238,7 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_strided_inputs_and_empty_batch(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     wide_s, wide_t, y = _inputs((6, 64), "cpu")
     s, t = wide_s[::2, :50], wide_t[1::2, :50]  # a padded vocabulary sliced off, every other row
     y = y[::2].clamp(max=49)
@@ -265,7 +252,7 @@ def test_strided_inputs_and_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_opcheck(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((2, 3, 40), "cpu"))
     s.requires_grad_()
     with effikern.set_backend(backend):
@@ -279,7 +266,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_compile_fullgraph(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((2, 5, 40), "cpu"))
     module = DistillationLoss(temperature=2.0, alpha=0.5)
 

@@ -1,12 +1,11 @@
 """torch.ops.effikern.dwsep_conv2d on every backend against the float64 reference."""
 
-import os
-
 import pytest
 import torch
 
 import effikern
 from effikern.ops import dwsep as dwsep_op
+from backend_util import device_for, skip_unavailable
 from oracle import assert_matches
 
 F_DWSEP = effikern.functional.dwsep_conv2d
@@ -36,18 +35,6 @@ def _backends():
     params.append(pytest.param("triton", marks=pytest.mark.triton))
     params.append(pytest.param("cuda", marks=pytest.mark.gpu))
     return params
-
-
-def _device_for(backend):
-    return "cuda" if backend == "cuda" or torch.cuda.is_available() and backend == "triton" else "cpu"
-
-
-def _skip_unavailable(backend, device):
-    why = effikern.backends.unavailable_reason(backend, device)
-    if why:
-        if os.environ.get("CI") and backend in ("cpp", "triton") and device == "cpu":
-            pytest.fail(f"backend {backend} must be available in CI: {why}")
-        pytest.skip(why)
 
 
 def _make(cfg, dtype, device, layout=None):
@@ -89,8 +76,8 @@ def _run(backend, low, args):
 
 
 def _check_forward_and_backward(backend, cfg, dtype, layout=None):
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     tensors, low, args, fmt = _make(cfg, dtype, device, layout)
     names = ["x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "residual"]
     for group in (tensors, low):
@@ -144,8 +131,8 @@ def test_larger_shapes(backend, cfg, dtype):
 def test_derivative_at_the_kinks_follows_torch(backend, activation, dtype):
     """z exactly on -3, 0, 3 and 6, where relu, relu6 and hardswish have a one-sided derivative: every backend
     must take the side torch's autograd takes (hardswish'(-3) = 0 and hardswish'(3) = 1 since torch 2.7)."""
-    device = _device_for(backend)
-    _skip_unavailable(backend, device)
+    device = device_for(backend)
+    skip_unavailable(backend, device)
     kinks = torch.tensor([-3.0, 0.0, 3.0, 6.0], dtype=dtype, device=device)
     x = kinks[torch.randint(0, 4, (2, 16, 5, 5), device=device)].requires_grad_()
     dw_w = torch.ones(16, 1, 1, 1, dtype=dtype, device=device)  # z == x exactly: a 1x1 depthwise of weight 1
@@ -166,7 +153,7 @@ def test_derivative_at_the_kinks_follows_torch(backend, activation, dtype):
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_gradcheck_float64(backend, activation):
     """Exact gradients in float64: the reference and the C++ kernel."""
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
     dw_w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     dw_b = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -187,7 +174,7 @@ def test_gradcheck_float64(backend, activation):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def test_empty_batch(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     x = torch.randn(0, 4, 8, 8, requires_grad=True)
     dw_w = torch.randn(4, 1, 3, 3, requires_grad=True)
     pw_w = torch.randn(6, 4, 1, 1, requires_grad=True)
@@ -242,7 +229,7 @@ def test_explicit_backend_that_cannot_run_raises():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_opcheck(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     x = torch.randn(2, 5, 7, 6, requires_grad=True)
     dw_w = torch.randn(5, 1, 3, 3, requires_grad=True)
     pw_w = torch.randn(4, 5, 1, 1, requires_grad=True)
@@ -259,7 +246,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_compile_fullgraph(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     x = torch.randn(2, 6, 9, 9).contiguous(memory_format=CL)
     w = [torch.randn(6, 1, 3, 3), torch.randn(6), torch.randn(8, 6, 1, 1), torch.randn(8)]
 
