@@ -5,6 +5,7 @@ before triton is first imported: hence here, at the top of the first file pytest
 """
 
 import os
+import zlib
 
 import torch
 
@@ -32,3 +33,10 @@ def poisoned_outputs():
     assert torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_test_name(request):
+    """Every test draws its random inputs from a seed derived from its own name, so a failure on CI
+    reproduces with the same inputs here (run the one test by its node id)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
