@@ -155,10 +155,10 @@ def _rows_for_case(family, case, device, quick, copy_gbps) -> List[Row]:
     base_ms = measured.get(case.baseline, (None,))[0]
     rows = []
     for label, (ms, mem, note) in measured.items():
-        gbps = case.bytes / (ms * 1e-3) / 1e9 if ms else None
+        gbps = case.bytes / (ms * 1e-3) / 1e9 if (ms and case.bytes) else None
         rows.append(Row(
             family=family, op=case.op, shape=case.shape, dtype=case.dtype, layout=case.layout, mode=case.mode,
-            backend=label, ms=ms, gbps=gbps, tflops=case.flops / (ms * 1e-3) / 1e12 if ms else None,
+            backend=label, ms=ms, gbps=gbps, tflops=case.flops / (ms * 1e-3) / 1e12 if (ms and case.flops) else None,
             pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None, peak_extra_mib=mem,
             speedup=base_ms / ms if (ms and base_ms) else None, baseline=case.baseline, note=note,
         ))
