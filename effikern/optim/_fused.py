@@ -91,3 +91,10 @@ def merge_steps(optimizer) -> None:
             if key not in shared:
                 shared[key] = step.to(p.device).clone()
             state["step"] = shared[key]
+
+
+def unshared_state_dict(state_dict):
+    """The optimizer's state_dict with one step tensor per param: torch's optimizers increment ``step`` in place
+    per param, so a shared tensor loaded into them would count once per param sharing it."""
+    state = {k: ({**v, "step": v["step"].clone()} if "step" in v else v) for k, v in state_dict["state"].items()}
+    return {**state_dict, "state": state}

@@ -57,6 +57,10 @@ class AdamW(torch.optim.Optimizer):
                     _fused.on(factor, device), _fused.on(found_inf, device))
         return loss
 
+    def state_dict(self):
+        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
+        return _fused.unshared_state_dict(super().state_dict())
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         _fused.merge_steps(self)

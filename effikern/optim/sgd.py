@@ -68,6 +68,10 @@ class SGD(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
+    def state_dict(self):
+        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
+        return _fused.unshared_state_dict(super().state_dict())
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
