@@ -9,12 +9,14 @@ What one step reads and writes (G = all gradient bytes; "pass" = one multi-tenso
   the scaler pass only READS G (inf/nan check, ``write_back=False``); the optimizer reads G once more with
   1/scale folded in. G read twice, never written by the scaler. Zero host syncs (the skip is on the device).
   (torch's fused kernels also write the unscaled gradient back; effikern's leave G as it was.)
-- ``scaler.unscale_(opt, max_norm=c)`` then ``step``, same optimizers: one pass reads G and writes G/scale
-  (torch's unscale_ contract: grads are unscaled afterwards) and computes the norm; the clip coefficient
-  min(1, c / (norm + 1e-6)) is folded into the optimizer's gradient factor, so G is read a third time by the
-  optimizer but no clipping pass exists. In memory the grads are unscaled, not clipped. Zero host syncs.
-- Any other optimizer: the scaler pass reads and writes G (unscale in place); with ``max_norm`` the clip is a
-  foreach multiply (one more read + write); ``step`` reads found_inf on the host (one sync, as torch).
+- ``scaler.unscale_(opt, max_norm=c)`` then ``step``, same optimizers: one pass READS G (check + norm); the
+  clip coefficient min(1, c / (norm + 1e-6)) times 1/scale is folded into the optimizer's gradient factor, so
+  the optimizer's read is the only other touch of G: G read twice, never written. Zero host syncs. The grads
+  in memory are then left as they were (scaled): the clipped, unscaled gradient exists only inside the update.
+- ``scaler.unscale_(opt)`` without max_norm: torch's contract, one pass reads G and writes G/scale.
+- Any other optimizer: with ``max_norm`` a read-only pass (check + norm) then one foreach multiply by
+  clip/scale (read + write G), so G ends unscaled and clipped as with torch; without, one pass that reads and
+  writes G. ``step`` reads found_inf on the host (one sync, as torch).
 
 torch's own path for comparison: unscale (read + write G), ``clip_grad_norm_`` (norm: read G; clip: read + write
 G), a sync in step, then the optimizer.
@@ -80,8 +82,10 @@ class GradScaler(torch.amp.GradScaler):
 
         Returns the total norm of the unscaled gradients (0-dim float32 device tensor, non-finite when a grad
         is) when ``max_norm`` is given (``max_norm=math.inf`` computes the norm without clipping), else None.
-        The clip is folded into the next ``step`` for effikern and torch fused optimizers (the grads in memory
-        stay unclipped) and applied in place otherwise. Raises RuntimeError when called twice for an optimizer
+        With a finite ``max_norm`` and an effikern or torch fused optimizer, 1/scale and the clip are folded into
+        the next ``step`` and the grads in memory are left untouched (still scaled); with other optimizers the
+        grads are unscaled and clipped in place (one multiply after the read-only pass). Without ``max_norm``
+        (or with max_norm=inf) the grads are unscaled in place, as torch's unscale_. Raises RuntimeError when called twice for an optimizer
         before ``update()`` or after ``step()``, as torch.
         """
         if max_norm is not None:
@@ -97,7 +101,11 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        norm = self._unscale_check(optimizer, state, write_back=True, max_norm=max_norm, norm_type=norm_type)
+        # With a finite max_norm the pass only reads: the grads get 1/scale and the clip together afterwards,
+        # in the optimizer (folding) or in one multiply (others) -- never a write here and another there.
+        clipping = max_norm is not None and math.isfinite(max_norm)
+        norm = self._unscale_check(optimizer, state, write_back=not clipping, max_norm=max_norm,
+                                   norm_type=norm_type)
         state["stage"] = OptState.UNSCALED
         return norm
 
@@ -123,12 +131,11 @@ class GradScaler(torch.amp.GradScaler):
         factor = None if write_back else inv_scale
         if max_norm is not None and math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
-            kind = _fold_kind(optimizer)
-            if kind is None:
+            factor = coef if factor is None else factor * coef
+            if _fold_kind(optimizer) is None:
                 for device, gs in grads.items():
-                    torch._foreach_mul_(gs, _to(coef, device))
-            else:
-                factor = coef if factor is None else factor * coef
+                    torch._foreach_mul_(gs, _to(factor, device))
+                factor = None
         state["grad_factor"] = factor
         return norm
 
