@@ -286,3 +286,39 @@ def test_cuda_graph_capture_of_a_scaled_step():
     torch.cuda.synchronize()
     assert not torch.equal(before, model.weight)
     assert torch.isfinite(model.weight).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_with_a_plain_optimizer_matches_torch(backend):
+    skip_unavailable(backend, "cpu")
+    make = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, make, clip=0.5, torch_clip=True)
+    with effikern.set_backend(backend):
+        ours = _train(ours_scaler, make, clip=0.5)
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_with_a_folding_optimizer_only_reads_the_grads():
+    model = _model()
+    opt = effikern.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = GradScaler("cpu", init_scale=64.0)
+    scaler.scale(model(torch.randn(3, 8)).sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.unscale_(opt, max_norm=0.1)
+    scaler.step(opt)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_host_reads_per_step():
+    """Counted on CPU as calls that read a tensor's value on the host (each is a sync on a GPU)."""
+    from effikern.benchmarks import bench_amp
+
+    rows = {r["plan"]: r for r in bench_amp.report(quick=True)}
+    assert rows["effikern GradScaler.unscale_(max_norm) + effikern AdamW"]["host_syncs_per_step"] == 0
+    assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(fused)"]["host_syncs_per_step"] == 0
+    # the scaler's found_inf read, plus torch's non-capturable AdamW reading each CPU step count
+    assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(foreach)"]["host_syncs_per_step"] >= 1
