@@ -37,7 +37,8 @@ def gpt2_124m():
     """148 shapes: wte, wpe, 12 blocks of (ln_1, attn c_attn / c_proj, ln_2, mlp c_fc / c_proj) w+b, ln_f."""
     d, shapes = 768, [(50257, 768), (1024, 768)]
     for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),  # ln_1, attn
+                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp
     return shapes + [(d,), (d,)]
 
 
@@ -178,7 +179,8 @@ def _step_case(device, name, shapes, quick):
         out = {}
         for label, fused in (("torch-fused", True), ("torch-foreach", False)):
             try:
-                fn = (lambda ps, f=fused: torch.optim.AdamW(ps, lr=1e-4, fused=f, foreach=None if f else True))
+                fn = (lambda ps, f=fused: torch.optim.AdamW(ps, lr=1e-4, fused=f,
+                                                            foreach=None if f else True))
                 fn([torch.nn.Parameter(torch.zeros(1, device=device))])
                 out[label] = _step_candidate(params, device, torch.amp.GradScaler, fn)
             except (RuntimeError, ValueError) as err:
@@ -236,18 +238,22 @@ def report(quick=True):
     rows = []
     shapes = grid(8, 1024)
     plans = {
-        "torch GradScaler + clip_grad_norm_ + AdamW(foreach)": ("torch", lambda ps: torch.optim.AdamW(ps, foreach=True)),
-        "torch GradScaler + clip_grad_norm_ + AdamW(fused)": ("torch", lambda ps: torch.optim.AdamW(ps, fused=True)),
+        "torch GradScaler + clip_grad_norm_ + AdamW(foreach)":
+            ("torch", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        "torch GradScaler + clip_grad_norm_ + AdamW(fused)":
+            ("torch", lambda ps: torch.optim.AdamW(ps, fused=True)),
         "effikern GradScaler.unscale_(max_norm) + torch AdamW(foreach)":
             ("ours", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         "effikern GradScaler.unscale_(max_norm) + torch AdamW(fused)":
             ("ours", lambda ps: torch.optim.AdamW(ps, fused=True)),
-        "effikern GradScaler.unscale_(max_norm) + effikern AdamW": ("ours", lambda ps: effikern.optim.AdamW(ps)),
+        "effikern GradScaler.unscale_(max_norm) + effikern AdamW":
+            ("ours", lambda ps: effikern.optim.AdamW(ps)),
     }
     # Gradient bytes per element and step, in units of the grad's size (read = 1, read + write = 2), scaler
     # and clip only (the optimizer's own read of the grad is the same for all and not counted).
     grad_traffic = {
-        "torch GradScaler + clip_grad_norm_ + AdamW(foreach)": 5, "torch GradScaler + clip_grad_norm_ + AdamW(fused)": 5,
+        "torch GradScaler + clip_grad_norm_ + AdamW(foreach)": 5,
+        "torch GradScaler + clip_grad_norm_ + AdamW(fused)": 5,
         "effikern GradScaler.unscale_(max_norm) + torch AdamW(foreach)": 3,
         "effikern GradScaler.unscale_(max_norm) + torch AdamW(fused)": 1,
         "effikern GradScaler.unscale_(max_norm) + effikern AdamW": 1,

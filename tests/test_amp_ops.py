@@ -84,7 +84,7 @@ def test_unscale_check_norm_values(backend, dtypes, many, write_back):
         n_terms = max(1, sum(g.numel() for g in grads))
         tol = 4 * ULP[torch.float32] * (math.sqrt(n_terms) if norm_type == 2.0 else 1.0)
         assert abs(norm.item() - truth) <= tol * abs(truth) + 1e-30, (norm_type, norm.item(), truth)
-        for dtype in dtypes:  # one comparison per dtype over the concatenated tensors: fast on 100s of tensors
+        for dtype in dtypes:  # one comparison per dtype over the concatenated tensors (fast on 100s)
             got = _cat([g for g in grads if g.dtype == dtype])
             was = _cat([b for b in before if b.dtype == dtype])
             want = (was.float() * inv_t).to(dtype) if write_back else was
@@ -184,8 +184,8 @@ def _opcheck_all():
                           (g, torch.ones(()), torch.zeros(()), 2.0, True))
     p = [torch.randn(4)]
     torch.library.opcheck(torch.ops.effikern.fused_adamw_.default,
-                          (p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], torch.zeros(()), 1e-3, 0.9,
-                           0.999, 1e-8, 0.01, False, torch.full((), 0.5), torch.zeros(())))
+                          (p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], torch.zeros(()), 1e-3,
+                           0.9, 0.999, 1e-8, 0.01, False, torch.full((), 0.5), torch.zeros(())))
     torch.library.opcheck(torch.ops.effikern.fused_sgd_.default,
                           (p, [torch.randn(4)], [torch.zeros(4)], torch.zeros(()), 0.1, 0.9, 0.0, True, 0.0,
                            False, None, None))
@@ -231,7 +231,8 @@ def test_fused_adamw_matches_contract(backend, dtypes, maximize):
     hyper = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
     with effikern.set_backend(backend):
         torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, hyper["lr"], hyper["b1"], hyper["b2"],
-                                        hyper["eps"], hyper["wd"], maximize, factor, torch.zeros((), device=device))
+                                        hyper["eps"], hyper["wd"], maximize, factor,
+                                        torch.zeros((), device=device))
     assert step.item() == 5.0
     for dtype in dtypes:  # per dtype, over the concatenated tensors
         pick = [i for i, p in enumerate(params) if p.dtype == dtype]
@@ -253,7 +254,8 @@ def test_fused_updates_skip_on_found_inf(backend):
     step = torch.zeros((), device=device)
     found = torch.ones((), device=device)
     with effikern.set_backend(backend):
-        torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-8, 0.1, False, None, found)
+        torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-8, 0.1, False, None,
+                                        found)
         torch.ops.effikern.fused_sgd_(params, grads, ms, step, 1e-2, 0.9, 0.0, True, 0.1, False, None, found)
     assert step.item() == 0.0
     for now, was in zip((params, ms, vs), before):

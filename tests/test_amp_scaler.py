@@ -1,12 +1,11 @@
 """effikern.amp.GradScaler against torch.amp.GradScaler on the same training runs, step by step.
 
-Runs: a small MLP, scaled losses, inf or nan injected into a gradient on some steps (forced overflow). With the
-same (non-fused) torch optimizer the two scalers must give bit-identical parameters and scale trajectories;
-with effikern's fused optimizers (scale folded into the update) the parameters match within fp32 rounding and
-the scale trajectory and skipped steps are identical.
+Runs: a small MLP, scaled losses, inf or nan injected into a gradient on some steps (forced overflow). With
+the same (non-fused) torch optimizer the two scalers must give bit-identical parameters and scale
+trajectories; with effikern's fused optimizers (scale folded into the update) the parameters match within fp32
+rounding and the scale trajectory and skipped steps are identical.
 """
 
-import copy
 import math
 import pickle
 
@@ -77,7 +76,8 @@ FUSED_PAIRS = {
     "adamw": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: effikern.optim.AdamW(p, lr=0.01)),
     "sgd": (lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
             lambda p: effikern.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "torch_fused_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)),
+    "torch_fused_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01),
+                          lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)),
 }
 
 
@@ -144,7 +144,8 @@ def test_state_dict_interchange_both_ways():
     theirs, ours = _scalers()
     _train(theirs, lambda p: torch.optim.SGD(p, lr=0.01), steps=5)
     ours.load_state_dict(theirs.state_dict())
-    assert ours.get_scale() == theirs.get_scale() and ours._get_growth_tracker() == theirs._get_growth_tracker()
+    assert ours.get_scale() == theirs.get_scale()
+    assert ours._get_growth_tracker() == theirs._get_growth_tracker()
     a = _train(theirs, lambda p: torch.optim.SGD(p, lr=0.01), steps=6, seed=3)
     b = _train(ours, lambda p: torch.optim.SGD(p, lr=0.01), steps=6, seed=3)
     assert a[0] == b[0]
@@ -158,7 +159,8 @@ def test_state_dict_interchange_both_ways():
 
 def test_update_new_scale_and_getters():
     scaler = GradScaler("cpu", init_scale=8.0, growth_factor=3.0, backoff_factor=0.25, growth_interval=7)
-    assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (3.0, 0.25, 7)
+    got = (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval())
+    assert got == (3.0, 0.25, 7)
     scaler.set_growth_factor(4.0)
     scaler.set_backoff_factor(0.5)
     scaler.set_growth_interval(2)
@@ -239,7 +241,8 @@ def test_params_without_grads_and_inf_norm_clip():
                                       lambda p: effikern.optim.SGD(p, lr=1e-3, momentum=0.9)],
                          ids=["effikern_adamw", "torch_fused_adamw", "effikern_sgd"])
 def test_no_host_sync_per_step(make_opt):
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda().half()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    model = model.cuda().half()
     opt = make_opt(model.parameters())
     scaler = GradScaler("cuda", init_scale=2.0**10)
     x = torch.randn(16, 64, device="cuda", dtype=torch.half)

@@ -33,7 +33,8 @@ def _run(opt_cls, kwargs, init, device, steps=4, missing_grad_at=2, backend="tor
 
 ADAMW_CONFIGS = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
                  dict(lr=1e-2, weight_decay=0.0, maximize=True), dict(lr=1e-2, betas=(0.3, 0.9))]
-SGD_CONFIGS = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1),
+SGD_CONFIGS = [dict(lr=0.1), dict(lr=0.05, momentum=0.9),
+               dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1),
                dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True, weight_decay=0.01)]
 
 

@@ -10,9 +10,10 @@
 // across pieces and tasks. Each task writes its own slot and the slots are summed in task order afterwards,
 // so the norm does not depend on the thread count.
 //
-// Vectorization: the per-piece loops are `omp simd` loops over plain arithmetic (the fp16/bf16 conversions
-// below are bit manipulations, not calls), compiled by target_clones for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time, as in distill_cpu.cpp.
+// Vectorization: the per-piece loops are `omp simd` loops over plain arithmetic (the bf16 conversions below
+// are bit manipulations, not calls), compiled by target_clones for AVX-512, AVX2 and baseline x86-64 and
+// picked at load time, as in distill_cpu.cpp. fp16 goes through fp32 blocks converted with F16C, and AdamW's
+// sqrt is a block of sqrtps: see half_block_to_f32 and sqrt_block for why.
 #pragma GCC optimize("no-math-errno")  // lets sqrtf vectorize; nothing here reads errno
 
 #include "amp_cpu.h"
@@ -25,6 +26,10 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace effikern {
 namespace {
@@ -103,6 +108,70 @@ struct BF16 {
   static EK_AMP_INLINE float load(uint16_t x) { return bf16_to_f32(x); }
   static EK_AMP_INLINE uint16_t store(float x) { return f32_to_bf16(x); }
 };
+
+// Tensors in fp16 are converted in blocks of kBlock elements through fp32 buffers (4 KiB each, in L1).
+constexpr int64_t kBlock = 1024;
+
+// fp16 <-> fp32 and sqrt over a block, on the x86 instructions made for them where the CPU has them (F16C
+// and AVX: every x86-64 CPU since 2013), picked at run time. GCC does not vectorize the bit-manipulating
+// conversions above well, and it never vectorizes sqrtf without -fno-math-errno (sqrtf may set errno), which
+// this file cannot set for itself.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define EK_AMP_X86 1
+bool cpu_has(const char* what) {
+  __builtin_cpu_init();
+  return std::strcmp(what, "f16c") == 0 ? __builtin_cpu_supports("f16c") : __builtin_cpu_supports("avx");
+}
+const bool kHasF16C = cpu_has("f16c") && cpu_has("avx");
+const bool kHasAvx = cpu_has("avx");
+
+__attribute__((target("avx,f16c"))) void half_to_f32_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = half_to_f32(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) void f32_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_half(src[i]);
+}
+
+__attribute__((target("avx"))) void sqrt_avx(const float* x, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) out[i] = std::sqrt(x[i]);
+}
+#endif
+
+void half_block_to_f32(const uint16_t* src, float* dst, int64_t n) {
+#ifdef EK_AMP_X86
+  if (kHasF16C) return half_to_f32_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_f32(src[i]);
+}
+
+void f32_block_to_half(const float* src, uint16_t* dst, int64_t n) {
+#ifdef EK_AMP_X86
+  if (kHasF16C) return f32_to_half_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_half(src[i]);
+}
+
+// out = sqrt(x), correctly rounded (the sqrtps instruction, as std::sqrt).
+void sqrt_block(const float* x, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef EK_AMP_X86
+  if (kHasAvx) return sqrt_avx(x, out, n);
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(out + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));  // SSE: baseline x86-64
+#endif
+  for (; i < n; ++i) out[i] = std::sqrt(x[i]);
+}
 
 enum class Fmt { kF32, kF16, kBF16 };
 
@@ -216,8 +285,14 @@ EK_AMP_INLINE void unscale_body(typename D::raw* p, int64_t n, float inv, bool w
 EK_AMP_CLONES void unscale_f32(float* p, int64_t n, float inv, bool write, NormPart& out) {
   unscale_body<F32>(p, n, inv, write, out);
 }
-EK_AMP_CLONES void unscale_f16(uint16_t* p, int64_t n, float inv, bool write, NormPart& out) {
-  unscale_body<F16>(p, n, inv, write, out);
+void unscale_f16(uint16_t* p, int64_t n, float inv, bool write, NormPart& out) {
+  alignas(64) float buf[kBlock];
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t k = std::min(kBlock, n - s);
+    half_block_to_f32(p + s, buf, k);
+    unscale_f32(buf, k, inv, write, out);
+    if (write) f32_block_to_half(buf, p + s, k);
+  }
 }
 EK_AMP_CLONES void unscale_bf16(uint16_t* p, int64_t n, float inv, bool write, NormPart& out) {
   unscale_body<BF16>(p, n, inv, write, out);
@@ -236,20 +311,31 @@ struct AdamConsts {
 };
 
 // Pure fp32 math on buffers, one loop per lerp form so the loop has no branch and vectorizes.
+// Pure fp32 math, one loop per lerp form so the loops have no branch and vectorize; sqrt in a block of its own.
 template <bool kLerpFromM>
 EK_AMP_INLINE void adamw_math(float* p, const float* g, float* m, float* v, int64_t n, const AdamConsts& c) {
+  alignas(64) float root[kBlock];
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t k = std::min(kBlock, n - s);
+    float* ps = p + s;
+    float* ms = m + s;
+    float* vs = v + s;
+    const float* gs = g + s;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i] * c.grad_factor;
-    const float pi = p[i] * c.decay;
-    // torch's lerp: the formula anchored at the nearer end, so weight 1 gives exactly g.
-    const float mi = kLerpFromM ? m[i] + c.lerp_w * (gi - m[i]) : gi - (gi - m[i]) * (1.0f - c.lerp_w);
-    const float vi = v[i] * c.beta2 + c.one_minus_beta2 * gi * gi;
-    // fabs: vi >= 0 already, but it lets GCC drop the errno branch of sqrtf, which blocks vectorization.
-    const float denom = std::sqrt(std::fabs(vi)) / c.bc2_sqrt + c.eps;
-    p[i] = pi - c.step_size * (mi / denom);
-    m[i] = mi;
-    v[i] = vi;
+    for (int64_t i = 0; i < k; ++i) {
+      const float gi = gs[i] * c.grad_factor;
+      // torch's lerp: the formula anchored at the nearer end, so weight 1 gives exactly g.
+      const float mi = kLerpFromM ? ms[i] + c.lerp_w * (gi - ms[i]) : gi - (gi - ms[i]) * (1.0f - c.lerp_w);
+      vs[i] = vs[i] * c.beta2 + c.one_minus_beta2 * gi * gi;
+      ms[i] = mi;
+      ps[i] = ps[i] * c.decay;
+    }
+    sqrt_block(vs, root, k);
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) {
+      const float denom = root[i] / c.bc2_sqrt + c.eps;
+      ps[i] = ps[i] - c.step_size * (ms[i] / denom);
+    }
   }
 }
 
@@ -265,9 +351,8 @@ EK_AMP_INLINE void from_f32(const float* src, typename D::raw* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = D::store(src[i]);
 }
 
-// fp32 tensors are updated in place; fp16/bf16 ones go through fp32 buffers of kBlock elements (16 KiB for
-// the four streams, in L1), which keeps every loop simple enough to vectorize.
-constexpr int64_t kBlock = 1024;
+// fp32 tensors are updated in place; bf16 ones go through fp32 buffers of kBlock elements (16 KiB for the four
+// streams, in L1), which keeps every loop simple enough to vectorize; fp16 ones too (adamw_f16).
 
 template <typename D>
 EK_AMP_INLINE void adamw_body(typename D::raw* p, const typename D::raw* g, typename D::raw* m,
@@ -294,9 +379,19 @@ EK_AMP_INLINE void adamw_body(typename D::raw* p, const typename D::raw* g, type
 EK_AMP_CLONES void adamw_f32(float* p, const float* g, float* m, float* v, int64_t n, const AdamConsts& c) {
   adamw_body<F32>(p, g, m, v, n, c);
 }
-EK_AMP_CLONES void adamw_f16(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* v, int64_t n,
-                             const AdamConsts& c) {
-  adamw_body<F16>(p, g, m, v, n, c);
+void adamw_f16(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* v, int64_t n, const AdamConsts& c) {
+  alignas(64) float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock];
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t k = std::min(kBlock, n - s);
+    half_block_to_f32(p + s, pb, k);
+    half_block_to_f32(g + s, gb, k);
+    half_block_to_f32(m + s, mb, k);
+    half_block_to_f32(v + s, vb, k);
+    adamw_f32(pb, gb, mb, vb, k, c);
+    f32_block_to_half(pb, p + s, k);
+    f32_block_to_half(mb, m + s, k);
+    f32_block_to_half(vb, v + s, k);
+  }
 }
 EK_AMP_CLONES void adamw_bf16(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* v, int64_t n,
                               const AdamConsts& c) {
@@ -339,8 +434,24 @@ EK_AMP_INLINE void sgd_body(typename D::raw* p, const typename D::raw* g, typena
 EK_AMP_CLONES void sgd_f32(float* p, const float* g, float* b, int64_t n, const SgdConsts& c) {
   sgd_body<F32>(p, g, b, n, c);
 }
-EK_AMP_CLONES void sgd_f16(uint16_t* p, const uint16_t* g, uint16_t* b, int64_t n, const SgdConsts& c) {
-  sgd_body<F16>(p, g, b, n, c);
+void sgd_f16(uint16_t* p, const uint16_t* g, uint16_t* b, int64_t n, const SgdConsts& c) {
+  alignas(64) float pb[kBlock], gb[kBlock], bb[kBlock];
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t k = std::min(kBlock, n - s);
+    half_block_to_f32(p + s, pb, k);
+    half_block_to_f32(g + s, gb, k);
+    for (int64_t i = 0; i < k; ++i) gb[i] = gb[i] * c.grad_factor + c.weight_decay * pb[i];
+    if (c.has_momentum) {
+      if (!c.first) half_block_to_f32(b + s, bb, k);
+      for (int64_t i = 0; i < k; ++i) bb[i] = c.first ? gb[i] : bb[i] * c.momentum + c.one_minus_dampening * gb[i];
+      // torch keeps the buffer in fp16 and uses the rounded value: store, then read back.
+      f32_block_to_half(bb, b + s, k);
+      half_block_to_f32(b + s, bb, k);
+      for (int64_t i = 0; i < k; ++i) gb[i] = c.nesterov ? gb[i] + c.momentum * bb[i] : bb[i];
+    }
+    for (int64_t i = 0; i < k; ++i) pb[i] = pb[i] + c.neg_lr * gb[i];
+    f32_block_to_half(pb, p + s, k);
+  }
 }
 EK_AMP_CLONES void sgd_bf16(uint16_t* p, const uint16_t* g, uint16_t* b, int64_t n, const SgdConsts& c) {
   sgd_body<BF16>(p, g, b, n, c);

@@ -18,8 +18,8 @@ What one step reads and writes (G = all gradient bytes; "pass" = one multi-tenso
   clip/scale (read + write G), so G ends unscaled and clipped as with torch; without, one pass that reads and
   writes G. ``step`` reads found_inf on the host (one sync, as torch).
 
-torch's own path for comparison: unscale (read + write G), ``clip_grad_norm_`` (norm: read G; clip: read + write
-G), a sync in step, then the optimizer.
+torch's own path for comparison: unscale (read + write G), ``clip_grad_norm_`` (norm: read G; clip: read +
+write G), a sync in step, then the optimizer.
 
 Beyond torch: ``unscale_(optimizer, max_norm=None, norm_type=2.0)`` returns the total norm (device tensor) and
 clips; ``hysteresis`` tolerates that many consecutive overflow steps before backing off (Megatron/DeepSpeed
@@ -41,8 +41,7 @@ _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + 1e-6)
 
 def _fold_kind(optimizer) -> Optional[str]:
     """'effikern' / 'torch_fused' when the optimizer takes the scale on the device, else None."""
-    from ..optim import _fused  # noqa: F401  (avoid an import cycle at module load)
-    from ..optim import AdamW, SGD
+    from ..optim import SGD, AdamW  # here, not at the top: effikern.optim need not load with effikern.amp
 
     if isinstance(optimizer, (AdamW, SGD)):
         return "effikern"
@@ -56,8 +55,8 @@ class GradScaler(torch.amp.GradScaler):
 
     Args (torch's): device, init_scale, growth_factor, backoff_factor, growth_interval, enabled.
     Extra: hysteresis (int >= 1, default 1 = torch's behaviour): consecutive overflow steps tolerated before
-    the scale backs off; a clean step restores the allowance. process_group: all-reduce found_inf over it (DDP:
-    every rank skips the same steps); None = no communication.
+    the scale backs off; a clean step restores the allowance. process_group: all-reduce found_inf over it
+    (DDP: every rank skips the same steps); None = no communication.
     """
 
     _reduce_norm = False  # ShardedGradScaler: grads are shards, so the norm is reduced across ranks too
@@ -77,15 +76,16 @@ class GradScaler(torch.amp.GradScaler):
     # --- unscale --------------------------------------------------------------------------------------------
 
     def unscale_(self, optimizer, max_norm: Optional[float] = None, norm_type: float = 2.0):
-        """Unscales the optimizer's gradients in place, checks them for inf/nan and, with ``max_norm``, computes
-        their total norm and clips -- all in one pass, without a host sync.
+        """Unscales the optimizer's gradients, checks them for inf/nan and, with ``max_norm``, computes their
+        total norm and clips -- all in one pass, without a host sync.
 
         Returns the total norm of the unscaled gradients (0-dim float32 device tensor, non-finite when a grad
         is) when ``max_norm`` is given (``max_norm=math.inf`` computes the norm without clipping), else None.
-        With a finite ``max_norm`` and an effikern or torch fused optimizer, 1/scale and the clip are folded into
-        the next ``step`` and the grads in memory are left untouched (still scaled); with other optimizers the
-        grads are unscaled and clipped in place (one multiply after the read-only pass). Without ``max_norm``
-        (or with max_norm=inf) the grads are unscaled in place, as torch's unscale_. Raises RuntimeError when called twice for an optimizer
+        With a finite ``max_norm`` and an effikern or torch fused optimizer, 1/scale and the clip are folded
+        into the next ``step`` and the grads in memory are left untouched (still scaled); with other
+        optimizers the grads are unscaled and clipped in place (one multiply after the read-only pass).
+        Without ``max_norm`` (or with max_norm=inf) the grads are unscaled in place, as torch's unscale_.
+        Raises RuntimeError when called twice for an optimizer
         before ``update()`` or after ``step()``, as torch.
         """
         if max_norm is not None:
@@ -98,7 +98,8 @@ class GradScaler(torch.amp.GradScaler):
         self._check_scale_growth_tracker("unscale_")
         state = self._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last "
+                               "update().")
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         # With a finite max_norm the pass only reads: the grads get 1/scale and the clip together afterwards,
@@ -110,7 +111,7 @@ class GradScaler(torch.amp.GradScaler):
         return norm
 
     def _unscale_check(self, optimizer, state, write_back: bool, max_norm=None, norm_type=2.0):
-        """The one fused pass over the optimizer's grads; records found_inf and the factor the step still owes."""
+        """The one fused pass over the optimizer's grads; records found_inf and the factor the step owes."""
         grads = _grads_by_device(optimizer)
         inv_scale = self._scale.double().reciprocal().float()
         want = float(norm_type) if max_norm is not None else 0.0
@@ -118,8 +119,9 @@ class GradScaler(torch.amp.GradScaler):
         norms: List[torch.Tensor] = []
         for device, gs in grads.items():
             found[device] = torch.zeros((), dtype=torch.float32, device=device)
-            norms.append(torch.ops.effikern.unscale_check_norm(gs, _to(inv_scale, device), found[device], want,
-                                                               write_back).to(self._scale.device))
+            norm_d = torch.ops.effikern.unscale_check_norm(gs, _to(inv_scale, device), found[device], want,
+                                                           write_back)
+            norms.append(norm_d.to(self._scale.device))
         if not found:  # no grads at all (e.g. this rank holds no shard): nothing found, on the scale's device
             found[self._scale.device] = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         norm = None
@@ -277,7 +279,8 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
 
 def _check_clip_args(max_norm, norm_type) -> None:
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(f"max_norm must be a number > 0 (math.inf: norm only, no clipping), got {max_norm!r}")
+        raise ValueError(f"max_norm must be a number > 0 (math.inf: norm only, no clipping), "
+                         f"got {max_norm!r}")
     if float(norm_type) not in (2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
 

@@ -1,20 +1,23 @@
-"""Multi-tensor ops behind loss scaling: ``torch.ops.effikern.unscale_check_norm``, ``fused_adamw_``, ``fused_sgd_``.
+"""Multi-tensor ops behind loss scaling: ``torch.ops.effikern.unscale_check_norm``, ``fused_adamw_``,
+``fused_sgd_``.
 
-The contract every backend implements (``torch`` reference here, ``cpp`` in csrc/cpu/amp_cpu.cpp, ``triton`` in
-kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
+The contract every backend implements (``torch`` reference here, ``cpp`` in csrc/cpu/amp_cpu.cpp, ``triton``
+in kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
 
 ``unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back) -> norm``
     grads: list of N tensors (N >= 0, any shapes, float32/float16/bfloat16 mixed, one device); inv_scale,
-    found_inf: float32 1-element tensors. Sets found_inf to 1.0 when any grad holds an inf or nan (never resets
-    it). With ``write_back`` every grad becomes grad * inv_scale (fp32 math, rounded to its dtype), else grads are
-    only read. Returns a new 0-dim float32 tensor: the norm of all grad * inv_scale together (norm_type 2.0:
-    Euclidean; inf: max |.|; 0.0: not computed, returns 0). A non-finite grad gives a non-finite norm.
+    found_inf: float32 1-element tensors. Sets found_inf to 1.0 when any grad holds an inf or nan (never
+    resets it). With ``write_back`` every grad becomes grad * inv_scale (fp32 math, rounded to its dtype),
+    else grads are only read. Returns a new 0-dim float32 tensor: the norm of all grad * inv_scale together
+    (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0). A non-finite grad gives a
+    non-finite norm.
 
 ``fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
 grad_factor, found_inf)``
-    torch.optim.AdamW's update with g = grads[i] * grad_factor; ``step`` (float32, 1 element, shared by the list)
-    counts updates done before this one and is incremented on the device. Nothing changes (step included) when
-    found_inf is nonzero: no host sync, which is what makes a scaled step capturable in a CUDA graph.
+    torch.optim.AdamW's update with g = grads[i] * grad_factor; ``step`` (float32, 1 element, shared by the
+    list) counts updates done before this one and is incremented on the device. Nothing changes (step
+    included) when found_inf is nonzero: no host sync, which is what makes a scaled step capturable in a CUDA
+    graph.
 
 ``fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
 grad_factor, found_inf)``
@@ -32,7 +35,7 @@ or the max) and the shared ``step`` is incremented once.
 """
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,13 +81,15 @@ def _check_scalar_tensor(t, name: str, device, optional: bool = False) -> None:
 def _check_matching(ref: Sequence[torch.Tensor], ref_name: str, others: Dict[str, Sequence[torch.Tensor]]):
     for name, lst in others.items():
         if len(lst) != len(ref):
-            raise ValueError(f"{name} must have one tensor per tensor of {ref_name} ({len(ref)}), got {len(lst)}")
+            raise ValueError(f"{name} must have one tensor per tensor of {ref_name} ({len(ref)}), "
+                             f"got {len(lst)}")
         for i, (a, b) in enumerate(zip(ref, lst)):
             if a.shape != b.shape:
                 raise ValueError(f"{name}[{i}] must have the shape of {ref_name}[{i}] {tuple(a.shape)}, "
                                  f"got {tuple(b.shape)}")
             if a.dtype != b.dtype:
-                raise TypeError(f"{name}[{i}] must have the dtype of {ref_name}[{i}] ({a.dtype}), got {b.dtype}")
+                raise TypeError(f"{name}[{i}] must have the dtype of {ref_name}[{i}] ({a.dtype}), "
+                                f"got {b.dtype}")
 
 
 def _check_float(value, name: str, low=None, high=None) -> None:
@@ -151,8 +156,8 @@ def check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampenin
 
 
 # --- the torch reference backend ---------------------------------------------------------------------------
-# Written for clarity, not speed: fp32 copies of everything, then the formula with foreach ops, then the results
-# copied back where found_inf is 0 (torch.where on the device: no host sync, like the kernels).
+# Written for clarity, not speed: fp32 copies of everything, then the formula with foreach ops, then the
+# results copied back where found_inf is 0 (torch.where on the device: no host sync, like the kernels).
 
 def _f32(tensors):
     return [t.float() for t in tensors]
@@ -216,8 +221,8 @@ def reference_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1
     step.add_(1.0 if skip is None else (~skip).float())
 
 
-def reference_fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
-                         maximize, grad_factor, found_inf):
+def reference_fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov,
+                         weight_decay, maximize, grad_factor, found_inf):
     """The ``torch`` backend of fused_sgd_, written as torch.optim.SGD's steps."""
     skip = _skip(found_inf)
     if params:
@@ -300,7 +305,7 @@ for _op, _by_backend in _LOADERS.items():
 
 
 def _split_by_backend(op: str, device: torch.device, tensors) -> List[Tuple[str, List[int]]]:
-    """[(backend, indices into tensors)]: one group when every dtype gets the same backend (the usual case)."""
+    """[(backend, indices into tensors)]: one group when every dtype gets the same backend (the usual)."""
     chosen: Dict[torch.dtype, str] = {}
     groups: Dict[str, List[int]] = {}
     for i, t in enumerate(tensors):
@@ -338,7 +343,7 @@ def _pick(lst, idx):
 @torch.library.custom_op("effikern::unscale_check_norm", mutates_args=("grads", "found_inf"))
 def unscale_check_norm(grads: List[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
                        norm_type: float, write_back: bool) -> torch.Tensor:
-    """One pass over ``grads``: inf/nan check into found_inf, optional in-place unscale, total norm (0-dim)."""
+    """One pass over ``grads``: inf/nan check into found_inf, optional in-place unscale, total norm."""
     device = check_unscale_args(grads, inv_scale, found_inf, norm_type, write_back)
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=inv_scale.device)
@@ -389,13 +394,13 @@ def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
                  exp_avg_sqs: List[torch.Tensor], step: torch.Tensor, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float, maximize: bool, grad_factor: Optional[torch.Tensor],
                  found_inf: Optional[torch.Tensor]) -> None:
-    """torch.optim.AdamW's update over lists, grads times grad_factor, skipped on the device when found_inf."""
+    """torch.optim.AdamW's update over lists, grads times grad_factor, skipped on the device on found_inf."""
     device = check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
                               grad_factor, found_inf)
 
     def call(fn, lists, step_):
-        fn(*lists, step_, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-           grad_factor, found_inf)
+        fn(*lists, step_, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+           bool(maximize), grad_factor, found_inf)
 
     _run_update("fused_adamw", device or step.device, [params, grads, exp_avgs, exp_avg_sqs], (0, 2, 3), step,
                 call)
@@ -404,8 +409,8 @@ def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
 @fused_adamw_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_factor,
       found_inf):
-    check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_factor,
-                     found_inf)
+    check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                     grad_factor, found_inf)
 
 
 @torch.library.custom_op("effikern::fused_sgd_", mutates_args=("params", "momentum_buffers", "step"))

@@ -5,7 +5,8 @@ Loss scaling (no host sync): before ``step()`` a grad scaler may set, as device 
   ``torch.amp.GradScaler`` drives these optimizers too);
 - ``optimizer._grad_factor``: gradients are multiplied by it (what ``effikern.amp.GradScaler`` sets: 1/scale
   times the clip coefficient, computed once);
-- ``optimizer.found_inf``: when nonzero the update is skipped on the device (params, states and step unchanged).
+- ``optimizer.found_inf``: when nonzero the update is skipped on the device (params, states and step
+  unchanged).
 
 Step counters: ``state[p]["step"]`` is a float32 0-dim tensor on p's device, as torch's capturable optimizers
 keep it, but params of one group that started together share ONE tensor object, so a group is one kernel call
@@ -94,7 +95,8 @@ def merge_steps(optimizer) -> None:
 
 
 def unshared_state_dict(state_dict):
-    """The optimizer's state_dict with one step tensor per param: torch's optimizers increment ``step`` in place
-    per param, so a shared tensor loaded into them would count once per param sharing it."""
-    state = {k: ({**v, "step": v["step"].clone()} if "step" in v else v) for k, v in state_dict["state"].items()}
+    """The optimizer's state_dict with one step tensor per param: torch's optimizers increment ``step`` in
+    place per param, so a shared tensor loaded into them would count once per param sharing it."""
+    state = {k: ({**v, "step": v["step"].clone()} if "step" in v else v)
+             for k, v in state_dict["state"].items()}
     return {**state_dict, "state": state}

@@ -9,10 +9,11 @@ from . import _fused
 class AdamW(torch.optim.Optimizer):
     """Drop-in for ``torch.optim.AdamW`` (no amsgrad), updating each group with ``effikern::fused_adamw_``.
 
-    Same math, state keys (``step``, ``exp_avg``, ``exp_avg_sq``) and state_dict layout as torch's AdamW; states
-    have the param's dtype. Takes ``grad_scale``/``found_inf`` set by a grad scaler (torch's or effikern's):
-    the scale is folded into the update and an overflow step is skipped on the device, so a scaled step needs
-    no host sync and no separate unscale pass. Step counters are device tensors (see effikern.optim._fused).
+    Same math, state keys (``step``, ``exp_avg``, ``exp_avg_sq``) and state_dict layout as torch's AdamW;
+    states have the param's dtype. Takes ``grad_scale``/``found_inf`` set by a grad scaler (torch's or
+    effikern's): the scale is folded into the update and an overflow step is skipped on the device, so a
+    scaled step needs no host sync and no separate unscale pass. Step counters are device tensors (see
+    effikern.optim._fused).
 
     Args: params, lr (float), betas (beta1, beta2), eps, weight_decay (decoupled, as torch), maximize.
     """

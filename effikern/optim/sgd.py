@@ -54,7 +54,8 @@ class SGD(torch.optim.Optimizer):
                 device = members[0].device
                 bufs = [] if momentum == 0.0 else [self._buffer(p) for p in members]
                 torch.ops.effikern.fused_sgd_(
-                    [p.detach() for p in members], [p.grad for p in members], bufs, self.state[members[0]]["step"],
+                    [p.detach() for p in members], [p.grad for p in members], bufs,
+                    self.state[members[0]]["step"],
                     float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
                     float(group["weight_decay"]), bool(group["maximize"]), _fused.on(factor, device),
                     _fused.on(found_inf, device))
