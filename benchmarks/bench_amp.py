@@ -6,12 +6,13 @@ Two modes:
   public unscale_ refuses fp16 grads) + ``clip_grad_norm_(foreach=True)`` + ``found_inf.item()`` (step's
   sync). effikern: ``GradScaler.unscale_(opt, max_norm=1)`` with a plain SGD optimizer, i.e. the grads end
   unscaled and clipped in memory like torch's: a read-only pass, then one multiply by clip/scale.
-- ``step``: scale update + AdamW over fp32 params and grads (no inf). Baselines: torch GradScaler with
-  ``AdamW(fused=True)`` (and foreach); effikern: its GradScaler + effikern.optim.AdamW (1/scale folded in).
+- ``step``: scale update + AdamW (or SGD with momentum) over fp32 params and grads (no inf). Baselines: torch
+  GradScaler with ``AdamW/SGD(fused=True)`` (and foreach); effikern: its GradScaler + effikern.optim.AdamW/SGD
+  (1/scale folded in).
 
 Gradient sets: GPT-2 124M (148 tensors), BERT-large (335M, 391), ResNet-50 (25.6M, 161) and a synthetic grid
-(tensors x elements); fp16 and fp32; no inf, or one inf in the last tensor. CPU quick mode uses ResNet-50 and
-a small grid only (the whole family in well under a minute on 2 cores).
+(tensors x elements); fp32, fp16 and bf16; no inf, or one inf in the last tensor. CPU quick mode uses
+ResNet-50 and a small grid only (the whole family in well under a minute on 2 cores).
 
 ``report()`` adds, per candidate, the bytes each step moves per gradient element and the host syncs it makes
 (counted: calls that read a tensor's value on the host).
@@ -27,7 +28,7 @@ import effikern
 from .runner import Case
 
 FAMILY = "amp"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_NORM = 1.0
 
 
@@ -169,32 +170,37 @@ def _unscale_case(device, name, shapes, dtype_name, inf_last):
                 bytes=3 * esize * n, flops=4 * n, baseline="torch", build=build)
 
 
-def _step_case(device, name, shapes, quick):
+OPTIMIZERS = {
+    # name: (torch class, effikern class, kwargs, compulsory bytes per fp32 param: the check's read of g, then
+    # the optimizer's reads and writes)
+    "adamw": (torch.optim.AdamW, lambda: effikern.optim.AdamW, dict(lr=1e-4), 8 * 4),
+    "sgd": (torch.optim.SGD, lambda: effikern.optim.SGD, dict(lr=1e-4, momentum=0.9), 6 * 4),
+}
+
+
+def _step_case(device, name, shapes, optimizer):
     n = _numel(shapes)
-    # The torch reference backend (fp32 copies of everything) takes seconds a step on CPU: full mode only.
-    ours = [b for b in _our_backends(device) if not (quick and b == "torch")]
+    torch_cls, ours_cls, kwargs, per_param = OPTIMIZERS[optimizer]
 
     def build():
         params = _params(shapes, torch.float32, device)
         out = {}
         for label, fused in (("torch-fused", True), ("torch-foreach", False)):
             try:
-                fn = (lambda ps, f=fused: torch.optim.AdamW(ps, lr=1e-4, fused=f,
-                                                            foreach=None if f else True))
+                fn = (lambda ps, f=fused: torch_cls(ps, **kwargs, fused=f, foreach=None if f else True))
                 fn([torch.nn.Parameter(torch.zeros(1, device=device))])
                 out[label] = _step_candidate(params, device, torch.amp.GradScaler, fn)
             except (RuntimeError, ValueError) as err:
                 out[label] = f"unavailable: {err}"
-        for b in ours:
+        for b in _our_backends(device):
             why = _available(b, device)
             out[f"effikern-{b}"] = f"unavailable: {why}" if why else _step_candidate(
-                params, device, effikern.amp.GradScaler, lambda ps: effikern.optim.AdamW(ps, lr=1e-4), b)
+                params, device, effikern.amp.GradScaler, lambda ps: ours_cls()(ps, **kwargs), b)
         return out
 
-    baseline = "torch-fused"
-    # Compulsory for fused AdamW + check: read g (check), read g, p, m, v and write p, m, v: 8 x 4 bytes.
-    return Case(op="scaler+adamw", shape=f"{name} {len(shapes)}t {n / 1e6:.1f}M", dtype="fp32",
-                layout="finite", mode="step", bytes=8 * 4 * n, flops=16 * n, baseline=baseline, build=build)
+    return Case(op=f"scaler+{optimizer}", shape=f"{name} {len(shapes)}t {n / 1e6:.1f}M", dtype="fp32",
+                layout="finite", mode="step", bytes=per_param * n, flops=16 * n, baseline="torch-fused",
+                build=build)
 
 
 def cases(device, quick=True):
@@ -205,7 +211,7 @@ def cases(device, quick=True):
             for inf_last in (False, True):
                 out.append(_unscale_case(device, name, shapes, dtype_name, inf_last))
         if not name.startswith("grid") or (device.type != "cpu" and not quick):
-            out.append(_step_case(device, name, shapes, quick))
+            out += [_step_case(device, name, shapes, opt) for opt in OPTIMIZERS]
     return out
 
 

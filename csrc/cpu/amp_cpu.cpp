@@ -312,11 +312,14 @@ struct AdamConsts {
 
 // Pure fp32 math on buffers, one loop per lerp form so the loop has no branch and vectorizes.
 // Pure fp32 math, one loop per lerp form so the loops have no branch and vectorize; sqrt in a block of its own.
+// Blocks of kSqrtBlock: the block's p, g, m, v and sqrt(v) (5 KiB) stay in L1 between the two loops.
+constexpr int64_t kSqrtBlock = 256;
+
 template <bool kLerpFromM>
 EK_AMP_INLINE void adamw_math(float* p, const float* g, float* m, float* v, int64_t n, const AdamConsts& c) {
-  alignas(64) float root[kBlock];
-  for (int64_t s = 0; s < n; s += kBlock) {
-    const int64_t k = std::min(kBlock, n - s);
+  alignas(64) float root[kSqrtBlock];
+  for (int64_t s = 0; s < n; s += kSqrtBlock) {
+    const int64_t k = std::min(kSqrtBlock, n - s);
     float* ps = p + s;
     float* ms = m + s;
     float* vs = v + s;
@@ -328,13 +331,13 @@ EK_AMP_INLINE void adamw_math(float* p, const float* g, float* m, float* v, int6
       const float mi = kLerpFromM ? ms[i] + c.lerp_w * (gi - ms[i]) : gi - (gi - ms[i]) * (1.0f - c.lerp_w);
       vs[i] = vs[i] * c.beta2 + c.one_minus_beta2 * gi * gi;
       ms[i] = mi;
-      ps[i] = ps[i] * c.decay;
     }
     sqrt_block(vs, root, k);
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const float denom = root[i] / c.bc2_sqrt + c.eps;
-      ps[i] = ps[i] - c.step_size * (ms[i] / denom);
+      const float pi = ps[i] * c.decay;  // torch's p.mul_(1 - lr * wd), rounded to fp32, then the step
+      ps[i] = pi - c.step_size * (ms[i] / denom);
     }
   }
 }
