@@ -325,3 +325,10 @@ def test_host_reads_per_step():
     assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(fused)"]["host_syncs_per_step"] == 0
     # the scaler's found_inf read, plus torch's non-capturable AdamW reading each CPU step count
     assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(foreach)"]["host_syncs_per_step"] >= 1
+
+
+def test_sharded_scale_keeps_the_loss_dtype():
+    scaler = effikern.amp.ShardedGradScaler("cpu", init_scale=4.0)
+    loss = torch.ones((), dtype=torch.float16)
+    assert scaler.scale(loss).dtype == torch.float16 and scaler.scale(loss).item() == 4.0
+    assert [t.dtype for t in scaler.scale([loss, loss.float()])] == [torch.float16, torch.float32]

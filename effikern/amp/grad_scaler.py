@@ -53,6 +53,8 @@ def _fold_kind(optimizer) -> Optional[str]:
 class GradScaler(torch.amp.GradScaler):
     """Loss scaler for mixed-precision training; see the module docstring for what a step costs.
 
+    Gradients may be fp32, fp16 or bf16 (torch's unscale_ refuses fp16 gradients; this one takes them).
+
     Args (torch's): device, init_scale, growth_factor, backoff_factor, growth_interval, enabled.
     Extra: hysteresis (int >= 1, default 1 = torch's behaviour): consecutive overflow steps tolerated before
     the scale backs off; a clean step restores the allowance. process_group: all-reduce found_inf over it

@@ -1,5 +1,6 @@
 """effikern.amp.ShardedGradScaler: the fused GradScaler for sharded gradients (FSDP, ZeRO)."""
 
+import torch
 import torch.distributed as dist
 
 from .grad_scaler import GradScaler
@@ -23,3 +24,14 @@ class ShardedGradScaler(GradScaler):
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor,
                          backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled,
                          hysteresis=hysteresis, process_group=process_group)
+
+    def scale(self, outputs):
+        """As torch's ShardedGradScaler: the scaled outputs keep their dtype (an fp16 loss stays fp16)."""
+        scaled = super().scale(outputs)
+        if not self._enabled:
+            return scaled
+        if isinstance(outputs, torch.Tensor):
+            return scaled.type(outputs.dtype)
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)(s.type(o.dtype) for s, o in zip(scaled, outputs))
+        return scaled
