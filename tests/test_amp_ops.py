@@ -299,3 +299,20 @@ def test_fused_sgd_matches_contract(backend, dtypes, config):
             torch.testing.assert_close(_cat([params[i] for i in pick]).double(), tp, **tol)
             if momentum:
                 torch.testing.assert_close(_cat([bufs[i] for i in pick]).double(), tb, **tol)
+
+
+def test_auto_split_across_backends_counts_one_step():
+    """Under auto, a mixed list may run on two backends (cpp for fp32, torch for fp16 AdamW on CPU): the
+    shared step must still advance once, and each group must see the same count."""
+    groups = amp_ops._split_by_backend("fused_adamw", torch.device("cpu"),
+                                       [torch.zeros(1), torch.zeros(1, dtype=torch.float16)])
+    if len(groups) < 2:
+        pytest.skip("auto runs every dtype of fused_adamw on one backend here")
+    params, grads, ms, vs = _state_lists([5, 7, 9, 3], [torch.float32, torch.float16], "cpu")
+    before = [[t.clone() for t in lst] for lst in (params, grads, ms, vs)]
+    step = torch.full((), 2.0)
+    torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-6, 0.1, False, None, None)
+    assert step.item() == 3.0
+    for i, (p0, g0, m0, v0) in enumerate(zip(*before)):
+        tp, _, _ = _adamw_truth(p0, g0, m0, v0, 2, 1e-2, 0.9, 0.99, 1e-6, 0.1, False, 1.0)
+        torch.testing.assert_close(params[i].double(), tp, **_low_precision_tol(p0.dtype))
