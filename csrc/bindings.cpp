@@ -3,9 +3,11 @@
 // before any of these is called.
 #include <torch/extension.h>
 
+#include "cpu/amp_cpu.h"
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
+#include "cuda/amp_cuda.h"
 #include "cuda/dwsep_cuda.h"
 #endif
 
@@ -40,8 +42,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwsep_fwd_cpu", &effikern::dwsep_fwd_cpu, release());
   m.def("dwsep_bwd_cpu", &effikern::dwsep_bwd_cpu, release());
   m.def("distill_fwd_cpu", &effikern::distill_fwd_cpu, release());
+  m.def("amp_unscale_check_norm_cpu", &effikern::amp_unscale_check_norm_cpu, release());
+  m.def("amp_fused_adamw_cpu", &effikern::amp_fused_adamw_cpu, release());
+  m.def("amp_fused_sgd_cpu", &effikern::amp_fused_sgd_cpu, release());
 #ifdef EFFIKERN_WITH_CUDA
   m.def("dwsep_fwd_cuda", &effikern::dwsep_fwd_cuda, release());
   m.def("dwsep_bwd_cuda", &effikern::dwsep_bwd_cuda, release());
+  m.def("amp_unscale_check_norm_cuda", &effikern::amp_unscale_check_norm_cuda, release());
+  m.def("amp_fused_adamw_cuda", &effikern::amp_fused_adamw_cuda, release());
+  m.def("amp_fused_sgd_cuda", &effikern::amp_fused_sgd_cuda, release());
 #endif
 }

@@ -4,13 +4,14 @@ No GPU, Triton or compiled extension is needed to import it: backends load on fi
 """
 
 from . import ops  # noqa: F401  (registers the torch.ops.effikern ops)
-from . import data, functional, losses, nn
+from . import amp, data, functional, losses, nn, optim
 from .backends import BackendUnavailableError, get_backend, set_backend
 from .optimize import optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "data", "functional", "get_backend", "losses", "nn", "optimize", "set_backend",
+    "BackendUnavailableError", "amp", "data", "functional", "get_backend", "losses", "nn", "optim", "optimize",
+    "set_backend",
     "__version__",
 ]

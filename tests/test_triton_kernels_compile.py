@@ -21,3 +21,52 @@ def test_triton_kernels_compile_for_sm90():
                          text=True, timeout=1200, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "OK:" in out.stdout
+
+
+# The fused GradScaler / optimizer kernels (kernels/amp.py), compiled as their launchers launch them with the
+# GPU configuration: each dtype x norm x write-back of the unscale pass, the norm finish, AdamW and SGD
+# variants, and the unaligned (scalar) path. Aligned launches must use 16-byte vector loads and stores.
+_AMP_COMPILE = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from triton_compile import compile_only, _report
+import effikern.kernels.amp as amp
+
+for cfg in (amp._UNSCALE_CFG, amp._OPTIM_CFG, amp._FINISH_BLOCK):
+    cfg["cpu"] = cfg["cuda"]  # CPU tensors stand in for CUDA ones: compile what a GPU would run
+one, zero = torch.ones(()), torch.zeros(())
+with compile_only(90) as compiled:
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        grads = [torch.randn(100, dtype=dt), torch.randn(40000, dtype=dt)]
+        for norm in (0.0, 2.0, float("inf")):
+            amp.unscale_check_norm(grads, one, zero.clone(), norm, norm != 2.0)
+        amp.unscale_check_norm(grads, one, zero.clone(), 2.0, True)
+        p = [torch.randn(100, dtype=dt)]
+        g, m, v = torch.randn(100, dtype=dt), torch.zeros(100, dtype=dt), torch.zeros(100, dtype=dt)
+        maximize = dt == torch.float16
+        amp.fused_adamw_(p, [g], [m], [v], zero.clone(), 1e-3, 0.9, 0.999, 1e-8, 0.01, maximize, one, zero)
+        amp.fused_sgd_(p, [g], [m], zero.clone(), 0.1, 0.9, 0.0, True, 0.01, False, one, zero)
+        amp.fused_sgd_(p, [g], [], zero.clone(), 0.1, 0.0, 0.0, False, 0.0, True, None, None)
+    odd = torch.randn(1001, dtype=torch.float16)[1:]
+    amp.unscale_check_norm([odd], one, zero.clone(), 2.0, True)
+_report(compiled, True)
+unscale = [k for name, k in compiled if name == "_unscale_check_norm_kernel"]
+assert len(unscale) == 13, len(unscale)
+assert all(".v4." in k.asm["ptx"] for k in unscale[:-1]), "aligned unscale launch without 16-byte accesses"
+assert all(".v4." in k.asm["ptx"] for name, k in compiled if name in ("_adamw_kernel", "_sgd_kernel")), \
+    "aligned optimizer launch without 16-byte accesses"
+print(f"OK: {len(compiled)} amp launches compiled to cubin")
+"""
+
+
+@pytest.mark.triton
+def test_amp_triton_kernels_compile_for_sm90():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _AMP_COMPILE, HERE], capture_output=True, text=True,
+                         timeout=1200, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "OK:" in out.stdout

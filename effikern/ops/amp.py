@@ -1,0 +1,438 @@
+"""Multi-tensor ops behind loss scaling: ``torch.ops.effikern.unscale_check_norm``, ``fused_adamw_``,
+``fused_sgd_``.
+
+The contract every backend implements (``torch`` reference here, ``cpp`` in csrc/cpu/amp_cpu.cpp, ``triton``
+in kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
+
+``unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back) -> norm``
+    grads: list of N tensors (N >= 0, any shapes, float32/float16/bfloat16 mixed, one device); inv_scale,
+    found_inf: float32 1-element tensors. Sets found_inf to 1.0 when any grad holds an inf or nan (never
+    resets it). With ``write_back`` every grad becomes grad * inv_scale (fp32 math, rounded to its dtype),
+    else grads are only read. Returns a new 0-dim float32 tensor: the norm of all grad * inv_scale together
+    (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0). A non-finite grad gives a
+    non-finite norm.
+
+``fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
+grad_factor, found_inf)``
+    torch.optim.AdamW's update with g = grads[i] * grad_factor; ``step`` (float32, 1 element, shared by the
+    list) counts updates done before this one and is incremented on the device. Nothing changes (step
+    included) when found_inf is nonzero: no host sync, which is what makes a scaled step capturable in a CUDA
+    graph.
+
+``fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
+grad_factor, found_inf)``
+    torch.optim.SGD's update; momentum_buffers is [] when momentum == 0; step == 0 means the buffers are
+    uninitialised (the first update sets buf = g, as torch).
+
+Non-contiguous tensors (a documented fallback, the same on every backend): the op hands the backend a
+contiguous copy and copies the result back into the original tensor afterwards (only tensors the op writes).
+That costs one more read and write of those tensors; gradients produced by autograd are contiguous, so in
+practice it is the rare sliced or transposed ``.grad``.
+
+Mixed dtypes: every backend takes mixed lists. Under ``auto`` the backend is chosen per dtype, so a mixed list
+may be split into one call per backend; the norms are then combined on the device (sqrt of the sum of squares,
+or the max) and the shared ``step`` is incremented once.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _ext, backends
+
+OPS = ("unscale_check_norm", "fused_adamw", "fused_sgd")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORM_TYPES = (0.0, 2.0, math.inf)
+
+
+# --- argument checks ------------------------------------------------------------------------------------
+
+def _check_list(tensors, name: str, device=None) -> torch.device:
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name}[{i}] must be a dense (strided) tensor, got layout {t.layout}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}[{i}] must have dtype float32, float16 or bfloat16, got "
+                            f"{str(t.dtype).replace('torch.', '')}")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{name}[{i}] must be on {device} like the other tensors, got {t.device}")
+    return device
+
+
+def _check_scalar_tensor(t, name: str, device, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 tensor with 1 element, got {type(t).__name__}")
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"{name} must be a float32 tensor with 1 element, got dtype "
+                         f"{str(t.dtype).replace('torch.', '')} and shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the tensors' device {device}, got {t.device}")
+
+
+def _check_matching(ref: Sequence[torch.Tensor], ref_name: str, others: Dict[str, Sequence[torch.Tensor]]):
+    for name, lst in others.items():
+        if len(lst) != len(ref):
+            raise ValueError(f"{name} must have one tensor per tensor of {ref_name} ({len(ref)}), "
+                             f"got {len(lst)}")
+        for i, (a, b) in enumerate(zip(ref, lst)):
+            if a.shape != b.shape:
+                raise ValueError(f"{name}[{i}] must have the shape of {ref_name}[{i}] {tuple(a.shape)}, "
+                                 f"got {tuple(b.shape)}")
+            if a.dtype != b.dtype:
+                raise TypeError(f"{name}[{i}] must have the dtype of {ref_name}[{i}] ({a.dtype}), "
+                                f"got {b.dtype}")
+
+
+def _check_float(value, name: str, low=None, high=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def check_unscale_args(grads, inv_scale, found_inf, norm_type, write_back) -> torch.device:
+    device = _check_list(grads, "grads")
+    device = device if device is not None else getattr(inv_scale, "device", None)
+    _check_scalar_tensor(inv_scale, "inv_scale", device)
+    _check_scalar_tensor(found_inf, "found_inf", device)
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"norm_type must be 2.0, inf or 0.0 (no norm), got {norm_type!r}")
+    if not isinstance(write_back, bool):
+        raise TypeError(f"write_back must be a bool, got {write_back!r}")
+    return device
+
+
+def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                     grad_factor, found_inf) -> torch.device:
+    device = _check_list(params, "params")
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        _check_list(lst, name, device)
+    _check_matching(params, "params", {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
+    device = device if device is not None else getattr(step, "device", None)
+    _check_scalar_tensor(step, "step", device)
+    _check_float(lr, "lr", 0.0)
+    _check_float(beta1, "beta1", 0.0, 1.0)
+    _check_float(beta2, "beta2", 0.0, 1.0)
+    if beta1 == 1.0 or beta2 == 1.0:
+        raise ValueError(f"beta1 and beta2 must be < 1 (the bias correction divides by 1 - beta^t), got "
+                         f"{(beta1, beta2)}")
+    _check_float(eps, "eps", 0.0)
+    _check_float(weight_decay, "weight_decay", 0.0)
+    _check_scalar_tensor(grad_factor, "grad_factor", device, optional=True)
+    _check_scalar_tensor(found_inf, "found_inf", device, optional=True)
+    return device
+
+
+def check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
+                   grad_factor, found_inf) -> torch.device:
+    device = _check_list(params, "params")
+    _check_list(grads, "grads", device)
+    _check_matching(params, "params", {"grads": grads})
+    _check_float(momentum, "momentum", 0.0)
+    if momentum != 0.0:
+        _check_list(momentum_buffers, "momentum_buffers", device)
+        _check_matching(params, "params", {"momentum_buffers": momentum_buffers})
+    elif len(momentum_buffers) != 0:
+        raise ValueError(f"momentum_buffers must be empty when momentum == 0, got {len(momentum_buffers)}")
+    device = device if device is not None else getattr(step, "device", None)
+    _check_scalar_tensor(step, "step", device)
+    _check_float(lr, "lr", 0.0)
+    _check_float(dampening, "dampening")
+    _check_float(weight_decay, "weight_decay", 0.0)
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    _check_scalar_tensor(grad_factor, "grad_factor", device, optional=True)
+    _check_scalar_tensor(found_inf, "found_inf", device, optional=True)
+    return device
+
+
+# --- the torch reference backend ---------------------------------------------------------------------------
+# Written for clarity, not speed: fp32 copies of everything, then the formula with foreach ops, then the
+# results copied back where found_inf is 0 (torch.where on the device: no host sync, like the kernels).
+
+def _f32(tensors):
+    return [t.float() for t in tensors]
+
+
+def reference_unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back):
+    """The ``torch`` backend of unscale_check_norm (contract in the module docstring)."""
+    norm = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
+    if not grads:
+        return norm
+    unscaled = torch._foreach_mul(_f32(grads), inv_scale.reshape(()))
+    # torch's own check kernel, on the fp32 products multiplied by exactly 1: a product is non-finite iff its
+    # grad is (inv_scale is a finite positive number).
+    checked = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    torch._amp_foreach_non_finite_check_and_unscale_(unscaled, checked, torch.ones_like(checked))
+    found_inf.copy_(torch.maximum(found_inf, checked.reshape(found_inf.shape)))
+    if write_back:
+        torch._foreach_copy_(list(grads), unscaled)
+    nonempty = [u for u in unscaled if u.numel()]  # the inf-norm of an empty tensor is an error in torch
+    if norm_type != 0.0 and nonempty:
+        per_tensor = torch._foreach_norm(nonempty, norm_type)
+        norm = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+    return norm
+
+
+def _keep_if(skip, old, new):
+    """new where skip is false, old where true, for lists; skip is a 0-dim bool tensor or None."""
+    return new if skip is None else [torch.where(skip, o, n) for o, n in zip(old, new)]
+
+
+def _grad_f32(grads, grad_factor, maximize):
+    g = _f32(grads)
+    if grad_factor is not None:
+        g = torch._foreach_mul(g, grad_factor.reshape(()))
+    return torch._foreach_neg(g) if maximize else g
+
+
+def _skip(found_inf):
+    return None if found_inf is None else found_inf.reshape(()) != 0
+
+
+def reference_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                           maximize, grad_factor, found_inf):
+    """The ``torch`` backend of fused_adamw_, written as torch.optim.AdamW's steps."""
+    skip = _skip(found_inf)
+    if params:
+        g = _grad_f32(grads, grad_factor, maximize)
+        p, m, v = _f32(params), _f32(exp_avgs), _f32(exp_avg_sqs)
+        t = step.reshape(()).double() + 1
+        step_size = (lr / (1 - beta1**t)).float()
+        bc2_sqrt = torch.sqrt(1 - beta2**t).float()
+        p = torch._foreach_mul(p, 1 - lr * weight_decay)
+        m = torch._foreach_lerp(m, g, 1 - beta1)
+        v = torch._foreach_mul(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        denom = torch._foreach_div(torch._foreach_sqrt(v), bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        p = torch._foreach_sub(p, torch._foreach_mul(torch._foreach_div(m, denom), step_size))
+        for dst, new in ((params, p), (exp_avgs, m), (exp_avg_sqs, v)):
+            torch._foreach_copy_(list(dst), _keep_if(skip, _f32(dst), new))
+    step.add_(1.0 if skip is None else (~skip).float())
+
+
+def reference_fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov,
+                         weight_decay, maximize, grad_factor, found_inf):
+    """The ``torch`` backend of fused_sgd_, written as torch.optim.SGD's steps."""
+    skip = _skip(found_inf)
+    if params:
+        p = _f32(params)
+        g = _grad_f32(grads, grad_factor, maximize)
+        if weight_decay != 0.0:
+            g = torch._foreach_add(g, p, alpha=weight_decay)
+        if momentum != 0.0:
+            first = step.reshape(()) == 0
+            old = _f32(momentum_buffers)
+            later = torch._foreach_add(torch._foreach_mul(old, momentum), g, alpha=1 - dampening)
+            buf = [torch.where(first, gi, li) for gi, li in zip(g, later)]
+            # torch keeps the buffer in the param's dtype: round it before using it, as torch does.
+            buf = [b.to(t.dtype).float() for b, t in zip(buf, params)]
+            torch._foreach_copy_(list(momentum_buffers), _keep_if(skip, old, buf))
+            g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
+        p = torch._foreach_add(p, g, alpha=-lr)
+        torch._foreach_copy_(list(params), _keep_if(skip, _f32(params), p))
+    step.add_(1.0 if skip is None else (~skip).float())
+
+
+# --- backends -----------------------------------------------------------------------------------------------
+# Each loader returns a callable with the contract's arguments (contiguous tensors).
+
+def _device_of(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, list) and a:
+            return a[0].device
+    raise ValueError("no tensor among the arguments")
+
+
+def _cuda_call(name):
+    fn = getattr(_ext.require("cuda"), name)
+
+    def call(*args):
+        device = _device_of(args)
+        with torch.cuda.device(device):
+            # The CUDA glue takes the raw stream from Python (the dwsep convention: no c10/cuda headers).
+            return fn(*args, torch.cuda.current_stream(device).cuda_stream)
+
+    return call
+
+
+def _triton(name):
+    def load():
+        from ..kernels import amp as kernels
+
+        return getattr(kernels, name)
+
+    return load
+
+
+_LOADERS = {
+    "unscale_check_norm": {
+        "torch": lambda: reference_unscale_check_norm,
+        "cpp": lambda: _ext.require("cpu").amp_unscale_check_norm_cpu,
+        "triton": _triton("unscale_check_norm"),
+        "cuda": lambda: _cuda_call("amp_unscale_check_norm_cuda"),
+    },
+    "fused_adamw": {
+        "torch": lambda: reference_fused_adamw_,
+        "cpp": lambda: _ext.require("cpu").amp_fused_adamw_cpu,
+        "triton": _triton("fused_adamw_"),
+        "cuda": lambda: _cuda_call("amp_fused_adamw_cuda"),
+    },
+    "fused_sgd": {
+        "torch": lambda: reference_fused_sgd_,
+        "cpp": lambda: _ext.require("cpu").amp_fused_sgd_cpu,
+        "triton": _triton("fused_sgd_"),
+        "cuda": lambda: _cuda_call("amp_fused_sgd_cuda"),
+    },
+}
+_DEVICES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",)}
+
+for _op, _by_backend in _LOADERS.items():
+    for _name, _load in _by_backend.items():
+        backends.register(_op, _name, _DEVICES[_name], DTYPES, _load)
+
+
+def _split_by_backend(op: str, device: torch.device, tensors) -> List[Tuple[str, List[int]]]:
+    """[(backend, indices into tensors)]: one group when every dtype gets the same backend (the usual)."""
+    chosen: Dict[torch.dtype, str] = {}
+    groups: Dict[str, List[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dtype not in chosen:
+            chosen[t.dtype] = backends.choose(op, device.type, t.dtype)
+        groups.setdefault(chosen[t.dtype], []).append(i)
+    return list(groups.items())
+
+
+def backend_for(op: str, device: torch.device, tensors) -> str:
+    """The backend (or '+'-joined backends) that runs ``op`` on these tensors: for benchmarks and tests."""
+    groups = _split_by_backend(op, device, tensors)
+    return "+".join(name for name, _ in groups) or backends.choose(op, device.type, torch.float32)
+
+
+class _Contiguous:
+    """Contiguous stand-ins for a list, copied back into the originals that the op wrote (the fallback)."""
+
+    def __init__(self, tensors):
+        self.originals = list(tensors)
+        self.tensors = [t if t.is_contiguous() else t.contiguous() for t in self.originals]
+
+    def copy_back(self):
+        for orig, used in zip(self.originals, self.tensors):
+            if used is not orig:
+                orig.copy_(used)
+
+
+def _pick(lst, idx):
+    return [lst[i] for i in idx]
+
+
+# --- the ops ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("effikern::unscale_check_norm", mutates_args=("grads", "found_inf"))
+def unscale_check_norm(grads: List[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                       norm_type: float, write_back: bool) -> torch.Tensor:
+    """One pass over ``grads``: inf/nan check into found_inf, optional in-place unscale, total norm."""
+    device = check_unscale_args(grads, inv_scale, found_inf, norm_type, write_back)
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=inv_scale.device)
+    work = _Contiguous(grads)
+    norms = []
+    for name, idx in _split_by_backend("unscale_check_norm", device, work.tensors):
+        fn = backends.implementation("unscale_check_norm", name)
+        norms.append(fn(_pick(work.tensors, idx), inv_scale, found_inf, float(norm_type), write_back)
+                     .reshape(()).float())
+    if write_back:
+        work.copy_back()
+    if len(norms) == 1:
+        return norms[0].clone() if norms[0]._base is not None else norms[0]
+    stacked = torch.stack(norms)
+    return torch.linalg.vector_norm(stacked, norm_type) if norm_type != 0.0 else stacked.sum()
+
+
+@unscale_check_norm.register_fake
+def _(grads, inv_scale, found_inf, norm_type, write_back):
+    check_unscale_args(grads, inv_scale, found_inf, norm_type, write_back)
+    return torch.empty((), dtype=torch.float32, device=inv_scale.device)
+
+
+def _run_update(op: str, device, lists: Sequence[List[torch.Tensor]], written: Sequence[int], step, call):
+    """Runs an update op over backend groups; ``lists[0]`` are the params that pick the backend.
+
+    With more than one group each call gets its own copy of the step count taken before the update, so the
+    shared step is incremented once (on the device) however many calls there are.
+    """
+    works = [_Contiguous(lst) for lst in lists]
+    groups = _split_by_backend(op, device, works[0].tensors) or [(backends.choose(op, device.type,
+                                                                                  torch.float32), [])]
+    if len(groups) == 1:
+        name, idx = groups[0]
+        call(backends.implementation(op, name), [w.tensors for w in works], step)
+    else:
+        start = step.clone()
+        for name, idx in groups:
+            own = start.clone()
+            call(backends.implementation(op, name), [_pick(w.tensors, idx) for w in works], own)
+        step.copy_(own)
+    for i in written:
+        works[i].copy_back()
+
+
+@torch.library.custom_op("effikern::fused_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "step"))
+def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                 exp_avg_sqs: List[torch.Tensor], step: torch.Tensor, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, maximize: bool, grad_factor: Optional[torch.Tensor],
+                 found_inf: Optional[torch.Tensor]) -> None:
+    """torch.optim.AdamW's update over lists, grads times grad_factor, skipped on the device on found_inf."""
+    device = check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                              grad_factor, found_inf)
+
+    def call(fn, lists, step_):
+        fn(*lists, step_, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+           bool(maximize), grad_factor, found_inf)
+
+    _run_update("fused_adamw", device or step.device, [params, grads, exp_avgs, exp_avg_sqs], (0, 2, 3), step,
+                call)
+
+
+@fused_adamw_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_factor,
+      found_inf):
+    check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                     grad_factor, found_inf)
+
+
+@torch.library.custom_op("effikern::fused_sgd_", mutates_args=("params", "momentum_buffers", "step"))
+def fused_sgd_(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
+               step: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
+               weight_decay: float, maximize: bool, grad_factor: Optional[torch.Tensor],
+               found_inf: Optional[torch.Tensor]) -> None:
+    """torch.optim.SGD's update over lists, grads times grad_factor, skipped on the device when found_inf."""
+    device = check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov,
+                            weight_decay, grad_factor, found_inf)
+    lists = [params, grads] + ([momentum_buffers] if momentum != 0.0 else [])
+
+    def call(fn, got, step_):
+        bufs = got[2] if momentum != 0.0 else []
+        fn(got[0], got[1], bufs, step_, float(lr), float(momentum), float(dampening), bool(nesterov),
+           float(weight_decay), bool(maximize), grad_factor, found_inf)
+
+    _run_update("fused_sgd", device or step.device, lists, (0, 2) if momentum != 0.0 else (0,), step, call)
+
+
+@fused_sgd_.register_fake
+def _(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
+      grad_factor, found_inf):
+    check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
+                   grad_factor, found_inf)

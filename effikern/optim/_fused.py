@@ -1,0 +1,102 @@
+"""What effikern's fused optimizers share: the loss-scaling hooks, the shared step counters, state loading.
+
+Loss scaling (no host sync): before ``step()`` a grad scaler may set, as device tensors,
+- ``optimizer.grad_scale``: gradients are divided by it (torch's protocol for ``fused=True`` optimizers, so
+  ``torch.amp.GradScaler`` drives these optimizers too);
+- ``optimizer._grad_factor``: gradients are multiplied by it (what ``effikern.amp.GradScaler`` sets: 1/scale
+  times the clip coefficient, computed once);
+- ``optimizer.found_inf``: when nonzero the update is skipped on the device (params, states and step
+  unchanged).
+
+Step counters: ``state[p]["step"]`` is a float32 0-dim tensor on p's device, as torch's capturable optimizers
+keep it, but params of one group that started together share ONE tensor object, so a group is one kernel call
+with one counter read on the device. torch increments only the steps of params that have a gradient; when a
+param without a gradient shares a counter with params that have one, it gets its own copy first (a device
+copy, no sync), so the counts stay exactly torch's.
+"""
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+def scaling_tensors(optimizer) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_factor, found_inf) from the attributes a grad scaler set, or (None, None)."""
+    factor = getattr(optimizer, "_grad_factor", None)
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    if grad_scale is not None:
+        # fp64 reciprocal as torch.amp.GradScaler does for its inv_scale: exact for power-of-two scales.
+        inv = grad_scale.double().reciprocal().float().reshape(())
+        factor = inv if factor is None else factor * inv
+    found_inf = getattr(optimizer, "found_inf", None)
+    return factor, (None if found_inf is None else found_inf.float().reshape(()))
+
+
+def on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def check_dense_grads(params: List[torch.Tensor], name: str) -> None:
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"effikern.optim.{name} does not support sparse gradients")
+        if p.grad.dtype != p.dtype:
+            raise TypeError(f"effikern.optim.{name}: a gradient must have its param's dtype ({p.dtype}), "
+                            f"got {p.grad.dtype}")
+
+
+def step_groups(optimizer, group, new_state) -> Dict[int, List[torch.Tensor]]:
+    """Params of ``group`` that have a gradient, keyed by their shared step tensor (see the module docstring).
+
+    ``new_state(p)`` fills a param's state (without "step") the first time it has a gradient.
+    """
+    params = [p for p in group["params"] if p.grad is not None]
+    fresh = [p for p in params if len(optimizer.state[p]) == 0]
+    by_device = defaultdict(list)
+    for p in fresh:
+        by_device[p.device].append(p)
+    for device, members in by_device.items():
+        step = torch.zeros((), dtype=torch.float32, device=device)
+        for p in members:
+            optimizer.state[p].update(new_state(p))
+            optimizer.state[p]["step"] = step
+    with_grad = {id(p) for p in params}
+    sharing = defaultdict(list)
+    for p in group["params"]:
+        if "step" in optimizer.state.get(p, {}):
+            sharing[id(optimizer.state[p]["step"])].append(p)
+    groups = defaultdict(list)
+    for members in sharing.values():
+        if any(id(p) in with_grad for p in members):
+            for p in members:
+                if id(p) not in with_grad:
+                    optimizer.state[p]["step"] = optimizer.state[p]["step"].clone()
+        for p in members:
+            if id(p) in with_grad:
+                groups[id(optimizer.state[p]["step"])].append(p)
+    return groups
+
+
+def merge_steps(optimizer) -> None:
+    """After load_state_dict: move each step to its param's device as float32, and let params of a group with
+    equal counts share one tensor again. Reads each count once (a host sync, at load time only)."""
+    for group in optimizer.param_groups:
+        shared = {}
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or "step" not in state:
+                continue
+            step = torch.as_tensor(state["step"], dtype=torch.float32).reshape(())
+            key = (p.device, float(step))
+            if key not in shared:
+                shared[key] = step.to(p.device).clone()
+            state["step"] = shared[key]
+
+
+def unshared_state_dict(state_dict):
+    """The optimizer's state_dict with one step tensor per param: torch's optimizers increment ``step`` in
+    place per param, so a shared tensor loaded into them would count once per param sharing it."""
+    state = {k: ({**v, "step": v["step"].clone()} if "step" in v else v)
+             for k, v in state_dict["state"].items()}
+    return {**state_dict, "state": state}

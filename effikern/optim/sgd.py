@@ -1,0 +1,82 @@
+"""effikern.optim.SGD: torch.optim.SGD's update as one fused multi-tensor kernel, loss-scaling aware."""
+
+import torch
+
+from ..ops import amp as _amp_ops  # noqa: F401  (registers torch.ops.effikern.fused_*)
+from . import _fused
+
+
+class SGD(torch.optim.Optimizer):
+    """Drop-in for ``torch.optim.SGD`` (momentum, dampening, nesterov, weight_decay, maximize), updating each
+    group with ``effikern::fused_sgd_``.
+
+    State: ``momentum_buffer`` (the param's dtype; allocated at the first step when momentum != 0) as torch,
+    plus a ``step`` count (device tensor): 0 means the buffer is not initialised yet, so the first update sets
+    it to the gradient as torch does, decided on the device. Loading a torch SGD state_dict (no ``step``)
+    counts a param with a momentum buffer as stepped once. Takes ``grad_scale``/``found_inf`` from a grad
+    scaler like effikern.optim.AdamW (no host sync).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False):
+        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
+            raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum must be >= 0, got {momentum!r}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param with a gradient; returns closure's loss when given one."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        factor, found_inf = _fused.scaling_tensors(self)
+        for group in self.param_groups:
+            _fused.check_dense_grads([p for p in group["params"] if p.grad is not None], "SGD")
+            momentum = float(group["momentum"])
+
+            def new_state(p):
+                if momentum == 0.0:
+                    return {}
+                return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+            for members in _fused.step_groups(self, group, new_state).values():
+                device = members[0].device
+                bufs = [] if momentum == 0.0 else [self._buffer(p) for p in members]
+                torch.ops.effikern.fused_sgd_(
+                    [p.detach() for p in members], [p.grad for p in members], bufs,
+                    self.state[members[0]]["step"],
+                    float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
+                    float(group["weight_decay"]), bool(group["maximize"]), _fused.on(factor, device),
+                    _fused.on(found_inf, device))
+        return loss
+
+    def _buffer(self, p):
+        # momentum turned on after earlier steps (or a torch state without buffers): start a fresh buffer; its
+        # zeros are replaced by the gradient only if this group's step is 0, as the contract says.
+        state = self.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def state_dict(self):
+        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
+        return _fused.unshared_state_dict(super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" not in state:
+                buf = state.get("momentum_buffer")
+                state["step"] = torch.tensor(0.0 if buf is None else 1.0)
+        _fused.merge_steps(self)

@@ -1,0 +1,318 @@
+"""torch.ops.effikern.unscale_check_norm / fused_adamw_ / fused_sgd_ on every backend.
+
+Truth: float64 math of the contract (effikern/ops/amp.py). Written gradients must equal the fp32 product
+rounded to the grad's dtype within one ulp (every backend does one fp32 multiply and one rounding); norms are
+fp32 accumulations, compared to the float64 norm within a few fp32 ulps per summed term.
+"""
+
+import math
+
+import pytest
+import torch
+
+import effikern
+from effikern.ops import amp as amp_ops
+from backend_util import device_for, skip_unavailable
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INF = math.inf
+# ulp at 1.0 of each dtype, the tolerance of one rounding
+ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def _backends():
+    return [pytest.param("torch"), pytest.param("cpp"), pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+BACKENDS = _backends()
+
+
+def _setup(backend):
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    return device
+
+
+def _sizes(backend, many):
+    # The Triton interpreter is slow: tiny sets there; the cpp backend also gets sets that span many pieces
+    # and threads (> 65,536 elements in all, one tensor of several 16K-element pieces).
+    if not many:
+        return [0, 1, 7, 13 * 11]
+    if backend == "triton" and not torch.cuda.is_available():
+        return [3, 0, 1, 33, 70, 5] * 3
+    return [1, 0, 5, 70001, 127, 16384, 16385, 3] + [i % 97 for i in range(120)]
+
+
+def _grads(sizes, dtypes, device, scale=512.0):
+    return [(torch.randn(n, dtype=torch.float64) * scale).to(dtypes[i % len(dtypes)]).to(device)
+            for i, n in enumerate(sizes)]
+
+
+def _cat(tensors):
+    return torch.cat([t.flatten() for t in tensors]) if tensors else torch.zeros(0)
+
+
+def _truth_norm(grads, inv, norm_type):
+    flat = torch.cat([g.double().flatten() * inv for g in grads] + [torch.zeros(0, dtype=torch.float64)])
+    if norm_type == 0.0:
+        return 0.0
+    if flat.numel() == 0:
+        return 0.0
+    return torch.linalg.vector_norm(flat, norm_type).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float16], [torch.bfloat16], DTYPES],
+                         ids=["fp32", "fp16", "bf16", "mixed"])
+@pytest.mark.parametrize("many", [False, True], ids=["few", "many"])
+@pytest.mark.parametrize("write_back", [True, False], ids=["write", "readonly"])
+def test_unscale_check_norm_values(backend, dtypes, many, write_back):
+    device = _setup(backend)
+    grads = _grads(_sizes(backend, many), dtypes, device)
+    before = [g.clone() for g in grads]
+    inv = 1.0 / 512.0 * 3.0  # not a power of two: the rounding of the product shows
+    inv_t = torch.tensor([inv], dtype=torch.float32, device=device)
+    for norm_type in (2.0, INF, 0.0):
+        grads = [g.clone() for g in before]
+        found = torch.zeros(1, device=device)
+        with effikern.set_backend(backend):
+            norm = torch.ops.effikern.unscale_check_norm(grads, inv_t, found, norm_type, write_back)
+        assert norm.shape == () and norm.dtype == torch.float32
+        assert found.item() == 0.0
+        truth = _truth_norm(before, float(inv_t), norm_type)
+        n_terms = max(1, sum(g.numel() for g in grads))
+        tol = 4 * ULP[torch.float32] * (math.sqrt(n_terms) if norm_type == 2.0 else 1.0)
+        assert abs(norm.item() - truth) <= tol * abs(truth) + 1e-30, (norm_type, norm.item(), truth)
+        for dtype in dtypes:  # one comparison per dtype over the concatenated tensors (fast on 100s)
+            got = _cat([g for g in grads if g.dtype == dtype])
+            was = _cat([b for b in before if b.dtype == dtype])
+            want = (was.float() * inv_t).to(dtype) if write_back else was
+            torch.testing.assert_close(got, want, rtol=ULP[dtype], atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("bad", [INF, -INF, math.nan], ids=["inf", "-inf", "nan"])
+def test_nonfinite_is_found(backend, dtype, where, bad):
+    device = _setup(backend)
+    grads = _grads([5, 0, 33, 1, 17], [dtype], device)
+    index = {"first": 0, "middle": 2, "last": 4}[where]
+    grads[index].view(-1)[-1] = bad
+    found = torch.zeros((), device=device)
+    inv = torch.full((), 0.25, device=device)
+    with effikern.set_backend(backend):
+        for norm_type in (2.0, INF):
+            norm = torch.ops.effikern.unscale_check_norm(grads, inv, found, norm_type, False)
+            assert found.item() == 1.0
+            assert not math.isfinite(norm.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_is_never_reset_and_empty_lists(backend):
+    device = _setup(backend)
+    found = torch.ones(1, device=device)
+    inv = torch.ones(1, device=device)
+    with effikern.set_backend(backend):
+        norm = torch.ops.effikern.unscale_check_norm(_grads([4, 9], DTYPES, device), inv, found, 2.0, True)
+        assert found.item() == 1.0 and math.isfinite(norm.item())
+        for grads in ([], [torch.zeros(0, device=device)]):
+            found.zero_()
+            norm = torch.ops.effikern.unscale_check_norm(grads, inv, found, INF, True)
+            assert norm.item() == 0.0 and found.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_grads_are_written_back(backend):
+    device = _setup(backend)
+    base = torch.randn(9, 14, device=device).half()
+    grads = [base.t(), base[:, ::2], torch.randn(6, device=device)]
+    assert not grads[0].is_contiguous() and not grads[1].is_contiguous()
+    before = [g.clone() for g in grads]
+    found = torch.zeros((), device=device)
+    inv = torch.full((), 0.5, device=device)
+    with effikern.set_backend(backend):
+        norm = torch.ops.effikern.unscale_check_norm(grads[1:], inv, found, 2.0, True)
+    torch.testing.assert_close(grads[1], (before[1].float() * 0.5).half(), rtol=0, atol=0)
+    torch.testing.assert_close(grads[2], before[2] * 0.5, rtol=0, atol=0)
+    truth = _truth_norm(before[1:], 0.5, 2.0)
+    assert abs(norm.item() - truth) <= 1e-5 * truth
+
+
+def test_errors_name_the_argument():
+    g = [torch.randn(3)]
+    one, found = torch.ones(()), torch.zeros(())
+    op = torch.ops.effikern.unscale_check_norm
+    with pytest.raises(TypeError, match=r"grads\[0\] must have dtype"):
+        op([torch.randn(3, dtype=torch.float64)], one, found, 2.0, True)
+    with pytest.raises(ValueError, match="inv_scale must be a float32 tensor with 1 element"):
+        op(g, torch.ones(2), found, 2.0, True)
+    with pytest.raises(ValueError, match="found_inf must be a float32"):
+        op(g, one, torch.zeros((), dtype=torch.float64), 2.0, True)
+    with pytest.raises(ValueError, match="norm_type must be"):
+        op(g, one, found, 1.0, True)
+    with pytest.raises(ValueError, match="exp_avgs must have one tensor per tensor of params"):
+        torch.ops.effikern.fused_adamw_(g, g, [], [], torch.zeros(()), 1e-3, 0.9, 0.999, 1e-8, 0.0, False,
+                                        None, None)
+    with pytest.raises(ValueError, match=r"beta2 must be in"):
+        torch.ops.effikern.fused_adamw_(g, g, g, g, torch.zeros(()), 1e-3, 0.9, 1.5, 1e-8, 0.0, False, None,
+                                        None)
+    with pytest.raises(ValueError, match="momentum_buffers must be empty"):
+        torch.ops.effikern.fused_sgd_(g, g, g, torch.zeros(()), 0.1, 0.0, 0.0, False, 0.0, False, None, None)
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        torch.ops.effikern.fused_sgd_(g, g, [], torch.zeros(()), 0.1, 0.0, 0.0, True, 0.0, False, None, None)
+
+
+def test_backend_unavailable_fails_only_when_asked():
+    g = [torch.randn(3)]
+    with effikern.set_backend("cuda"):
+        with pytest.raises(effikern.BackendUnavailableError):
+            torch.ops.effikern.unscale_check_norm(g, torch.ones(()), torch.zeros(()), 2.0, False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_opcheck(backend):
+    skip_unavailable(backend, "cpu")
+    with effikern.set_backend(backend):
+        _opcheck_all()
+
+
+def _opcheck_all():
+    g = [torch.randn(5), torch.randn(3, 4).half()]
+    torch.library.opcheck(torch.ops.effikern.unscale_check_norm.default,
+                          (g, torch.ones(()), torch.zeros(()), 2.0, True))
+    p = [torch.randn(4)]
+    torch.library.opcheck(torch.ops.effikern.fused_adamw_.default,
+                          (p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], torch.zeros(()), 1e-3,
+                           0.9, 0.999, 1e-8, 0.01, False, torch.full((), 0.5), torch.zeros(())))
+    torch.library.opcheck(torch.ops.effikern.fused_sgd_.default,
+                          (p, [torch.randn(4)], [torch.zeros(4)], torch.zeros(()), 0.1, 0.9, 0.0, True, 0.0,
+                           False, None, None))
+
+
+# --- fused updates against the float64 contract ---------------------------------------------------------
+
+def _adamw_truth(p, g, m, v, step, lr, b1, b2, eps, wd, maximize, factor):
+    p, g, m, v = p.double(), g.double() * factor, m.double(), v.double()
+    g = -g if maximize else g
+    t = step + 1
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - (lr / (1 - b1**t)) * m / (v.sqrt() / math.sqrt(1 - b2**t) + eps)
+    return p, m, v
+
+
+def _state_lists(sizes, dtypes, device):
+    params = _grads(sizes, dtypes, device, scale=1.0)
+    grads = _grads(sizes, dtypes, device, scale=300.0)
+    ms = _grads(sizes, dtypes, device, scale=0.1)
+    vs = [(x.double() ** 2).to(x.dtype) for x in _grads(sizes, dtypes, device, scale=0.1)]
+    return params, grads, ms, vs
+
+
+def _low_precision_tol(dtype):
+    # One update rounds p, m and v once each in the param's dtype; relative terms of a few ulps.
+    return dict(rtol=4 * ULP[dtype], atol=4 * ULP[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float16], [torch.bfloat16], DTYPES],
+                         ids=["fp32", "fp16", "bf16", "mixed"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_adamw_matches_contract(backend, dtypes, maximize):
+    device = _setup(backend)
+    sizes = _sizes(backend, True)[:40] if backend != "triton" else [3, 0, 1, 33, 70]
+    params, grads, ms, vs = _state_lists(sizes, dtypes, device)
+    before = [[t.clone() for t in lst] for lst in (params, grads, ms, vs)]
+    step = torch.full((1,), 4.0, device=device)
+    factor = torch.full((), 1 / 256, device=device)
+    hyper = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
+    with effikern.set_backend(backend):
+        torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, hyper["lr"], hyper["b1"], hyper["b2"],
+                                        hyper["eps"], hyper["wd"], maximize, factor,
+                                        torch.zeros((), device=device))
+    assert step.item() == 5.0
+    for dtype in dtypes:  # per dtype, over the concatenated tensors
+        pick = [i for i, p in enumerate(params) if p.dtype == dtype]
+        p0, g0, m0, v0 = (_cat([lst[i] for i in pick]) for lst in before)
+        tp, tm, tv = _adamw_truth(p0, g0, m0, v0, 4, **hyper, maximize=maximize, factor=1 / 256)
+        tol = _low_precision_tol(dtype)
+        torch.testing.assert_close(_cat([params[i] for i in pick]).double(), tp, **tol)
+        torch.testing.assert_close(_cat([ms[i] for i in pick]).double(), tm, **tol)
+        torch.testing.assert_close(_cat([vs[i] for i in pick]).double(), tv, **tol)
+        assert torch.equal(_cat([grads[i] for i in pick]), g0)  # grads are only read
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_updates_skip_on_found_inf(backend):
+    device = _setup(backend)
+    params, grads, ms, vs = _state_lists([5, 1, 70], DTYPES, device)
+    grads[1].fill_(math.inf)
+    before = [[t.clone() for t in lst] for lst in (params, ms, vs)]
+    step = torch.zeros((), device=device)
+    found = torch.ones((), device=device)
+    with effikern.set_backend(backend):
+        torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-8, 0.1, False, None,
+                                        found)
+        torch.ops.effikern.fused_sgd_(params, grads, ms, step, 1e-2, 0.9, 0.0, True, 0.1, False, None, found)
+    assert step.item() == 0.0
+    for now, was in zip((params, ms, vs), before):
+        for a, b in zip(now, was):
+            assert torch.equal(a, b)
+
+
+def _sgd_truth(p, g, buf, first, lr, momentum, dampening, nesterov, wd, maximize, factor):
+    p, g = p.double(), g.double() * factor
+    g = -g if maximize else g
+    g = g + wd * p
+    if momentum:
+        buf = g if first else momentum * buf.double() + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32], DTYPES], ids=["fp32", "mixed"])
+@pytest.mark.parametrize("config", [(0.0, 0.0, False, 0.0, False), (0.9, 0.1, False, 0.01, False),
+                                    (0.9, 0.0, True, 0.1, True)], ids=["plain", "momentum", "nesterov_max"])
+def test_fused_sgd_matches_contract(backend, dtypes, config):
+    device = _setup(backend)
+    momentum, dampening, nesterov, wd, maximize = config
+    sizes = [3, 0, 1, 33, 70] if backend == "triton" else _sizes(backend, True)[:30]
+    params, grads, bufs, _ = _state_lists(sizes, dtypes, device)
+    bufs = bufs if momentum else []
+    for start in (0.0, 3.0):  # step 0: buffers uninitialised (buf = g); later: the momentum formula
+        before = [[t.clone() for t in lst] for lst in (params, grads, bufs)]
+        step = torch.full((), start, device=device)
+        with effikern.set_backend(backend):
+            torch.ops.effikern.fused_sgd_(params, grads, bufs, step, 0.05, momentum, dampening, nesterov, wd,
+                                          maximize, torch.full((), 0.5, device=device), None)
+        assert step.item() == start + 1
+        for dtype in dtypes:  # per dtype, over the concatenated tensors
+            pick = [i for i, p in enumerate(params) if p.dtype == dtype]
+            b0 = _cat([before[2][i] for i in pick]) if momentum else None
+            tp, tb = _sgd_truth(_cat([before[0][i] for i in pick]), _cat([before[1][i] for i in pick]), b0,
+                                start == 0.0, 0.05, momentum, dampening, nesterov, wd, maximize, 0.5)
+            tol = _low_precision_tol(dtype)
+            torch.testing.assert_close(_cat([params[i] for i in pick]).double(), tp, **tol)
+            if momentum:
+                torch.testing.assert_close(_cat([bufs[i] for i in pick]).double(), tb, **tol)
+
+
+def test_auto_split_across_backends_counts_one_step():
+    """Under auto, a mixed list may run on two backends (cpp for fp32, torch for fp16 AdamW on CPU): the
+    shared step must still advance once, and each group must see the same count."""
+    groups = amp_ops._split_by_backend("fused_adamw", torch.device("cpu"),
+                                       [torch.zeros(1), torch.zeros(1, dtype=torch.float16)])
+    if len(groups) < 2:
+        pytest.skip("auto runs every dtype of fused_adamw on one backend here")
+    params, grads, ms, vs = _state_lists([5, 7, 9, 3], [torch.float32, torch.float16], "cpu")
+    before = [[t.clone() for t in lst] for lst in (params, grads, ms, vs)]
+    step = torch.full((), 2.0)
+    torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-6, 0.1, False, None, None)
+    assert step.item() == 3.0
+    for i, (p0, g0, m0, v0) in enumerate(zip(*before)):
+        tp, _, _ = _adamw_truth(p0, g0, m0, v0, 2, 1e-2, 0.9, 0.99, 1e-6, 0.1, False, 1.0)
+        torch.testing.assert_close(params[i].double(), tp, **_low_precision_tol(p0.dtype))

@@ -1,0 +1,334 @@
+"""effikern.amp.GradScaler against torch.amp.GradScaler on the same training runs, step by step.
+
+Runs: a small MLP, scaled losses, inf or nan injected into a gradient on some steps (forced overflow). With
+the same (non-fused) torch optimizer the two scalers must give bit-identical parameters and scale
+trajectories; with effikern's fused optimizers (scale folded into the update) the parameters match within fp32
+rounding and the scale trajectory and skipped steps are identical.
+"""
+
+import math
+import pickle
+
+import pytest
+import torch
+
+import effikern
+from effikern.amp import GradScaler
+from backend_util import skip_unavailable
+
+BACKENDS = ["torch", "cpp"]
+OVERFLOW = {3: math.inf, 4: -math.inf, 9: math.nan}  # step -> value injected into a gradient
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def _train(scaler, make_opt, steps=14, clip=None, overflow=OVERFLOW, torch_clip=False, seed=0):
+    """Returns (scales after each update, skipped-step flags, final params, clip norms)."""
+    model = _model(seed)
+    opt = make_opt(model.parameters())
+    gen = torch.Generator().manual_seed(seed + 1)
+    scales, skipped, norms = [], [], []
+    for i in range(steps):
+        x = torch.randn(5, 8, generator=gen)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        if i in overflow:
+            model[2].weight.grad[1, 3] = overflow[i]
+        if clip is not None:
+            if torch_clip:
+                scaler.unscale_(opt)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+            else:
+                norms.append(scaler.unscale_(opt, max_norm=clip))
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        skipped.append(all(torch.equal(b, p) for b, p in zip(before, model.parameters())))
+    return scales, skipped, [p.detach() for p in model.parameters()], norms
+
+
+def _scalers(**kw):
+    kw = dict(init_scale=2.0**12, growth_interval=3, **kw)
+    return torch.amp.GradScaler("cpu", **kw), GradScaler("cpu", **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_same_optimizer_is_bit_identical(backend, opt):
+    skip_unavailable(backend, "cpu")
+    make = (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)) if opt == "sgd" else \
+        (lambda p: torch.optim.Adam(p, lr=0.01))
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, make)
+    with effikern.set_backend(backend):
+        ours = _train(ours_scaler, make)
+    assert ours[0] == theirs[0]
+    assert ours[1] == theirs[1] and sum(ours[1]) == len(OVERFLOW)
+    for a, b in zip(ours[2], theirs[2]):
+        assert torch.equal(a, b)
+
+
+FUSED_PAIRS = {
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: effikern.optim.AdamW(p, lr=0.01)),
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
+            lambda p: effikern.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "torch_fused_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01),
+                          lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair", sorted(FUSED_PAIRS))
+@pytest.mark.parametrize("clip", [None, 0.5, 100.0])
+def test_folding_optimizers_match_torch(backend, pair, clip):
+    skip_unavailable(backend, "cpu")
+    make_torch, make_ours = FUSED_PAIRS[pair]
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, make_torch, clip=clip, torch_clip=True)
+    with effikern.set_backend(backend):
+        ours = _train(ours_scaler, make_ours, clip=clip)
+    assert ours[0] == theirs[0]
+    assert ours[1] == theirs[1] and sum(ours[1]) == len(OVERFLOW)
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[3], theirs[3]):  # the returned norm is clip_grad_norm_'s total norm
+        if math.isfinite(b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        else:
+            assert not math.isfinite(a)
+
+
+def test_readonly_pass_leaves_grads_and_unscale_writes_them():
+    model = _model()
+    opt = effikern.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = GradScaler("cpu", init_scale=64.0)
+    scaler.scale(model(torch.randn(3, 8)).sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)  # folds 1/scale into the update: the scaler pass only reads
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(3, 8)).sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = scaler.unscale_(opt, max_norm=math.inf)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g / 64.0)
+    truth = torch.linalg.vector_norm(torch.cat([g.flatten() / 64.0 for g in grads]))
+    torch.testing.assert_close(norm, truth)
+
+
+def test_hysteresis_tolerates_consecutive_overflows():
+    scaler = GradScaler("cpu", init_scale=1024.0, growth_interval=100, hysteresis=2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    p = opt.param_groups[0]["params"][0]
+    trajectory = []
+    for bad in [True, True, True, False, True, False, True, True]:
+        scaler.scale(p.sum()).backward()
+        if bad:
+            p.grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        p.grad = None
+        trajectory.append(scaler.get_scale())
+    # 1st overflow tolerated, 2nd and 3rd (still consecutive) back off; a clean step restores the allowance.
+    assert trajectory == [1024.0, 512.0, 256.0, 256.0, 256.0, 256.0, 256.0, 128.0]
+    assert scaler.state_dict()["_hysteresis_tracker"] == 0
+
+
+def test_state_dict_interchange_both_ways():
+    theirs, ours = _scalers()
+    _train(theirs, lambda p: torch.optim.SGD(p, lr=0.01), steps=5)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.get_scale() == theirs.get_scale()
+    assert ours._get_growth_tracker() == theirs._get_growth_tracker()
+    a = _train(theirs, lambda p: torch.optim.SGD(p, lr=0.01), steps=6, seed=3)
+    b = _train(ours, lambda p: torch.optim.SGD(p, lr=0.01), steps=6, seed=3)
+    assert a[0] == b[0]
+    back = torch.amp.GradScaler("cpu")
+    back.load_state_dict(ours.state_dict())
+    assert back.state_dict() == {k: v for k, v in ours.state_dict().items() if k in back.state_dict()}
+    assert set(ours.state_dict()) == set(theirs.state_dict()) | {"hysteresis", "_hysteresis_tracker"}
+    clone = pickle.loads(pickle.dumps(ours))
+    assert clone.get_scale() == ours.get_scale()
+
+
+def test_update_new_scale_and_getters():
+    scaler = GradScaler("cpu", init_scale=8.0, growth_factor=3.0, backoff_factor=0.25, growth_interval=7)
+    got = (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval())
+    assert got == (3.0, 0.25, 7)
+    scaler.set_growth_factor(4.0)
+    scaler.set_backoff_factor(0.5)
+    scaler.set_growth_interval(2)
+    assert scaler.state_dict()["growth_factor"] == 4.0 and scaler.is_enabled()
+    scaler.scale(torch.ones(()))
+    scaler.update(32.0)
+    assert scaler.get_scale() == 32.0
+    scaler.update(torch.tensor(16.0))
+    assert scaler.get_scale() == 16.0
+
+
+def test_disabled_is_a_passthrough():
+    scaler = GradScaler("cpu", enabled=False)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.randn(2, 8)).sum()
+    assert scaler.scale(loss) is loss
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = scaler.unscale_(opt, max_norm=1e9)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 1.0 and scaler.state_dict() == {}
+
+
+def test_errors():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu")
+    with pytest.raises(AssertionError, match="scale"):
+        scaler.step(opt)  # no scale() this iteration: as torch
+    scaler.scale(model(torch.randn(2, 8)).sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="after step"):
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called since the last update"):
+        scaler.step(opt)
+    scaler.update()
+    empty = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty.param_groups[0]["params"] = []
+    with pytest.raises(ValueError, match="no params"):
+        scaler.unscale_(empty)
+    with pytest.raises(ValueError, match="norm_type"):
+        scaler.unscale_(opt, max_norm=1.0, norm_type=1.0)
+    with pytest.raises(ValueError, match="hysteresis"):
+        GradScaler("cpu", hysteresis=0)
+    with pytest.raises(RuntimeError, match="Closure"):
+        scaler.step(opt, closure=lambda: 0)
+
+
+def test_params_without_grads_and_inf_norm_clip():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    opt = effikern.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", init_scale=16.0)
+    scaler.scale(model(torch.randn(2, 8)).sum()).backward()
+    grads = {n: p.grad.clone() / 16 for n, p in model.named_parameters() if p.grad is not None}
+    norm = scaler.unscale_(opt, max_norm=1e-3, norm_type=math.inf)
+    truth = max(g.abs().max() for g in grads.values())
+    torch.testing.assert_close(norm, truth)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler.step(opt)
+    coef = 1e-3 / (truth + 1e-6)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p, before[n] - 0.1 * grads[n] * coef)
+        else:
+            assert torch.equal(p, before[n])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make_opt", [lambda p: effikern.optim.AdamW(p, lr=1e-3),
+                                      lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+                                      lambda p: effikern.optim.SGD(p, lr=1e-3, momentum=0.9)],
+                         ids=["effikern_adamw", "torch_fused_adamw", "effikern_sgd"])
+def test_no_host_sync_per_step(make_opt):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    model = model.cuda().half()
+    opt = make_opt(model.parameters())
+    scaler = GradScaler("cuda", init_scale=2.0**10)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.half)
+    for i in range(4):  # step 0 allocates state; syncs are counted from step 1 on
+        opt.zero_grad(set_to_none=False)
+        loss = model(x).float().pow(2).mean()
+        if i > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.scale(loss).backward()
+            if i == 2:
+                model[2].weight.grad[0, 0] = math.inf
+            scaler.unscale_(opt, max_norm=1.0)
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert scaler.get_scale() == 2.0**9
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_a_scaled_step():
+    model = torch.nn.Linear(32, 32).cuda()
+    opt = effikern.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = GradScaler("cuda", init_scale=2.0**8)
+    x = torch.randn(8, 32, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up on a side stream, as torch's graph docs ask
+            opt.zero_grad(set_to_none=False)
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    before = model.weight.detach().clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(before, model.weight)
+    assert torch.isfinite(model.weight).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_with_a_plain_optimizer_matches_torch(backend):
+    skip_unavailable(backend, "cpu")
+    make = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, make, clip=0.5, torch_clip=True)
+    with effikern.set_backend(backend):
+        ours = _train(ours_scaler, make, clip=0.5)
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_with_a_folding_optimizer_only_reads_the_grads():
+    model = _model()
+    opt = effikern.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = GradScaler("cpu", init_scale=64.0)
+    scaler.scale(model(torch.randn(3, 8)).sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.unscale_(opt, max_norm=0.1)
+    scaler.step(opt)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_host_reads_per_step():
+    """Counted on CPU as calls that read a tensor's value on the host (each is a sync on a GPU)."""
+    from effikern.benchmarks import bench_amp
+
+    rows = {r["plan"]: r for r in bench_amp.report(quick=True)}
+    assert rows["effikern GradScaler.unscale_(max_norm) + effikern AdamW"]["host_syncs_per_step"] == 0
+    assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(fused)"]["host_syncs_per_step"] == 0
+    # the scaler's found_inf read, plus torch's non-capturable AdamW reading each CPU step count
+    assert rows["effikern GradScaler.unscale_(max_norm) + torch AdamW(foreach)"]["host_syncs_per_step"] >= 1
+
+
+def test_sharded_scale_keeps_the_loss_dtype():
+    scaler = effikern.amp.ShardedGradScaler("cpu", init_scale=4.0)
+    loss = torch.ones((), dtype=torch.float16)
+    assert scaler.scale(loss).dtype == torch.float16 and scaler.scale(loss).item() == 4.0
+    assert [t.dtype for t in scaler.scale([loss, loss.float()])] == [torch.float16, torch.float32]
