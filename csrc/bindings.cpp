@@ -5,8 +5,10 @@
 
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
+#include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/dwsep_cuda.h"
+#include "cuda/sparse_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -40,8 +42,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwsep_fwd_cpu", &effikern::dwsep_fwd_cpu, release());
   m.def("dwsep_bwd_cpu", &effikern::dwsep_bwd_cpu, release());
   m.def("distill_fwd_cpu", &effikern::distill_fwd_cpu, release());
+  m.def("sparse_csr_fwd_cpu", &effikern::sparse_csr_fwd_cpu, release());
+  m.def("sparse_csr_grad_input_cpu", &effikern::sparse_csr_grad_input_cpu, release());
+  m.def("sparse_csr_grad_values_cpu", &effikern::sparse_csr_grad_values_cpu, release());
+  m.def("sparse_bsr_fwd_cpu", &effikern::sparse_bsr_fwd_cpu, release());
+  m.def("sparse_bsr_grad_input_cpu", &effikern::sparse_bsr_grad_input_cpu, release());
+  m.def("sparse_bsr_grad_values_cpu", &effikern::sparse_bsr_grad_values_cpu, release());
 #ifdef EFFIKERN_WITH_CUDA
   m.def("dwsep_fwd_cuda", &effikern::dwsep_fwd_cuda, release());
   m.def("dwsep_bwd_cuda", &effikern::dwsep_bwd_cuda, release());
+  m.def("sparse_csr_fwd_cuda", &effikern::sparse_csr_fwd_cuda, release());
+  m.def("sparse_csr_grad_input_cuda", &effikern::sparse_csr_grad_input_cuda, release());
+  m.def("sparse_csr_grad_values_cuda", &effikern::sparse_csr_grad_values_cuda, release());
+  m.def("sparse_bsr_fwd_cuda", &effikern::sparse_bsr_fwd_cuda, release());
+  m.def("sparse_bsr_grad_input_cuda", &effikern::sparse_bsr_grad_input_cuda, release());
+  m.def("sparse_bsr_grad_values_cuda", &effikern::sparse_bsr_grad_values_cuda, release());
 #endif
 }

@@ -286,4 +286,65 @@ def _step(root: nn.Module, node: fx.Node):
     raise _Unproven(f"{node.name} ({node.op} {_target_name(node)}) is not a fusable step")
 
 
-RULES: List[Rule] = [dwsep_rule]
+# --- the sparse rule: pruned Linear / 1x1 Conv2d -> SparseLinear / SparseConv2d1x1 ------------------------
+
+# Where a sparse layer was measured faster than the dense one it replaces: (device type, dtype, format) ->
+# ((most tokens per call, least sparsity), ...). Source: benchmarks/results/cpu-sparse-2t.json
+# (benchmarks/bench_sparse.py, 2-thread AMD EPYC, provisional: measured on a shared machine). A case missing here
+# was not measured faster, and the layer stays dense.
+SPARSE_FASTER = {
+}
+# The token count (rows of x per call) the sparse rule assumes; decode-sized by default.
+SPARSE_TOKENS = 16
+# A layer without a prune mask counts as pruned when at least this fraction of its weight is exactly zero.
+_ZERO_FRACTION = 0.5
+
+
+def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
+    """A pruned ``nn.Linear`` or 1x1 ``nn.Conv2d`` (prune mask, or >= 50% zeros) -> its sparse form, when the
+    measured table ``SPARSE_FASTER`` says the sparse kernel is faster at ``SPARSE_TOKENS`` tokens; else left, with
+    the reason. Outputs are the same: the sparse layer computes the masked weight's product exactly."""
+    from .nn import sparse as sparse_nn
+
+    module = window[0]
+    is_linear = type(module) is nn.Linear
+    is_conv = type(module) is nn.Conv2d and sparse_nn.pointwise_problem(module) is None
+    if not (is_linear or is_conv):
+        return None
+    weight, mask = sparse_nn.pruned_weight_and_mask(module)
+    kept = (weight != 0) if mask is None else (mask != 0)
+    sparsity = 1.0 - kept.float().mean().item()
+    if mask is None and sparsity < _ZERO_FRACTION:
+        return None  # an ordinary dense layer: not this rule's business
+    kind = "Linear" if is_linear else "1x1 Conv2d"
+    extra = _foreign_hooks(module)
+    if extra:
+        return Rewrite(1, None, f"pruned {kind}: has hooks other than pruning's ({extra}), which would be lost")
+    fmt, block = sparse_nn.choose_format(weight.reshape(weight.shape[0], -1), kept.reshape(weight.shape[0], -1))
+    what = f"pruned {kind} {sparsity:.0%} sparse, format {fmt}" + (f" {block[0]}x{block[1]}" if block else "")
+    key = (weight.device.type, weight.dtype, fmt)
+    limits = SPARSE_FASTER.get(key)
+    if not limits:
+        return Rewrite(1, None, f"{what}: no measurement shows the sparse kernel faster on "
+                                f"{key[0]} {str(key[1])[6:]} for this format")
+    fast = [s for tokens, s in limits if tokens >= SPARSE_TOKENS]
+    if not fast or sparsity < min(fast):
+        need = f">= {min(fast):.0%} sparsity" if fast else f"fewer than {SPARSE_TOKENS} tokens"
+        return Rewrite(1, None, f"{what}: measured faster than dense only at {need} ({SPARSE_TOKENS} tokens)")
+    if is_linear:
+        new = sparse_nn.SparseLinear.from_linear(module, format=fmt, block_size=block)
+    else:
+        new = sparse_nn.SparseConv2d1x1.from_conv(module, format=fmt, block_size=block)
+    return Rewrite(1, new, f"{what}: measured faster than dense at >= {min(fast):.0%} sparsity "
+                           f"({SPARSE_TOKENS} tokens)")
+
+
+def _foreign_hooks(module) -> str:
+    from torch.nn.utils.prune import BasePruningMethod
+
+    hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
+    hooks += list(module._forward_hooks.values()) + list(module._backward_hooks.values())
+    return ", ".join(type(h).__name__ for h in hooks)
+
+
+RULES: List[Rule] = [dwsep_rule, sparse_rule]
