@@ -99,6 +99,7 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
     """
     rules = RULES if rules is None else list(rules)
     if not inplace:
+        _leaf_pruned_weights(model)
         model = copy.deepcopy(model)
     report = Report()
     rewrite = _apply_rules(rules, [model], "", report)
@@ -106,6 +107,22 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
         return rewrite.replacement, report
     _rewrite_children(model, "", rules, report)
     return model, report
+
+
+def _leaf_pruned_weights(model: nn.Module) -> None:
+    """Recomputes every torch.nn.utils.prune'd weight (weight_orig * weight_mask) without autograd history.
+
+    prune keeps the product as a plain attribute holding a graph, which copy.deepcopy refuses ("Only Tensors
+    created explicitly by the user support the deepcopy protocol"); the pruning hook recomputes it before each
+    forward anyway, so the value is unchanged and training is unaffected.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, BasePruningMethod):
+                    hook(module, ())
 
 
 def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
