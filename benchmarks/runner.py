@@ -23,7 +23,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("dwsep", "kd", "data")
+FAMILIES = ("dwsep", "kd", "data", "sparse")
 
 
 @dataclasses.dataclass
