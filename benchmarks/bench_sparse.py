@@ -177,3 +177,61 @@ def report(quick=True):
                      "dense_bytes": training["dense"], "inference_bytes": inference["total"],
                      "training_bytes": training["total"]})
     return rows
+
+
+def decision_table(threads=1, calls=15, weights=((4096, 4096), (768, 3072)), tokens=(1, 16, 64, 256),
+                   dtypes=("fp32",)):
+    """CPU forward times of cpp, dense F.linear and torch CSR, as the MINIMUM over ``calls`` calls.
+
+    The data behind ``effikern.optimize.SPARSE_FASTER`` and ``effikern/_auto.py``. The minimum, at one thread,
+    because the machine these were taken on is shared: a median (what the runner reports) there measures the
+    other jobs, and with 2 threads a call waits whenever its partner thread is descheduled (4 ms ticks).
+    """
+    import time
+
+    torch.set_num_threads(threads)
+
+    def best_ms(fn):
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    patterns = [p for p in PATTERNS if p[0] != "2:4"]
+    rows = []
+    for n, k in weights:
+        for fmt, block, sparsity in patterns:
+            for dtype_name in dtypes:
+                torch.manual_seed(0)
+                mask = random_pattern(n, k, fmt, block, sparsity, "cpu")
+                w = (torch.randn(n, k) * mask).to(DTYPES[dtype_name])
+                sw = from_dense(w, mask, fmt, block)
+                csr = w.to_sparse_csr() if dtype_name == "fp32" else None
+                for m in tokens:
+                    x = torch.randn(m, k).to(w.dtype)
+                    with effikern.set_backend("cpp"):
+                        cpp = best_ms(lambda: effikern.functional.sparse_linear(x, sw))
+                    row = {"weight": f"{n}x{k}", "layout": _layout(fmt, block, sparsity), "dtype": dtype_name,
+                           "tokens": m, "cpp_ms": cpp, "dense_ms": best_ms(lambda: F.linear(x, w))}
+                    if csr is not None:
+                        row["torch_csr_ms"] = best_ms(lambda: torch.mm(csr, x.t()).t())
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "sparse-decision-table.json"
+    from .runner import environment
+
+    table = decision_table(dtypes=("fp32", "bf16"))
+    with open(out, "w") as f:
+        json.dump({**environment(torch.device("cpu")), "stat": "min of 15 calls, 1 thread, forward",
+                   "rows": table}, f, indent=1)
+    print(f"wrote {out}")

@@ -305,8 +305,10 @@ def _step(root: nn.Module, node: fx.Node):
 
 # --- the sparse rule: pruned Linear / 1x1 Conv2d -> SparseLinear / SparseConv2d1x1 ------------------------
 
-# Where a sparse layer was measured faster than the dense one it replaces: (device type, dtype, format) ->
-# ((most tokens per call, least sparsity), ...). Source: benchmarks/results/cpu-sparse-2t.json
+# Where a sparse layer was measured faster than the dense one it replaces: (device type, dtype, "unstructured" |
+# "2:4" | "block<size>") ->
+# ((tokens per call, least sparsity at which the sparse forward beat dense F.linear on every measured weight, or
+# None when it never did), ...). Source: benchmarks/results/cpu-sparse-2t.json
 # (benchmarks/bench_sparse.py, 2-thread AMD EPYC, provisional: measured on a shared machine). A case missing here
 # was not measured faster, and the layer stays dense.
 SPARSE_FASTER = {
@@ -339,21 +341,24 @@ def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
         return Rewrite(1, None, f"pruned {kind}: has hooks other than pruning's ({extra}), which would be lost")
     fmt, block = sparse_nn.choose_format(weight.reshape(weight.shape[0], -1), kept.reshape(weight.shape[0], -1))
     what = f"pruned {kind} {sparsity:.0%} sparse, format {fmt}" + (f" {block[0]}x{block[1]}" if block else "")
-    key = (weight.device.type, weight.dtype, fmt)
+    key = (weight.device.type, weight.dtype, fmt if block is None else f"block{block[0]}")
     limits = SPARSE_FASTER.get(key)
     if not limits:
         return Rewrite(1, None, f"{what}: no measurement shows the sparse kernel faster on "
                                 f"{key[0]} {str(key[1])[6:]} for this format")
-    fast = [s for tokens, s in limits if tokens >= SPARSE_TOKENS]
-    if not fast or sparsity < min(fast):
-        need = f">= {min(fast):.0%} sparsity" if fast else f"fewer than {SPARSE_TOKENS} tokens"
-        return Rewrite(1, None, f"{what}: measured faster than dense only at {need} ({SPARSE_TOKENS} tokens)")
+    # The measurement at the fewest tokens >= SPARSE_TOKENS: sparse pays less as tokens grow (compute-bound).
+    measured = sorted((tokens, least) for tokens, least in limits if tokens >= SPARSE_TOKENS)
+    if not measured:
+        return Rewrite(1, None, f"{what}: not measured faster than dense at {SPARSE_TOKENS} tokens or more")
+    tokens, least = measured[0]
+    if least is None or sparsity < least:
+        need = "at no measured sparsity" if least is None else f"only at >= {least:.0%} sparsity"
+        return Rewrite(1, None, f"{what}: measured faster than dense {need} ({tokens} tokens)")
     if is_linear:
         new = sparse_nn.SparseLinear.from_linear(module, format=fmt, block_size=block)
     else:
         new = sparse_nn.SparseConv2d1x1.from_conv(module, format=fmt, block_size=block)
-    return Rewrite(1, new, f"{what}: measured faster than dense at >= {min(fast):.0%} sparsity "
-                           f"({SPARSE_TOKENS} tokens)")
+    return Rewrite(1, new, f"{what}: measured faster than dense at >= {least:.0%} sparsity ({tokens} tokens)")
 
 
 def _foreign_hooks(module) -> str:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from sparse_util import random_mask
 
 from effikern.sparse import from_dense, is_2of4, is_block
-from sparse_util import random_mask
 
 FORMATS = ["unstructured", "block", "2:4"]
 

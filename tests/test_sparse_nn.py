@@ -6,11 +6,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from backend_util import skip_unavailable
 from torch import nn
 from torch.nn.utils import prune
 
 import effikern
-from backend_util import skip_unavailable
 from effikern.nn import SparseConv2d1x1, SparseLinear
 from effikern.prune import prune_model
 
@@ -164,7 +164,7 @@ class Block(nn.Module):
 @pytest.fixture
 def sparse_table(monkeypatch):
     """A table that says sparse is faster for fp32 CPU at >= 50%: optimize()'s swap is what is tested here."""
-    table = {("cpu", torch.float32, f): ((64, 0.5),) for f in ("unstructured", "block", "2:4")}
+    table = {("cpu", torch.float32, f): ((64, 0.5),) for f in ("unstructured", "block16", "2:4")}
     monkeypatch.setattr(optimize_module, "SPARSE_FASTER", table)
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-import effikern
 from backend_util import device_for, skip_unavailable
 from oracle import assert_matches, condition
 from sparse_util import random_weight
+
+import effikern
 
 FORMATS = ["unstructured", "block", "2:4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

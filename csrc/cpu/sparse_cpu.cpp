@@ -45,6 +45,9 @@ namespace {
 
 // Most tokens per chunk: 4 vectors of 16 fp32 lanes, i.e. 4 accumulators per output row in registers.
 constexpr int64_t kMaxVectors = 4;
+// ... but a chunk of the packed operand (rows x T x 4 B) must stay within half of the 1 MiB L2: at K = 4096 and 64
+// tokens (1 MiB) every nonzero's 4 cache lines came from L3 and the forward ran 2x slower than dense F.linear.
+constexpr int64_t kChunkBytes = 512 * 1024;
 // At most this many tokens take the gather path (no packing; see the header comment).
 constexpr int64_t kGatherTokens = 4;
 // Output rows per register block of the BSR kernels: 8 accumulators + the x vector + a broadcast fit 16 registers.
@@ -161,6 +164,44 @@ void widen_rows(const S* src, int64_t M, int64_t R, int64_t Rx, A* dst) {
   });
 }
 
+// Vectors per token chunk for a packed operand of `rows` rows: as many as fit kChunkBytes, 1..kMaxVectors.
+template <typename A>
+int64_t chunk_vectors(int64_t M, int64_t lanes, int64_t rows) {
+  const int64_t fit = kChunkBytes / (std::max<int64_t>(rows, 1) * lanes * static_cast<int64_t>(sizeof(A)));
+  return std::max<int64_t>(1, std::min({kMaxVectors, ceil_div(M, lanes), fit}));
+}
+
+// Vector bytes run_best_isa will use for a kernel (so operands can be packed for that width before the dispatch).
+template <bool kVectorize>
+int64_t vector_bytes() {
+#ifdef EK_SPARSE_X86
+  if constexpr (kVectorize) {
+    switch (isa_level()) {
+      case 2:
+        return 64;
+      case 1:
+        return 32;
+      default:
+        break;
+    }
+  }
+#endif
+  return 16;
+}
+
+// at::parallel_for over [0, n), each thread's range run by run_best_isa on a copy of `k` with begin/end set. The
+// parallel loop stays outside the ISA-specific code: an OpenMP region or lambda inside a target("avx512f")
+// function is compiled for the baseline ISA, its GCC vectors emulated (measured: 10x slower block kernels).
+template <class K>
+void parallel_run(K k, int64_t n, int64_t grain) {
+  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+    K task = k;
+    task.begin = b0;
+    task.end = b1;
+    run_best_isa(task);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // CSR rows: out[m, o] = bias[o] + sum_{j in crow[o]..crow[o+1]} value(j) * src[m, idx[j]], value(j) =
 // values[perm[j]] (CSC view, grad_input) or values[j] (forward).
@@ -169,8 +210,8 @@ template <typename S>
 struct CsrRows {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
-  const S* src;  // [M, R]
-  int64_t M, R;
+  const A* src;  // gather path: [M, R]; packed path: [chunks][R][T]
+  int64_t M, R, T;
   const int32_t* crow;
   const int32_t* idx;
   const int32_t* perm;  // nullptr: entries in order
@@ -178,13 +219,14 @@ struct CsrRows {
   const S* bias;  // [O] or nullptr
   S* out;         // [M, O]
   int64_t O;
+  int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
 
   EK_INLINE A value(int64_t j) const { return static_cast<A>(values[perm != nullptr ? perm[j] : j]); }
 
   // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency.
   template <int MM>
-  void gather_rows(const A* xs, int64_t o0, int64_t o1) const {
-    for (int64_t o = o0; o < o1; ++o) {
+  EK_INLINE void gather_rows() const {
+    for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
       const int64_t j0 = crow[o], j1 = crow[o + 1];
       int64_t j = j0;
@@ -192,157 +234,168 @@ struct CsrRows {
         for (int u = 0; u < 4; ++u) {
           const A v = value(j + u);
           const int64_t k = idx[j + u];
-          for (int m = 0; m < MM; ++m) acc[m][u] += v * xs[m * R + k];
+          for (int m = 0; m < MM; ++m) acc[m][u] += v * src[m * R + k];
         }
       }
       for (; j < j1; ++j) {
         const A v = value(j);
-        for (int m = 0; m < MM; ++m) acc[m][0] += v * xs[m * R + idx[j]];
+        for (int m = 0; m < MM; ++m) acc[m][0] += v * src[m * R + idx[j]];
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
-      for (int m = 0; m < MM; ++m) out[m * O + o] = static_cast<S>(b + ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])));
+      for (int m = 0; m < MM; ++m) {
+        out[m * O + o] = static_cast<S>(b + ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])));
+      }
     }
   }
 
   template <int B, int NV>
-  EK_INLINE void packed_row(const A* Pc, int64_t c, int64_t o) const {
+  EK_INLINE void packed_rows() const {
     using W = Vec<A, B>;
-    constexpr int64_t L = W::kLanes, T = NV * L;
-    typename W::V acc[NV];
-    const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
-    for (int q = 0; q < NV; ++q) acc[q] = W::splat(b);
-    for (int64_t j = crow[o], j1 = crow[o + 1]; j < j1; ++j) {
-      const typename W::V v = W::splat(value(j));
-      const A* p = Pc + static_cast<int64_t>(idx[j]) * T;
-      for (int q = 0; q < NV; ++q) acc[q] += v * W::load(p + q * L);
+    constexpr int64_t L = W::kLanes, TT = NV * L;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / O, o = i % O;
+      const A* Pc = src + c * R * TT;
+      typename W::V acc[NV];
+      const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
+      for (int q = 0; q < NV; ++q) acc[q] = W::splat(b);
+      for (int64_t j = crow[o], j1 = crow[o + 1]; j < j1; ++j) {
+        const typename W::V v = W::splat(value(j));
+        const A* p = Pc + static_cast<int64_t>(idx[j]) * TT;
+        for (int q = 0; q < NV; ++q) acc[q] += v * W::load(p + q * L);
+      }
+      A lanes[TT];
+      for (int q = 0; q < NV; ++q) W::store(lanes + q * L, acc[q]);
+      const int64_t tokens = std::min<int64_t>(TT, M - c * TT);
+      for (int64_t t = 0; t < tokens; ++t) out[(c * TT + t) * O + o] = static_cast<S>(lanes[t]);
     }
-    A lanes[T];
-    for (int q = 0; q < NV; ++q) W::store(lanes + q * L, acc[q]);
-    const int64_t tokens = std::min<int64_t>(T, M - c * T);
-    for (int64_t t = 0; t < tokens; ++t) out[(c * T + t) * O + o] = static_cast<S>(lanes[t]);
-  }
-
-  template <int B, int NV>
-  void packed(const A* P) const {
-    constexpr int64_t T = NV * Vec<A, B>::kLanes;
-    const int64_t chunks = ceil_div(M, T);
-    at::parallel_for(0, chunks * O, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) packed_row<B, NV>(P + (i / O) * R * T, i / O, i % O);
-    });
   }
 
   template <int B>
-  void run() const {
-    if (M <= kGatherTokens) {
-      std::unique_ptr<A[]> own;
-      const A* xs;
-      if constexpr (std::is_same_v<S, A>) {
-        xs = src;
-      } else {
-        own = buffer<A>(M * R);
-        widen_rows(src, M, R, R, own.get());
-        xs = own.get();
+  EK_INLINE void run() const {
+    if (T == 0) {  // gather path
+      switch (M) {
+        case 1: return gather_rows<1>();
+        case 2: return gather_rows<2>();
+        case 3: return gather_rows<3>();
+        default: return gather_rows<4>();
       }
-      at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
-        switch (M) {
-          case 1: return gather_rows<1>(xs, o0, o1);
-          case 2: return gather_rows<2>(xs, o0, o1);
-          case 3: return gather_rows<3>(xs, o0, o1);
-          default: return gather_rows<4>(xs, o0, o1);
-        }
-      });
-      return;
     }
-    constexpr int64_t L = Vec<A, B>::kLanes;
-    const int64_t nv = std::min(kMaxVectors, ceil_div(M, L));
-    const int64_t T = nv * L;
-    auto P = buffer<A>(ceil_div(M, T) * R * T);
-    pack_tokens(src, M, R, R, T, P.get());
-    switch (nv) {
-      case 1: return packed<B, 1>(P.get());
-      case 2: return packed<B, 2>(P.get());
-      case 3: return packed<B, 3>(P.get());
-      default: return packed<B, 4>(P.get());
+    switch (T / Vec<A, B>::kLanes) {
+      case 1: return packed_rows<B, 1>();
+      case 2: return packed_rows<B, 2>();
+      case 3: return packed_rows<B, 3>();
+      default: return packed_rows<B, 4>();
     }
   }
 };
+
+// Runs CsrRows over src [M, R] (x for the forward, grad_y for grad_input).
+template <typename S>
+void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const int32_t* idx, const int32_t* perm,
+              const S* values, const S* bias, S* out, int64_t O) {
+  using A = at::opmath_type<S>;
+  CsrRows<S> k{nullptr, M, R, 0, crow, idx, perm, values, bias, out, O};
+  if (M <= kGatherTokens) {
+    std::unique_ptr<A[]> own;
+    if constexpr (std::is_same_v<S, A>) {
+      k.src = src;
+    } else {
+      own = buffer<A>(M * R);
+      widen_rows(src, M, R, R, own.get());
+      k.src = own.get();
+    }
+    parallel_run(k, O, 64);
+    return;
+  }
+  const int64_t L = vector_bytes<CsrRows<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
+  k.T = chunk_vectors<A>(M, L, R) * L;
+  auto P = buffer<A>(ceil_div(M, k.T) * R * k.T);
+  pack_tokens(src, M, R, R, k.T, P.get());
+  k.src = P.get();
+  parallel_run(k, ceil_div(M, k.T) * O, 16);
+}
 
 // CSR value gradient: g[i] = sum_m gy[m, row[i]] * x[m, col[i]].
 template <typename S>
 struct CsrGradValues {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
-  const S* gy;  // [M, N]
-  const S* x;   // [M, K]
-  int64_t M, N, K, nnz;
+  const A* Pg;  // [chunks][N][T]
+  const A* Px;  // [chunks][K][T]
+  int64_t N, K, T, c;  // c: the chunk this pass adds
   const int32_t* row;
   const int32_t* col;
-  S* out;  // [nnz]
+  A* acc;  // [nnz]
+  int64_t begin = 0, end = 0;
 
   template <int B, int NV>
-  void packed(const A* Pg, const A* Px, A* acc) const {
+  EK_INLINE void entries() const {
     using W = Vec<A, B>;
-    constexpr int64_t L = W::kLanes, T = NV * L;
-    const int64_t chunks = ceil_div(M, T);
-    // Chunk-outer: one chunk of the packed x (K x T) stays in L2 while every entry visits it.
-    for (int64_t c = 0; c < chunks; ++c) {
-      const A* g = Pg + c * N * T;
-      const A* p = Px + c * K * T;
-      at::parallel_for(0, nnz, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const A* a = g + static_cast<int64_t>(row[i]) * T;
-          const A* b = p + static_cast<int64_t>(col[i]) * T;
-          typename W::V s = W::load(a) * W::load(b);
-          for (int q = 1; q < NV; ++q) s += W::load(a + q * L) * W::load(b + q * L);
-          acc[i] = (c == 0 ? A(0) : acc[i]) + W::sum(s);
-        }
-      });
+    constexpr int64_t L = W::kLanes, TT = NV * L;
+    const A* g = Pg + c * N * TT;
+    const A* p = Px + c * K * TT;
+    for (int64_t i = begin; i < end; ++i) {
+      const A* a = g + static_cast<int64_t>(row[i]) * TT;
+      const A* b = p + static_cast<int64_t>(col[i]) * TT;
+      typename W::V s = W::load(a) * W::load(b);
+      for (int q = 1; q < NV; ++q) s += W::load(a + q * L) * W::load(b + q * L);
+      acc[i] = (c == 0 ? A(0) : acc[i]) + W::sum(s);
     }
   }
 
   template <int B>
-  void run() const {
-    if (M <= kGatherTokens) {
-      at::parallel_for(0, nnz, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          A s = 0;
-          for (int64_t m = 0; m < M; ++m)
-            s += static_cast<A>(gy[m * N + row[i]]) * static_cast<A>(x[m * K + col[i]]);
-          out[i] = static_cast<S>(s);
-        }
-      });
-      return;
+  EK_INLINE void run() const {
+    switch (T / Vec<A, B>::kLanes) {
+      case 1: return entries<B, 1>();
+      case 2: return entries<B, 2>();
+      case 3: return entries<B, 3>();
+      default: return entries<B, 4>();
     }
-    constexpr int64_t L = Vec<A, B>::kLanes;
-    const int64_t nv = std::min(kMaxVectors, ceil_div(M, L));
-    const int64_t T = nv * L, chunks = ceil_div(M, T);
-    auto Pg = buffer<A>(chunks * N * T);
-    auto Px = buffer<A>(chunks * K * T);
-    auto acc = buffer<A>(nnz);
-    pack_tokens(gy, M, N, N, T, Pg.get());
-    pack_tokens(x, M, K, K, T, Px.get());
-    switch (nv) {
-      case 1: packed<B, 1>(Pg.get(), Px.get(), acc.get()); break;
-      case 2: packed<B, 2>(Pg.get(), Px.get(), acc.get()); break;
-      case 3: packed<B, 3>(Pg.get(), Px.get(), acc.get()); break;
-      default: packed<B, 4>(Pg.get(), Px.get(), acc.get()); break;
-    }
-    for (int64_t i = 0; i < nnz; ++i) out[i] = static_cast<S>(acc[i]);
   }
 };
+
+template <typename S>
+void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, int64_t nnz, const int32_t* row,
+                     const int32_t* col, S* out) {
+  using A = at::opmath_type<S>;
+  if (M <= kGatherTokens) {  // a few tokens: a plain dot product per entry, no packing
+    at::parallel_for(0, nnz, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        A s = 0;
+        for (int64_t m = 0; m < M; ++m) s += static_cast<A>(gy[m * N + row[i]]) * static_cast<A>(x[m * K + col[i]]);
+        out[i] = static_cast<S>(s);
+      }
+    });
+    return;
+  }
+  const int64_t L = vector_bytes<CsrGradValues<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
+  const int64_t T = chunk_vectors<A>(M, L, N + K) * L, chunks = ceil_div(M, T);
+  auto Pg = buffer<A>(chunks * N * T);
+  auto Px = buffer<A>(chunks * K * T);
+  auto acc = buffer<A>(nnz);
+  pack_tokens(gy, M, N, N, T, Pg.get());
+  pack_tokens(x, M, K, K, T, Px.get());
+  // Chunk-outer: one chunk of the packed operands stays in L2 while every entry visits it.
+  for (int64_t c = 0; c < chunks; ++c) {
+    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, c, row, col, acc.get()}, nnz, 4096);
+  }
+  at::parallel_for(0, nnz, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<S>(acc[i]);
+  });
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // BSR block rows: out[m, ob*OB + r] = bias + sum over the stored blocks j of block row ob and c < RB of
 // V_j(r, c) * src[m, idx[j]*RB + c], where V_j(r, c) = values[blk(j)][r*so + c*sr]. Forward: (OB, RB) = (BR, BC),
 // (so, sr) = (BC, 1). grad_input uses the same loop on the transposed blocks: (OB, RB) = (BC, BR), (so, sr) =
-// (1, BC), blocks through t_perm.
+// (1, BC), blocks through t_perm. src is packed [chunks][Rp][L], one vector of tokens per chunk.
 
 template <typename S>
 struct BsrRows {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
-  const S* src;  // [M, R]
-  int64_t M, R, Rp;
+  const A* P;  // [chunks][Rp][L]
+  int64_t M, Rp;
   const int32_t* crow;
   const int32_t* idx;
   const int32_t* perm;
@@ -350,6 +403,7 @@ struct BsrRows {
   const S* bias;
   S* out;  // [M, O]
   int64_t O, OB, RB, so, sr, block_rows;
+  int64_t begin = 0, end = 0;  // (chunk, block row) pairs
 
   template <int B, int RG>
   EK_INLINE void row_group(const A* Pc, int64_t c, int64_t ob, int64_t r0) const {
@@ -380,31 +434,39 @@ struct BsrRows {
   }
 
   template <int B>
-  void run() const {
+  EK_INLINE void run() const {
     constexpr int64_t L = Vec<A, B>::kLanes;
-    const int64_t chunks = ceil_div(M, L);
-    auto P = buffer<A>(chunks * Rp * L);
-    pack_tokens(src, M, R, Rp, L, P.get());
-    at::parallel_for(0, chunks * block_rows, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i / block_rows, ob = i % block_rows;
-        const A* Pc = P.get() + c * Rp * L;
-        int64_t r0 = 0;
-        for (; r0 + kRowGroup <= OB; r0 += kRowGroup) row_group<B, kRowGroup>(Pc, c, ob, r0);
-        switch (OB - r0) {  // the rest of the block's rows, without reading past the block
-          case 7: row_group<B, 7>(Pc, c, ob, r0); break;
-          case 6: row_group<B, 6>(Pc, c, ob, r0); break;
-          case 5: row_group<B, 5>(Pc, c, ob, r0); break;
-          case 4: row_group<B, 4>(Pc, c, ob, r0); break;
-          case 3: row_group<B, 3>(Pc, c, ob, r0); break;
-          case 2: row_group<B, 2>(Pc, c, ob, r0); break;
-          case 1: row_group<B, 1>(Pc, c, ob, r0); break;
-          default: break;
-        }
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / block_rows, ob = i % block_rows;
+      const A* Pc = P + c * Rp * L;
+      int64_t r0 = 0;
+      for (; r0 + kRowGroup <= OB; r0 += kRowGroup) row_group<B, kRowGroup>(Pc, c, ob, r0);
+      switch (OB - r0) {  // the rest of the block's rows, without reading past the block
+        case 7: row_group<B, 7>(Pc, c, ob, r0); break;
+        case 6: row_group<B, 6>(Pc, c, ob, r0); break;
+        case 5: row_group<B, 5>(Pc, c, ob, r0); break;
+        case 4: row_group<B, 4>(Pc, c, ob, r0); break;
+        case 3: row_group<B, 3>(Pc, c, ob, r0); break;
+        case 2: row_group<B, 2>(Pc, c, ob, r0); break;
+        case 1: row_group<B, 1>(Pc, c, ob, r0); break;
+        default: break;
       }
-    });
+    }
   }
 };
+
+template <typename S>
+void bsr_rows(const S* src, int64_t M, int64_t R, int64_t RB, const int32_t* crow, const int32_t* idx,
+              const int32_t* perm, const S* values, const S* bias, S* out, int64_t O, int64_t OB, int64_t so,
+              int64_t sr, int64_t block_rows) {
+  using A = at::opmath_type<S>;
+  const int64_t L = vector_bytes<BsrRows<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
+  const int64_t Rp = ceil_div(R, RB) * RB, chunks = ceil_div(M, L);
+  auto P = buffer<A>(chunks * Rp * L);
+  pack_tokens(src, M, R, Rp, L, P.get());
+  BsrRows<S> k{P.get(), M, Rp, crow, idx, perm, values, bias, out, O, OB, RB, so, sr, block_rows};
+  parallel_run(k, chunks * block_rows, 1);
+}
 
 // BSR value gradient: g[b][r][c] = sum_m gy[m, row[b]*BR + r] * x[m, col[b]*BC + c]; a register-blocked outer
 // product over tokens, kGradRows rows x 2 vectors of columns at a time. gy and x are first widened into rows padded
@@ -413,55 +475,60 @@ template <typename S>
 struct BsrGradValues {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
-  const S* gy;
-  const S* x;
-  int64_t M, N, K, BR, BC, nnzb;
+  const A* G;  // [M, Nx]
+  const A* X;  // [M, Kx]
+  int64_t M, Nx, Kx, BR, BC;
   const int32_t* row;
   const int32_t* col;
   S* out;
+  int64_t begin = 0, end = 0;  // blocks
 
   template <int B>
-  void run() const {
+  EK_INLINE void run() const {
     using W = Vec<A, B>;
     constexpr int64_t L = W::kLanes;
-    const int64_t Nx = ceil_div(N, BR) * BR + kGradRows, Kx = ceil_div(K, BC) * BC + 2 * L;
-    auto gyf = buffer<A>(M * Nx);
-    auto xf = buffer<A>(M * Kx);
-    widen_rows(gy, M, N, Nx, gyf.get());
-    widen_rows(x, M, K, Kx, xf.get());
-    const A* G = gyf.get();
-    const A* X = xf.get();
-    at::parallel_for(0, nnzb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = static_cast<int64_t>(row[b]) * BR, k0 = static_cast<int64_t>(col[b]) * BC;
-        S* dst = out + b * BR * BC;
-        for (int64_t r0 = 0; r0 < BR; r0 += kGradRows) {
-          for (int64_t c0 = 0; c0 < BC; c0 += 2 * L) {
-            typename W::V acc[kGradRows][2] = {};
-            for (int64_t m = 0; m < M; ++m) {
-              const A* xr = X + m * Kx + k0 + c0;
-              const typename W::V x0 = W::load(xr), x1 = W::load(xr + L);
-              const A* gr = G + m * Nx + n0 + r0;
-              for (int g = 0; g < kGradRows; ++g) {
-                const typename W::V gv = W::splat(gr[g]);
-                acc[g][0] += gv * x0;
-                acc[g][1] += gv * x1;
-              }
-            }
-            A lanes[kGradRows][2 * L];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = static_cast<int64_t>(row[b]) * BR, k0 = static_cast<int64_t>(col[b]) * BC;
+      S* dst = out + b * BR * BC;
+      for (int64_t r0 = 0; r0 < BR; r0 += kGradRows) {
+        for (int64_t c0 = 0; c0 < BC; c0 += 2 * L) {
+          typename W::V acc[kGradRows][2] = {};
+          for (int64_t m = 0; m < M; ++m) {
+            const A* xr = X + m * Kx + k0 + c0;
+            const typename W::V x0 = W::load(xr), x1 = W::load(xr + L);
+            const A* gr = G + m * Nx + n0 + r0;
             for (int g = 0; g < kGradRows; ++g) {
-              W::store(lanes[g], acc[g][0]);
-              W::store(lanes[g] + L, acc[g][1]);
+              const typename W::V gv = W::splat(gr[g]);
+              acc[g][0] += gv * x0;
+              acc[g][1] += gv * x1;
             }
-            const int64_t rows = std::min<int64_t>(kGradRows, BR - r0), cols = std::min<int64_t>(2 * L, BC - c0);
-            for (int64_t g = 0; g < rows; ++g)
-              for (int64_t cc = 0; cc < cols; ++cc) dst[(r0 + g) * BC + c0 + cc] = static_cast<S>(lanes[g][cc]);
           }
+          A lanes[kGradRows][2 * L];
+          for (int g = 0; g < kGradRows; ++g) {
+            W::store(lanes[g], acc[g][0]);
+            W::store(lanes[g] + L, acc[g][1]);
+          }
+          const int64_t rows = std::min<int64_t>(kGradRows, BR - r0), cols = std::min<int64_t>(2 * L, BC - c0);
+          for (int64_t g = 0; g < rows; ++g)
+            for (int64_t cc = 0; cc < cols; ++cc) dst[(r0 + g) * BC + c0 + cc] = static_cast<S>(lanes[g][cc]);
         }
       }
-    });
+    }
   }
 };
+
+template <typename S>
+void bsr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, int64_t BR, int64_t BC,
+                     int64_t nnzb, const int32_t* row, const int32_t* col, S* out) {
+  using A = at::opmath_type<S>;
+  const int64_t L = vector_bytes<BsrGradValues<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
+  const int64_t Nx = ceil_div(N, BR) * BR + kGradRows, Kx = ceil_div(K, BC) * BC + 2 * L;
+  auto gyf = buffer<A>(M * Nx);
+  auto xf = buffer<A>(M * Kx);
+  widen_rows(gy, M, N, Nx, gyf.get());
+  widen_rows(x, M, K, Kx, xf.get());
+  parallel_run(BsrGradValues<S>{gyf.get(), xf.get(), M, Nx, Kx, BR, BC, row, col, out}, nnzb, 1);
+}
 
 template <typename S>
 const S* bias_ptr(const std::optional<at::Tensor>& bias) {
@@ -476,9 +543,8 @@ at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_csr_fwd_cpu", [&] {
-    CsrRows<scalar_t> k{x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
-                        values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias), y.data_ptr<scalar_t>(), N};
-    run_best_isa(k);
+    csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
+             values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias), y.data_ptr<scalar_t>(), N);
   });
   return y;
 }
@@ -489,9 +555,9 @@ at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_c
   at::Tensor gx = at::empty({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_cpu", [&] {
-    CsrRows<scalar_t> k{gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<int32_t>(),
-                        t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr, gx.data_ptr<scalar_t>(), K};
-    run_best_isa(k);
+    csr_rows(gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<int32_t>(),
+             t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+             gx.data_ptr<scalar_t>(), K);
   });
   return gx;
 }
@@ -503,9 +569,8 @@ at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x,
   if (nnz == 0) return g;
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_values_cpu", [&] {
-    CsrGradValues<scalar_t> k{gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), nnz,
-                              row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.data_ptr<scalar_t>()};
-    run_best_isa(k);
+    csr_grad_values(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), nnz,
+                    row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.data_ptr<scalar_t>());
   });
   return g;
 }
@@ -516,10 +581,9 @@ at::Tensor sparse_bsr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_bsr_fwd_cpu", [&] {
-    BsrRows<scalar_t> k{x.data_ptr<scalar_t>(), M, K, ceil_div(K, BC) * BC, crow.data_ptr<int32_t>(),
-                        col.data_ptr<int32_t>(), nullptr, values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias),
-                        y.data_ptr<scalar_t>(), N, BR, BC, BC, 1, crow.numel() - 1};
-    run_best_isa(k);
+    bsr_rows(x.data_ptr<scalar_t>(), M, K, BC, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
+             values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias), y.data_ptr<scalar_t>(), N, BR, BC, 1,
+             crow.numel() - 1);
   });
   return y;
 }
@@ -530,10 +594,9 @@ at::Tensor sparse_bsr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_c
   at::Tensor gx = at::empty({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_bsr_grad_input_cpu", [&] {
-    BsrRows<scalar_t> k{gy.data_ptr<scalar_t>(), M, N, ceil_div(N, BR) * BR, t_crow.data_ptr<int32_t>(),
-                        t_row.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr,
-                        gx.data_ptr<scalar_t>(), K, BC, BR, 1, BC, t_crow.numel() - 1};
-    run_best_isa(k);
+    bsr_rows(gy.data_ptr<scalar_t>(), M, N, BR, t_crow.data_ptr<int32_t>(), t_row.data_ptr<int32_t>(),
+             t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+             gx.data_ptr<scalar_t>(), K, BC, 1, BC, t_crow.numel() - 1);
   });
   return gx;
 }
@@ -545,9 +608,8 @@ at::Tensor sparse_bsr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x,
   if (nnzb == 0) return g;
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_bsr_grad_values_cpu", [&] {
-    BsrGradValues<scalar_t> k{gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), BR, BC,
-                              nnzb, row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.data_ptr<scalar_t>()};
-    run_best_isa(k);
+    bsr_grad_values(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), BR, BC, nnzb,
+                    row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.data_ptr<scalar_t>());
   });
   return g;
 }

@@ -154,7 +154,7 @@ def _reference_kernels():
 
     def bsr_grad_values(gy, x, row, col, values_shape):
         nnzb, br, bc = values_shape
-        m, n, k = gy.shape[0], gy.shape[1], x.shape[1]
+        n, k = gy.shape[1], x.shape[1]
         nb, kb = math.ceil(n / br), math.ceil(k / bc)
         full = gy.new_zeros(nb * br, kb * bc, dtype=_math_dtype(gy))
         full[:n, :k] = gy.to(full.dtype).t() @ x.to(full.dtype)
