@@ -308,10 +308,16 @@ def _step(root: nn.Module, node: fx.Node):
 # Where a sparse layer was measured faster than the dense one it replaces: (device type, dtype, "unstructured" |
 # "2:4" | "block<size>") ->
 # ((tokens per call, least sparsity at which the sparse forward beat dense F.linear on every measured weight, or
-# None when it never did), ...). Source: benchmarks/results/cpu-sparse-2t.json
-# (benchmarks/bench_sparse.py, 2-thread AMD EPYC, provisional: measured on a shared machine). A case missing here
-# was not measured faster, and the layer stays dense.
+# None when it never did), ...). Source: benchmarks/results/cpu-sparse-decision-1t.json
+# (``python -m benchmarks.bench_sparse``: forward, 4096x4096 and 768x3072, min of 15 calls at 1 thread of the shared
+# 2-core AMD EPYC; provisional). A case missing here (any GPU, block16, fp16) was not measured, and stays dense.
 SPARSE_FASTER = {
+    ("cpu", torch.float32, "unstructured"): ((1, 0.9), (16, 0.7), (64, 0.7), (256, 0.7)),
+    ("cpu", torch.float32, "block32"): ((1, None), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu", torch.float32, "block64"): ((1, None), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu", torch.bfloat16, "unstructured"): ((1, 0.9), (16, 0.9), (64, 0.9), (256, 0.9)),
+    ("cpu", torch.bfloat16, "block32"): ((1, None), (16, 0.7), (64, 0.7), (256, 0.9)),
+    ("cpu", torch.bfloat16, "block64"): ((1, 0.9), (16, 0.7), (64, 0.9), (256, 0.9)),
 }
 # The token count (rows of x per call) the sparse rule assumes; decode-sized by default.
 SPARSE_TOKENS = 16
