@@ -1,6 +1,6 @@
 // Masked sparse matmul kernels on the CPU (issue #4): y = x W^T + b with W held as CSR (unstructured) or BSR
-// (block), and the two gradients that fine-tuning needs. The array layout is the shared kernel interface,
-// /work/shared/specs/sparse_kernels.md (mirrored in effikern/sparse/formats.py): every index array int32 and
+// (block), and the two gradients that fine-tuning needs. The array layout is the kernel interface shared by every
+// backend (documented in effikern/sparse/formats.py): every index array int32 and
 // contiguous, values in the parameter's dtype, accumulation in fp32 (fp64 for fp64). Arguments are validated by
 // the op layer (effikern/ops/sparse.py), not here. Supported dtypes: float32, bfloat16, float16, float64.
 #pragma once

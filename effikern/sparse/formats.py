@@ -1,7 +1,7 @@
 """Sparse weight formats for ``effikern.functional.sparse_linear``, and the converters that build them.
 
-A :class:`SparseWeight` holds a pruned weight W [N = out_features, K = in_features] as the arrays of the shared
-kernel interface (``/work/shared/specs/sparse_kernels.md``); every index array is int32 and contiguous:
+A :class:`SparseWeight` holds a pruned weight W [N = out_features, K = in_features] as the arrays of the kernel
+interface shared by every backend (cpp, triton, cuda); every index array is int32 and contiguous:
 
 - ``"unstructured"`` (CSR): ``values [nnz]``, ``crow [N+1]``, ``col [nnz]`` (sorted in each row), and for
   training ``row [nnz]`` and the CSC view ``t_crow [K+1]``, ``t_row [nnz]``, ``t_perm [nnz]``.
