@@ -222,10 +222,15 @@ struct CsrRows {
   int64_t O;
   int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
 
-  EK_INLINE A value(int64_t j) const { return static_cast<A>(values[perm != nullptr ? perm[j] : j]); }
+  // kPerm is a template flag, not a test of perm per entry: the forward's inner loop has no branch to predict.
+  template <bool kPerm>
+  EK_INLINE A value(int64_t j) const { return static_cast<A>(values[kPerm ? perm[j] : j]); }
+  // The gather path keeps the run-time test: without it GCC turned the 4 partial sums into one AVX-512 gather per
+  // 4 entries, and the 1-token forward ran 2x slower (0.63 vs 0.30 ms at 4096x4096, 90%, 2 threads).
+  EK_INLINE A gathered_value(int64_t j) const { return static_cast<A>(values[perm != nullptr ? perm[j] : j]); }
 
   // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency.
-  template <int MM>
+  template <int MM, bool kPerm>
   EK_INLINE void gather_rows() const {
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
@@ -233,13 +238,13 @@ struct CsrRows {
       int64_t j = j0;
       for (; j + 4 <= j1; j += 4) {
         for (int u = 0; u < 4; ++u) {
-          const A v = value(j + u);
+          const A v = gathered_value(j + u);
           const int64_t k = idx[j + u];
           for (int m = 0; m < MM; ++m) acc[m][u] += v * src[m * R + k];
         }
       }
       for (; j < j1; ++j) {
-        const A v = value(j);
+        const A v = gathered_value(j);
         for (int m = 0; m < MM; ++m) acc[m][0] += v * src[m * R + idx[j]];
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
@@ -249,7 +254,7 @@ struct CsrRows {
     }
   }
 
-  template <int B, int NV>
+  template <int B, int NV, bool kPerm>
   EK_INLINE void packed_rows() const {
     using W = Vec<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
@@ -264,13 +269,13 @@ struct CsrRows {
       const int64_t j1 = crow[o + 1];
       for (; j + U <= j1; j += U) {
         for (int u = 0; u < U; ++u) {
-          const typename W::V v = W::splat(value(j + u));
+          const typename W::V v = W::splat(value<kPerm>(j + u));
           const A* p = Pc + static_cast<int64_t>(idx[j + u]) * TT;
           for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
         }
       }
       for (; j < j1; ++j) {
-        const typename W::V v = W::splat(value(j));
+        const typename W::V v = W::splat(value<kPerm>(j));
         const A* p = Pc + static_cast<int64_t>(idx[j]) * TT;
         for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
       }
@@ -286,21 +291,30 @@ struct CsrRows {
     }
   }
 
-  template <int B>
-  EK_INLINE void run() const {
+  template <int B, bool kPerm>
+  EK_INLINE void run_rows() const {
     if (T == 0) {  // gather path
       switch (M) {
-        case 1: return gather_rows<1>();
-        case 2: return gather_rows<2>();
-        case 3: return gather_rows<3>();
-        default: return gather_rows<4>();
+        case 1: return gather_rows<1, kPerm>();
+        case 2: return gather_rows<2, kPerm>();
+        case 3: return gather_rows<3, kPerm>();
+        default: return gather_rows<4, kPerm>();
       }
     }
     switch (T / Vec<A, B>::kLanes) {
-      case 1: return packed_rows<B, 1>();
-      case 2: return packed_rows<B, 2>();
-      case 3: return packed_rows<B, 3>();
-      default: return packed_rows<B, 4>();
+      case 1: return packed_rows<B, 1, kPerm>();
+      case 2: return packed_rows<B, 2, kPerm>();
+      case 3: return packed_rows<B, 3, kPerm>();
+      default: return packed_rows<B, 4, kPerm>();
+    }
+  }
+
+  template <int B>
+  EK_INLINE void run() const {
+    if (perm != nullptr) {
+      run_rows<B, true>();
+    } else {
+      run_rows<B, false>();
     }
   }
 };
