@@ -19,7 +19,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["effikern", "effikern.ops", "effikern.nn", "effikern.data", "effikern.kernels", "effikern.benchmarks",
-            "effikern.losses", "effikern.amp", "effikern.optim"]
+            "effikern.losses", "effikern.amp", "effikern.optim", "effikern.sparse"]
 PACKAGE_DIR = {"effikern": "effikern", "effikern.kernels": "kernels", "effikern.benchmarks": "benchmarks"}
 
 

@@ -23,7 +23,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("dwsep", "kd", "data", "amp")
+FAMILIES = ("dwsep", "kd", "data", "amp", "sparse")
 
 
 @dataclasses.dataclass

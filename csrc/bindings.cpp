@@ -6,9 +6,11 @@
 #include "cpu/amp_cpu.h"
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
+#include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/amp_cuda.h"
 #include "cuda/dwsep_cuda.h"
+#include "cuda/sparse_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -45,11 +47,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amp_unscale_check_norm_cpu", &effikern::amp_unscale_check_norm_cpu, release());
   m.def("amp_fused_adamw_cpu", &effikern::amp_fused_adamw_cpu, release());
   m.def("amp_fused_sgd_cpu", &effikern::amp_fused_sgd_cpu, release());
+  m.def("sparse_csr_fwd_cpu", &effikern::sparse_csr_fwd_cpu, release());
+  m.def("sparse_csr_grad_input_cpu", &effikern::sparse_csr_grad_input_cpu, release());
+  m.def("sparse_csr_grad_values_cpu", &effikern::sparse_csr_grad_values_cpu, release());
+  m.def("sparse_bsr_fwd_cpu", &effikern::sparse_bsr_fwd_cpu, release());
+  m.def("sparse_bsr_grad_input_cpu", &effikern::sparse_bsr_grad_input_cpu, release());
+  m.def("sparse_bsr_grad_values_cpu", &effikern::sparse_bsr_grad_values_cpu, release());
 #ifdef EFFIKERN_WITH_CUDA
   m.def("dwsep_fwd_cuda", &effikern::dwsep_fwd_cuda, release());
   m.def("dwsep_bwd_cuda", &effikern::dwsep_bwd_cuda, release());
   m.def("amp_unscale_check_norm_cuda", &effikern::amp_unscale_check_norm_cuda, release());
   m.def("amp_fused_adamw_cuda", &effikern::amp_fused_adamw_cuda, release());
   m.def("amp_fused_sgd_cuda", &effikern::amp_fused_sgd_cuda, release());
+  m.def("sparse_csr_fwd_cuda", &effikern::sparse_csr_fwd_cuda, release());
+  m.def("sparse_csr_grad_input_cuda", &effikern::sparse_csr_grad_input_cuda, release());
+  m.def("sparse_csr_grad_values_cuda", &effikern::sparse_csr_grad_values_cuda, release());
+  m.def("sparse_bsr_fwd_cuda", &effikern::sparse_bsr_fwd_cuda, release());
+  m.def("sparse_bsr_grad_input_cuda", &effikern::sparse_bsr_grad_input_cuda, release());
+  m.def("sparse_bsr_grad_values_cuda", &effikern::sparse_bsr_grad_values_cuda, release());
 #endif
 }

@@ -5,6 +5,7 @@ from typing import Optional, Union
 import torch
 
 from .ops import _checks
+from .ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.effikern.sparse_linear*)
 from .ops.activation import activation_name
 
 IntOrPair = Union[int, tuple]
@@ -98,3 +99,27 @@ def distillation_loss(
     # target). Clamped to 1 so that a batch with none gives 0 and a zero gradient, not 0/0.
     count = loss.numel() if target is None else (target != ignore_index).sum()
     return total / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1))
+
+
+def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x @ W.T + bias`` with W a pruned weight held sparse (skips the pruned work).
+
+    Args:
+        x: [..., in_features]; float32, float16 or bfloat16 (float64 on the torch and cpp backends); the sparse
+            weight's dtype and device.
+        sparse_weight: an :class:`effikern.sparse.SparseWeight` [out_features, in_features] ("unstructured",
+            "block" or "2:4"), e.g. from ``effikern.sparse.from_dense(weight, mask, format)``.
+        bias: [out_features] or None.
+
+    Returns:
+        [..., out_features] in x's dtype. Gradients flow to x, ``sparse_weight.values`` (at the kept positions
+        only) and bias.
+    """
+    from .sparse import SparseWeight
+
+    if not isinstance(sparse_weight, SparseWeight):
+        raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight (effikern.sparse.from_dense), got "
+                        f"{type(sparse_weight).__name__}")
+    w = sparse_weight
+    return torch.ops.effikern.sparse_linear(x, w.values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm,
+                                            w.value_mask, bias, w.format, w.out_features, w.in_features)

@@ -99,6 +99,7 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
     """
     rules = RULES if rules is None else list(rules)
     if not inplace:
+        _leaf_pruned_weights(model)
         model = copy.deepcopy(model)
     report = Report()
     rewrite = _apply_rules(rules, [model], "", report)
@@ -106,6 +107,22 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
         return rewrite.replacement, report
     _rewrite_children(model, "", rules, report)
     return model, report
+
+
+def _leaf_pruned_weights(model: nn.Module) -> None:
+    """Recomputes every torch.nn.utils.prune'd weight (weight_orig * weight_mask) without autograd history.
+
+    prune keeps the product as a plain attribute holding a graph, which copy.deepcopy refuses ("Only Tensors
+    created explicitly by the user support the deepcopy protocol"); the pruning hook recomputes it before each
+    forward anyway, so the value is unchanged and training is unaffected.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, BasePruningMethod):
+                    hook(module, ())
 
 
 def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
@@ -286,4 +303,76 @@ def _step(root: nn.Module, node: fx.Node):
     raise _Unproven(f"{node.name} ({node.op} {_target_name(node)}) is not a fusable step")
 
 
-RULES: List[Rule] = [dwsep_rule]
+# --- the sparse rule: pruned Linear / 1x1 Conv2d -> SparseLinear / SparseConv2d1x1 ------------------------
+
+# Where a sparse layer was measured faster than the dense one it replaces: (device type, dtype, "unstructured" |
+# "2:4" | "block<size>") ->
+# ((tokens per call, least sparsity at which the sparse forward beat dense F.linear on every measured weight, or
+# None when it never did), ...). Source: benchmarks/results/cpu-sparse-decision-1t.json
+# (``python -m benchmarks.bench_sparse``: forward, 4096x4096 and 768x3072, min of 15 calls at 1 thread of the shared
+# 2-core AMD EPYC; provisional). A case missing here (any GPU, block16, fp16) was not measured, and stays dense.
+SPARSE_FASTER = {
+    ("cpu", torch.float32, "unstructured"): ((1, 0.9), (16, 0.7), (64, 0.7), (256, 0.7)),
+    ("cpu", torch.float32, "block32"): ((1, None), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu", torch.float32, "block64"): ((1, None), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu", torch.bfloat16, "unstructured"): ((1, 0.9), (16, 0.9), (64, 0.9), (256, 0.9)),
+    ("cpu", torch.bfloat16, "block32"): ((1, None), (16, 0.7), (64, 0.7), (256, 0.9)),
+    ("cpu", torch.bfloat16, "block64"): ((1, 0.9), (16, 0.7), (64, 0.9), (256, 0.9)),
+}
+# The token count (rows of x per call) the sparse rule assumes; decode-sized by default.
+SPARSE_TOKENS = 16
+# A layer without a prune mask counts as pruned when at least this fraction of its weight is exactly zero.
+_ZERO_FRACTION = 0.5
+
+
+def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
+    """A pruned ``nn.Linear`` or 1x1 ``nn.Conv2d`` (prune mask, or >= 50% zeros) -> its sparse form, when the
+    measured table ``SPARSE_FASTER`` says the sparse kernel is faster at ``SPARSE_TOKENS`` tokens; else left, with
+    the reason. Outputs are the same: the sparse layer computes the masked weight's product exactly."""
+    from .nn import sparse as sparse_nn
+
+    module = window[0]
+    is_linear = type(module) is nn.Linear
+    is_conv = type(module) is nn.Conv2d and sparse_nn.pointwise_problem(module) is None
+    if not (is_linear or is_conv):
+        return None
+    weight, mask = sparse_nn.pruned_weight_and_mask(module)
+    kept = (weight != 0) if mask is None else (mask != 0)
+    sparsity = 1.0 - kept.float().mean().item()
+    if mask is None and sparsity < _ZERO_FRACTION:
+        return None  # an ordinary dense layer: not this rule's business
+    kind = "Linear" if is_linear else "1x1 Conv2d"
+    extra = _foreign_hooks(module)
+    if extra:
+        return Rewrite(1, None, f"pruned {kind}: has hooks other than pruning's ({extra}), which would be lost")
+    fmt, block = sparse_nn.choose_format(weight.reshape(weight.shape[0], -1), kept.reshape(weight.shape[0], -1))
+    what = f"pruned {kind} {sparsity:.0%} sparse, format {fmt}" + (f" {block[0]}x{block[1]}" if block else "")
+    key = (weight.device.type, weight.dtype, fmt if block is None else f"block{block[0]}")
+    limits = SPARSE_FASTER.get(key)
+    if not limits:
+        return Rewrite(1, None, f"{what}: no measurement shows the sparse kernel faster on "
+                                f"{key[0]} {str(key[1])[6:]} for this format")
+    # The measurement at the fewest tokens >= SPARSE_TOKENS: sparse pays less as tokens grow (compute-bound).
+    measured = sorted((tokens, least) for tokens, least in limits if tokens >= SPARSE_TOKENS)
+    if not measured:
+        return Rewrite(1, None, f"{what}: not measured faster than dense at {SPARSE_TOKENS} tokens or more")
+    tokens, least = measured[0]
+    if least is None or sparsity < least:
+        need = "at no measured sparsity" if least is None else f"only at >= {least:.0%} sparsity"
+        return Rewrite(1, None, f"{what}: measured faster than dense {need} ({tokens} tokens)")
+    if is_linear:
+        new = sparse_nn.SparseLinear.from_linear(module, format=fmt, block_size=block)
+    else:
+        new = sparse_nn.SparseConv2d1x1.from_conv(module, format=fmt, block_size=block)
+    return Rewrite(1, new, f"{what}: measured faster than dense at >= {least:.0%} sparsity ({tokens} tokens)")
+
+
+def _foreign_hooks(module) -> str:
+    from torch.nn.utils.prune import BasePruningMethod
+
+    hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
+    hooks += list(module._forward_hooks.values()) + list(module._backward_hooks.values())
+    return ", ".join(type(h).__name__ for h in hooks)
+
+
+RULES: List[Rule] = [dwsep_rule, sparse_rule]

@@ -1,0 +1,193 @@
+// Torch glue of the sparse-weight matmul CUDA kernels: allocates outputs with torch, lays activations out the
+// way each kernel reads them, and calls the launchers of sparse_kernels.cu with raw pointers.
+//
+// Compiled by the host compiler against <torch/extension.h> only (no c10/cuda, no ATen/cuda: the CPU torch
+// wheel on CI lacks their build headers). The op layer (effikern/ops/sparse.py) validates every argument,
+// makes the inputs' device current and passes torch's current stream; the checks here are cheap internal
+// asserts that keep a wrong call from reading out of bounds. Torch ops used here (contiguous, transpose
+// copies, zeros) run on torch's current stream, the same one the kernels are enqueued on.
+#include <torch/extension.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "sparse_cuda.h"
+#include "sparse_kernels.h"
+
+namespace effikern {
+namespace {
+
+namespace sk = effikern::cuda::sparse;
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "effikern sparse CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+
+sk::DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return sk::DType::kFloat32;
+    case at::kHalf: return sk::DType::kFloat16;
+    case at::kBFloat16: return sk::DType::kBFloat16;
+    default: TORCH_CHECK(false, "effikern sparse CUDA: dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+/// x (or gy) is a 2-d CUDA tensor on the current device with the expected number of columns.
+void check_activation(const at::Tensor& t, int64_t cols, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.size(1) == cols, "effikern sparse CUDA: ", name,
+              " must be a 2-d CUDA tensor with ", cols, " columns, got ", t.sizes());
+  int device = -1;
+  check_launch(cudaGetDevice(&device));
+  TORCH_CHECK(device == t.get_device(), "effikern sparse CUDA: ", name, " is on cuda:", t.get_device(), " but cuda:",
+              device, " is current (call through effikern.ops, which sets the device)");
+}
+
+/// An int32 contiguous index tensor of `numel` entries (numel < 0: any length) on like's device.
+void check_index(const at::Tensor& t, int64_t numel, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.device() == like.device() && t.dim() == 1,
+              "effikern sparse CUDA: ", name, " must be a contiguous 1-d int32 tensor on ", like.device());
+  TORCH_CHECK(numel < 0 || t.numel() == numel, "effikern sparse CUDA: ", name, " must have ", numel,
+              " entries, got ", t.numel());
+}
+
+/// values (and bias) in the activation's dtype, contiguous, on its device.
+void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device() && t.is_contiguous(),
+              "effikern sparse CUDA: ", name, " must be contiguous with dtype ", like.scalar_type(), " on ",
+              like.device());
+}
+
+const void* bias_ptr(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_same(*bias, x, "bias");
+  TORCH_CHECK(bias->numel() == N, "effikern sparse CUDA: bias must have ", N, " entries");
+  return bias->data_ptr();
+}
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, "effikern sparse CUDA: ", what, " = ", v, " does not fit in int32");
+  return static_cast<int>(v);
+}
+
+/// [M, C] -> its transpose [C, M], contiguous: the token-major layout the CSR kernels gather from.
+at::Tensor token_major(const at::Tensor& t) { return t.t().contiguous(); }
+
+/// Shared by CSR forward and grad_input: out [M, out_features].
+at::Tensor csr_mm(const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor* perm,
+                  const at::Tensor& values, const void* bias, int64_t in_features, int64_t out_features,
+                  int64_t stream) {
+  const at::Tensor out = at::empty({a.size(0), out_features}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  if (a.size(0) == 0 || out_features == 0) return out;
+  as_int(values.numel(), "nnz");
+  const at::Tensor a_t = token_major(a);
+  check_launch(sk::csr_mm(kernel_dtype(a), a_t.data_ptr(), a.size(0), in_features, ptr.data_ptr<int32_t>(),
+                          idx.data_ptr<int32_t>(), perm != nullptr ? perm->data_ptr<int32_t>() : nullptr,
+                          values.data_ptr(), bias, out_features, out.data_ptr(), as_stream(stream)));
+  return out;
+}
+
+/// Shared by BSR forward and grad_input.
+at::Tensor bsr_mm(const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor* perm,
+                  const at::Tensor& values, const void* bias, int64_t in_features, int64_t out_features,
+                  bool transposed, int64_t stream) {
+  const at::Tensor out = at::empty({a.size(0), out_features}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  if (a.size(0) == 0 || out_features == 0) return out;
+  const at::Tensor ac = a.contiguous();
+  check_launch(sk::bsr_mm(kernel_dtype(a), ac.data_ptr(), a.size(0), in_features, ptr.data_ptr<int32_t>(),
+                          idx.data_ptr<int32_t>(), perm != nullptr ? perm->data_ptr<int32_t>() : nullptr,
+                          values.data_ptr(), as_int(values.size(1), "BR"), as_int(values.size(2), "BC"), transposed,
+                          bias, out_features, out.data_ptr(), as_stream(stream)));
+  return out;
+}
+
+void check_bsr_values(const at::Tensor& values, const at::Tensor& like) {
+  check_same(values, like, "values");
+  TORCH_CHECK(values.dim() == 3 && values.size(1) > 0 && values.size(2) > 0,
+              "effikern sparse CUDA: values must be [nnzb, BR, BC] with BR, BC >= 1, got ", values.sizes());
+}
+
+}  // namespace
+
+at::Tensor sparse_csr_fwd_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                               int64_t stream) {
+  check_activation(x, K, "x");
+  check_same(values, x, "values");
+  check_index(crow, N + 1, x, "crow");
+  check_index(col, values.numel(), x, "col");
+  return csr_mm(x, crow, col, nullptr, values, bias_ptr(bias, x, N), K, N, stream);
+}
+
+at::Tensor sparse_csr_grad_input_cuda(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
+                                      const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K,
+                                      int64_t stream) {
+  check_activation(gy, N, "gy");
+  check_same(values, gy, "values");
+  check_index(t_crow, K + 1, gy, "t_crow");
+  check_index(t_row, values.numel(), gy, "t_row");
+  check_index(t_perm, values.numel(), gy, "t_perm");
+  return csr_mm(gy, t_crow, t_row, &t_perm, values, nullptr, N, K, stream);
+}
+
+at::Tensor sparse_csr_grad_values_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
+                                       const at::Tensor& col, int64_t stream) {
+  check_activation(x, x.size(-1), "x");
+  check_activation(gy, gy.size(-1), "gy");
+  TORCH_CHECK(gy.size(0) == x.size(0) && gy.scalar_type() == x.scalar_type(),
+              "effikern sparse CUDA: gy and x must have the same number of rows and dtype");
+  check_index(row, -1, x, "row");
+  check_index(col, row.numel(), x, "col");
+  const at::Tensor out = at::empty({row.numel()}, x.options());
+  if (row.numel() == 0) return out;
+  const at::Tensor gy_t = token_major(gy), x_t = token_major(x);
+  check_launch(sk::csr_sddmm(kernel_dtype(x), gy_t.data_ptr(), x_t.data_ptr(), x.size(0), row.data_ptr<int32_t>(),
+                             col.data_ptr<int32_t>(), row.numel(), out.data_ptr(), as_stream(stream)));
+  return out;
+}
+
+at::Tensor sparse_bsr_fwd_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                               int64_t stream) {
+  check_activation(x, K, "x");
+  check_bsr_values(values, x);
+  const int64_t BR = values.size(1);
+  check_index(crow, (N + BR - 1) / BR + 1, x, "crow");
+  check_index(col, values.size(0), x, "col");
+  return bsr_mm(x, crow, col, nullptr, values, bias_ptr(bias, x, N), K, N, false, stream);
+}
+
+at::Tensor sparse_bsr_grad_input_cuda(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
+                                      const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K,
+                                      int64_t stream) {
+  check_activation(gy, N, "gy");
+  check_bsr_values(values, gy);
+  const int64_t BC = values.size(2);
+  check_index(t_crow, (K + BC - 1) / BC + 1, gy, "t_crow");
+  check_index(t_row, values.size(0), gy, "t_row");
+  check_index(t_perm, values.size(0), gy, "t_perm");
+  return bsr_mm(gy, t_crow, t_row, &t_perm, values, nullptr, N, K, true, stream);
+}
+
+at::Tensor sparse_bsr_grad_values_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
+                                       const at::Tensor& col, at::IntArrayRef values_shape, int64_t stream) {
+  check_activation(x, x.size(-1), "x");
+  check_activation(gy, gy.size(-1), "gy");
+  TORCH_CHECK(gy.size(0) == x.size(0) && gy.scalar_type() == x.scalar_type(),
+              "effikern sparse CUDA: gy and x must have the same number of rows and dtype");
+  TORCH_CHECK(values_shape.size() == 3 && values_shape[1] > 0 && values_shape[2] > 0,
+              "effikern sparse CUDA: values_shape must be (nnzb, BR, BC), got ", values_shape);
+  check_index(row, values_shape[0], x, "row");
+  check_index(col, values_shape[0], x, "col");
+  const at::Tensor out = at::empty(values_shape, x.options());
+  if (values_shape[0] == 0) return out;
+  const at::Tensor gyc = gy.contiguous(), xc = x.contiguous();
+  check_launch(sk::bsr_sddmm(kernel_dtype(x), gyc.data_ptr(), xc.data_ptr(), x.size(0), gy.size(1), x.size(1),
+                             row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), values_shape[0],
+                             as_int(values_shape[1], "BR"), as_int(values_shape[2], "BC"), out.data_ptr(),
+                             as_stream(stream)));
+  return out;
+}
+
+}  // namespace effikern

@@ -1,0 +1,383 @@
+"""``torch.ops.effikern.sparse_linear``: y = x W^T + b with W a pruned weight held sparse, and its gradients.
+
+W [N, K] comes as the arrays of a :class:`effikern.sparse.SparseWeight` (format "unstructured" (CSR), "block" (BSR)
+or "2:4", see ``effikern/sparse/formats.py``); x is [..., K], y [..., N] in x's dtype, accumulated in fp32
+(fp64 for fp64). Backward:
+
+- grad_x = grad_y W (``sparse_linear_grad_input``), through the transposed view of W;
+- grad_values = (grad_y^T x) at the stored positions only, a sampled dense-dense product
+  (``sparse_linear_grad_values``), times ``value_mask`` where stored positions are pruned (zeros inside a block, 2:4
+  padding), so an optimizer step never makes a pruned weight nonzero;
+- grad_bias = sum of grad_y over the tokens (fp32, then the bias dtype).
+
+Backends (``effikern.set_backend``): ``torch`` densifies W and runs a dense matmul (the reference); ``cpp`` runs the
+CSR/BSR kernels of ``csrc/cpu/sparse_cpu.cpp``; ``triton`` the kernels of ``effikern.kernels.sparse``; ``cuda`` the
+``sparse_*_cuda`` functions of ``effikern._C``. The 2:4 format runs the CSR kernels of the chosen backend, except its
+forward on CUDA with fp16/bf16, which uses PyTorch's own semi-structured kernel
+(``torch.sparse.to_sparse_semi_structured``) when the GPU (compute capability >= 8.0) and the shape allow it.
+"""
+
+import functools
+import math
+import types
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, backends
+from ..sparse.formats import FORMATS
+from . import _checks
+
+OP = "sparse_linear"
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
+KERNELS = ("csr_fwd", "csr_grad_input", "csr_grad_values", "bsr_fwd", "bsr_grad_input", "bsr_grad_values")
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+def _check_index(t, name, device, length=None):
+    _checks.tensor(t, name, 1)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 index array, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the device of x ({device}), got {t.device}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name} must have {length} entries, got {t.numel()}")
+
+
+def check_weight(values, crow, col, fmt, out_features, in_features, device):
+    """Validates the forward arrays of the sparse weight; returns the block size (BR, BC) or None."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    for name, v in (("out_features", out_features), ("in_features", in_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    _checks.tensor(values, "values")
+    block = None
+    if fmt == "block":
+        if values.dim() != 3:
+            raise ValueError(f"values of the block format must be [nnzb, BR, BC], got shape {tuple(values.shape)}")
+        block = (values.shape[1], values.shape[2])
+        if min(block) < 1:
+            raise ValueError(f"the block size must be >= 1, got {block}")
+        rows = math.ceil(out_features / block[0]) + 1
+    else:
+        if values.dim() != 1:
+            raise ValueError(f"values of the {fmt} format must be 1-D [nnz], got shape {tuple(values.shape)}")
+        rows = out_features + 1
+        if fmt == "2:4" and in_features % 4:
+            raise ValueError(f"the 2:4 format needs in_features divisible by 4, got {in_features}")
+    _check_index(crow, "crow", device, rows)
+    _check_index(col, "col", device, values.shape[0])
+    return block
+
+
+def check_args(x, values, crow, col, value_mask, bias, fmt, out_features, in_features):
+    """Validates the forward's arguments; returns the block size or None."""
+    _checks.tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., in_features], got a 0-D tensor")
+    _checks.floating(x, "x", _ALL_FLOAT)
+    block = check_weight(values, crow, col, fmt, out_features, in_features, x.device)
+    _checks.same_dtype_device(x, "x", values=values, bias=bias)
+    if value_mask is not None:
+        _check_value_mask(value_mask, values.shape, x.device)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}] (in_features of the sparse weight), got "
+                         f"{tuple(x.shape)}")
+    if bias is not None:
+        _checks.shape(bias, "bias", (out_features,), "[out_features]")
+    return block
+
+
+# --- the torch reference (dense masked matmul), with the kernel interface's signatures ---------------------
+
+def _math_dtype(t):
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _dense_csr(crow, col, values, n, k):
+    row = torch.repeat_interleave(torch.arange(n, device=crow.device), (crow[1:] - crow[:-1]).long())
+    return values.new_zeros(n, k, dtype=_math_dtype(values)).index_put_((row, col.long()), values.to(_math_dtype(values)))
+
+
+def _dense_bsr(crow, col, values, n, k):
+    br, bc = values.shape[1], values.shape[2]
+    nb, kb = crow.numel() - 1, math.ceil(k / bc)
+    row = torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).long())
+    blocks = values.new_zeros(nb, kb, br, bc, dtype=_math_dtype(values))
+    blocks.index_put_((row, col.long()), values.to(blocks.dtype))
+    return blocks.permute(0, 2, 1, 3).reshape(nb * br, kb * bc)[:n, :k]
+
+
+def _transpose_csr(t_crow, t_row, t_perm, values, n, k):
+    """Dense W from the CSC view (so the grad_input reference exercises the transposed arrays)."""
+    col = torch.repeat_interleave(torch.arange(k, device=t_crow.device), (t_crow[1:] - t_crow[:-1]).long())
+    w = values.new_zeros(n, k, dtype=_math_dtype(values))
+    return w.index_put_((t_row.long(), col), values[t_perm.long()].to(w.dtype))
+
+
+def _transpose_bsr(t_crow, t_row, t_perm, values, n, k):
+    br, bc = values.shape[1], values.shape[2]
+    nb, kb = math.ceil(n / br), t_crow.numel() - 1
+    bcol = torch.repeat_interleave(torch.arange(kb, device=t_crow.device), (t_crow[1:] - t_crow[:-1]).long())
+    blocks = values.new_zeros(nb, kb, br, bc, dtype=_math_dtype(values))
+    blocks.index_put_((t_row.long(), bcol), values[t_perm.long()].to(blocks.dtype))
+    return blocks.permute(0, 2, 1, 3).reshape(nb * br, kb * bc)[:n, :k]
+
+
+def _ref_linear(x, w, bias):
+    y = x.to(w.dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(w.dtype)
+    return y.to(x.dtype)
+
+
+def _reference_kernels():
+    def csr_fwd(x, crow, col, values, bias, n, k):
+        return _ref_linear(x, _dense_csr(crow, col, values, n, k), bias)
+
+    def bsr_fwd(x, crow, col, values, bias, n, k):
+        return _ref_linear(x, _dense_bsr(crow, col, values, n, k), bias)
+
+    def csr_grad_input(gy, t_crow, t_row, t_perm, values, n, k):
+        return (gy.to(_math_dtype(gy)) @ _transpose_csr(t_crow, t_row, t_perm, values, n, k)).to(gy.dtype)
+
+    def bsr_grad_input(gy, t_crow, t_row, t_perm, values, n, k):
+        return (gy.to(_math_dtype(gy)) @ _transpose_bsr(t_crow, t_row, t_perm, values, n, k)).to(gy.dtype)
+
+    def csr_grad_values(gy, x, row, col):
+        full = gy.to(_math_dtype(gy)).t() @ x.to(_math_dtype(x))
+        return full[row.long(), col.long()].to(gy.dtype)
+
+    def bsr_grad_values(gy, x, row, col, values_shape):
+        nnzb, br, bc = values_shape
+        n, k = gy.shape[1], x.shape[1]
+        nb, kb = math.ceil(n / br), math.ceil(k / bc)
+        full = gy.new_zeros(nb * br, kb * bc, dtype=_math_dtype(gy))
+        full[:n, :k] = gy.to(full.dtype).t() @ x.to(full.dtype)
+        tiles = full.reshape(nb, br, kb, bc).permute(0, 2, 1, 3)
+        return tiles[row.long(), col.long()].to(gy.dtype).reshape(nnzb, br, bc)
+
+    return types.SimpleNamespace(**{name: fn for name, fn in locals().items() if name in KERNELS})
+
+
+# --- backends -------------------------------------------------------------------------------------------
+# Each loader returns a namespace with the six functions of KERNELS (signatures: sparse_kernels.md).
+
+def _load_torch():
+    return _reference_kernels()
+
+
+def _load_cpp():
+    ext = _ext.require("cpu")
+    return types.SimpleNamespace(**{name: getattr(ext, f"sparse_{name}_cpu") for name in KERNELS})
+
+
+def _load_triton():
+    try:
+        from ..kernels import sparse as kernels
+    except ImportError as err:
+        raise backends.BackendUnavailableError(
+            f"the triton backend of {OP} needs effikern.kernels.sparse, which could not be imported ({err})") from err
+    missing = [name for name in KERNELS if not hasattr(kernels, name)]
+    return _partial_namespace("triton", {n: getattr(kernels, n) for n in KERNELS if n not in missing}, missing)
+
+
+def _load_cuda():
+    ext = _ext.require("cuda")
+    found = {n: getattr(ext, f"sparse_{n}_cuda") for n in KERNELS if hasattr(ext, f"sparse_{n}_cuda")}
+
+    def with_stream(fn):  # the CUDA glue takes torch's current stream as a trailing int (as dwsep_cuda does)
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args, torch.cuda.current_stream(args[0].device).cuda_stream)
+        return call
+
+    return _partial_namespace("cuda", {n: with_stream(f) for n, f in found.items()},
+                              [n for n in KERNELS if n not in found])
+
+
+def _partial_namespace(backend, found, missing):
+    """Kernels a backend lacks raise BackendUnavailableError when called (not at load: the others still run)."""
+    def unavailable(name):
+        def fail(*_args):
+            raise backends.BackendUnavailableError(
+                f"the {backend} backend of {OP} has no {name} kernel in this build")
+        return fail
+
+    return types.SimpleNamespace(**found, **{name: unavailable(name) for name in missing})
+
+
+backends.register(OP, "torch", ("cpu", "cuda"), _ALL_FLOAT, _load_torch)
+backends.register(OP, "cpp", ("cpu",), _ALL_FLOAT, _load_cpp)
+backends.register(OP, "triton", ("cpu", "cuda"), _HALF_AND_FLOAT, _load_triton)
+backends.register(OP, "cuda", ("cuda",), _HALF_AND_FLOAT, _load_cuda)
+
+
+# --- 2:4 through PyTorch's semi-structured kernels ------------------------------------------------------
+
+def _semi_structured_ok(x, values, fmt, n, k):
+    """Whether torch's 2:4 kernel can run this forward: CUDA sm80+, fp16/bf16, and the sizes it accepts
+    (out_features a multiple of 64 and in_features of 128 for the CUTLASS path; smaller ones it refuses)."""
+    if fmt != "2:4" or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return n % 64 == 0 and k % 128 == 0
+
+
+def _semi_structured_fwd(x2, values, crow, col, bias, n, k):
+    from torch.sparse import to_sparse_semi_structured
+
+    w = _dense_csr(crow, col, values, n, k).to(values.dtype)
+    y = F.linear(x2, to_sparse_semi_structured(w))
+    return y if bias is None else y + bias
+
+
+# --- the ops --------------------------------------------------------------------------------------------
+
+def _flat(t, width):
+    return t.reshape(-1, width).contiguous()
+
+
+def _kernel_prefix(fmt):
+    return "bsr" if fmt == "block" else "csr"
+
+
+@torch.library.custom_op("effikern::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                  row: torch.Tensor, t_crow: torch.Tensor, t_row: torch.Tensor, t_perm: torch.Tensor,
+                  value_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], format: str,
+                  out_features: int, in_features: int) -> torch.Tensor:
+    """y [..., N] = x [..., K] W^T + bias (module docstring). Prefer ``effikern.functional.sparse_linear``."""
+    check_args(x, values, crow, col, value_mask, bias, format, out_features, in_features)
+    lead = x.shape[:-1]
+    x2 = _flat(x, in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, out_features)
+    if _semi_structured_ok(x, values, format, out_features, in_features) and backends.get_backend() != "torch":
+        y = _semi_structured_fwd(x2, values, crow, col, bias, out_features, in_features)
+    else:
+        _, kernels = backends.resolve(OP, x)
+        fwd = getattr(kernels, _kernel_prefix(format) + "_fwd")
+        y = fwd(x2, crow, col, values.contiguous(), bias, out_features, in_features)
+    return y.reshape(*lead, out_features)
+
+
+@sparse_linear.register_fake
+def _(x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, format, out_features, in_features):
+    check_args(x, values, crow, col, value_mask, bias, format, out_features, in_features)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("effikern::sparse_linear_grad_input", mutates_args=())
+def sparse_linear_grad_input(grad_y: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_row: torch.Tensor,
+                             t_perm: torch.Tensor, format: str, out_features: int, in_features: int) -> torch.Tensor:
+    """grad_x [..., K] = grad_y [..., N] W."""
+    _check_grad_input(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features)
+    lead = grad_y.shape[:-1]
+    gy = _flat(grad_y, out_features)
+    if gy.shape[0] == 0:
+        return grad_y.new_empty(*lead, in_features)
+    _, kernels = backends.resolve(OP, grad_y)
+    fn = getattr(kernels, _kernel_prefix(format) + "_grad_input")
+    return fn(gy, t_crow, t_row, t_perm, values.contiguous(), out_features, in_features).reshape(*lead, in_features)
+
+
+def _check_grad_input(grad_y, values, t_crow, t_row, t_perm, fmt, out_features, in_features):
+    _checks.tensor(grad_y, "grad_y")
+    _checks.floating(grad_y, "grad_y", _ALL_FLOAT)
+    _checks.tensor(values, "values")
+    _checks.same_dtype_device(grad_y, "grad_y", values=values)
+    if grad_y.dim() < 1 or grad_y.shape[-1] != out_features:
+        raise ValueError(f"grad_y must have shape [..., {out_features}], got {tuple(grad_y.shape)}")
+    block = (values.shape[1], values.shape[2]) if fmt == "block" and values.dim() == 3 else None
+    if fmt == "block" and block is None:
+        raise ValueError(f"values of the block format must be [nnzb, BR, BC], got shape {tuple(values.shape)}")
+    cols = math.ceil(in_features / block[1]) if block else in_features
+    _check_index(t_crow, "t_crow", grad_y.device, cols + 1)
+    _check_index(t_row, "t_row", grad_y.device, values.shape[0])
+    _check_index(t_perm, "t_perm", grad_y.device, values.shape[0])
+
+
+@sparse_linear_grad_input.register_fake
+def _(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features):
+    _check_grad_input(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features)
+    return grad_y.new_empty(*grad_y.shape[:-1], in_features)
+
+
+@torch.library.custom_op("effikern::sparse_linear_grad_values", mutates_args=())
+def sparse_linear_grad_values(grad_y: torch.Tensor, x: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                              value_mask: Optional[torch.Tensor], values_shape: List[int],
+                              format: str) -> torch.Tensor:
+    """grad_values (values_shape) = (grad_y^T x) at the stored positions, times value_mask when given."""
+    _check_grad_values(grad_y, x, row, col, value_mask, values_shape, format)
+    gy = _flat(grad_y, grad_y.shape[-1])
+    x2 = _flat(x, x.shape[-1])
+    _, kernels = backends.resolve(OP, grad_y)
+    if format == "block":
+        g = kernels.bsr_grad_values(gy, x2, row, col, list(values_shape))
+    else:
+        g = kernels.csr_grad_values(gy, x2, row, col)
+    return g if value_mask is None else g.masked_fill(~value_mask, 0)
+
+
+def _check_grad_values(grad_y, x, row, col, value_mask, values_shape, fmt):
+    _checks.tensor(grad_y, "grad_y")
+    _checks.tensor(x, "x")
+    _checks.floating(grad_y, "grad_y", _ALL_FLOAT)
+    _checks.same_dtype_device(grad_y, "grad_y", x=x)
+    if grad_y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_y [..., N] and x [..., K] must share their leading dims, got {tuple(grad_y.shape)} "
+                         f"and {tuple(x.shape)}")
+    if len(values_shape) != (3 if fmt == "block" else 1):
+        raise ValueError(f"values_shape {list(values_shape)} does not fit the {fmt} format")
+    _check_index(row, "row", x.device, values_shape[0])
+    _check_index(col, "col", x.device, values_shape[0])
+    if value_mask is not None:
+        _check_value_mask(value_mask, values_shape, x.device)
+
+
+def _check_value_mask(value_mask, values_shape, device):
+    _checks.tensor(value_mask, "value_mask")
+    if value_mask.dtype != torch.bool or value_mask.device != device:
+        raise TypeError(f"value_mask must be a bool tensor on {device}, got {value_mask.dtype} on {value_mask.device}")
+    _checks.shape(value_mask, "value_mask", tuple(values_shape), "the values' shape")
+
+
+@sparse_linear_grad_values.register_fake
+def _(grad_y, x, row, col, value_mask, values_shape, format):
+    _check_grad_values(grad_y, x, row, col, value_mask, values_shape, format)
+    return grad_y.new_empty(values_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, fmt, n, k = inputs
+    ctx.fmt, ctx.n, ctx.k = fmt, n, k
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, values, row, t_crow, t_row, t_perm, col, value_mask)
+
+
+def _backward(ctx, grad_y):
+    x, values, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
+    need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[9]
+    if (need_x or need_values) and t_perm.numel() != values.shape[0]:
+        raise RuntimeError("this sparse weight was built without its training arrays (row, t_crow, t_row, t_perm); "
+                           "build it with effikern.sparse.from_dense or call SparseLinear.train() before backward")
+    grad_y = grad_y.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if need_x:
+        grad_x = torch.ops.effikern.sparse_linear_grad_input(grad_y, values, t_crow, t_row, t_perm, ctx.fmt,
+                                                             ctx.n, ctx.k)
+    if need_values:
+        grad_values = torch.ops.effikern.sparse_linear_grad_values(grad_y, x, row, col, value_mask,
+                                                                   list(values.shape), ctx.fmt)
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.reshape(-1, ctx.n).sum(0, dtype=_math_dtype(grad_y)).to(grad_y.dtype)
+    return grad_x, grad_values, None, None, None, None, None, None, None, grad_bias, None, None, None
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)

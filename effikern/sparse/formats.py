@@ -1,0 +1,261 @@
+"""Sparse weight formats for ``effikern.functional.sparse_linear``, and the converters that build them.
+
+A :class:`SparseWeight` holds a pruned weight W [N = out_features, K = in_features] as the arrays of the kernel
+interface shared by every backend (cpp, triton, cuda); every index array is int32 and contiguous:
+
+- ``"unstructured"`` (CSR): ``values [nnz]``, ``crow [N+1]``, ``col [nnz]`` (sorted in each row), and for
+  training ``row [nnz]`` and the CSC view ``t_crow [K+1]``, ``t_row [nnz]``, ``t_perm [nnz]``.
+- ``"block"`` (BSR, blocks (BR, BC)): W zero-padded to [Np, Kp] (multiples of the block); ``values [nnzb, BR, BC]``,
+  ``crow [Np/BR + 1]``, ``col [nnzb]``, ``row [nnzb]``, ``t_crow [Kp/BC + 1]``, ``t_row``, ``t_perm [nnzb]``.
+- ``"2:4"``: at most 2 kept weights in every group of 4 along K (K % 4 == 0). Held as CSR with exactly 2 entries
+  per group (a group with fewer kept weights stores explicit zeros, masked out of the gradient), so every backend's
+  CSR kernels run it; on CUDA the forward goes through ``torch.sparse.to_sparse_semi_structured`` where the GPU,
+  dtype and shape allow (``effikern/ops/sparse.py``).
+
+``value_mask`` (bool, values' shape, or None when every stored value is kept) marks stored positions that the mask
+prunes: zeros inside a stored block, or the padding entries of a 2:4 group. Their gradient is zeroed, so
+fine-tuning never grows the pattern.
+
+The converters round-trip exactly: ``from_dense(w, mask, fmt).to_dense() == w * mask``, bit for bit.
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+FORMATS = ("unstructured", "block", "2:4")
+# Arrays needed by backward only; inference may leave them empty (see SparseWeight.has_training_arrays).
+TRAINING_ARRAYS = ("row", "t_crow", "t_row", "t_perm")
+INDEX_ARRAYS = ("crow", "col") + TRAINING_ARRAYS
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """[n] counts -> [n + 1] int32 prefix sums starting at 0."""
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    out[1:] = torch.cumsum(counts, 0)
+    return _int32(out)
+
+
+def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple[torch.Tensor, ...]:
+    """Entries sorted by (col, row): (t_crow [n_cols + 1], t_row, t_perm) for entries given in (row, col) order."""
+    order = torch.argsort(col.long() * (int(row.max()) + 1 if row.numel() else 1) + row.long(), stable=True)
+    t_crow = _offsets(torch.bincount(col.long(), minlength=n_cols))
+    return t_crow, _int32(row[order]), _int32(order)
+
+
+class SparseWeight:
+    """A pruned dense weight [out_features, in_features] in one of ``FORMATS`` (module docstring for the arrays).
+
+    Build it with :func:`from_dense`. ``values`` may be an ``nn.Parameter`` (``SparseLinear`` trains it).
+    """
+
+    def __init__(self, fmt: str, shape: Tuple[int, int], values: torch.Tensor, crow: torch.Tensor,
+                 col: torch.Tensor, row: torch.Tensor, t_crow: torch.Tensor, t_row: torch.Tensor,
+                 t_perm: torch.Tensor, value_mask: Optional[torch.Tensor] = None,
+                 block_size: Optional[Tuple[int, int]] = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.format = fmt
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.block_size = tuple(block_size) if fmt == "block" else None
+        self.values = values
+        self.crow, self.col, self.row = crow, col, row
+        self.t_crow, self.t_row, self.t_perm = t_crow, t_row, t_perm
+        self.value_mask = value_mask
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Stored weights (blocks count whole)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        """Kept weights over all weights (stored padding and in-block zeros of the mask do not count)."""
+        kept = self.nnz if self.value_mask is None else int(self.value_mask.count_nonzero())
+        return kept / max(1, self.shape[0] * self.shape[1])
+
+    def has_training_arrays(self) -> bool:
+        """Whether row and the transposed view are present (backward needs them)."""
+        return self.values.numel() == 0 or self.t_perm.numel() == self.col.numel()
+
+    def to(self, device=None, dtype=None) -> "SparseWeight":
+        """A copy on ``device`` with values in ``dtype`` (index arrays stay int32, value_mask bool)."""
+        moved = {name: t.to(device) for name, t in self.arrays().items()}
+        return SparseWeight(self.format, self.shape, self.values.detach().to(device=device, dtype=dtype), **moved,
+                            value_mask=None if self.value_mask is None else self.value_mask.to(device),
+                            block_size=self.block_size)
+
+    def drop_training_arrays(self) -> "SparseWeight":
+        """Frees row and the transposed view (inference needs only values, crow, col); backward then raises."""
+        for name in TRAINING_ARRAYS:
+            setattr(self, name, self.crow.new_empty(0))
+        return self
+
+    def arrays(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in INDEX_ARRAYS}
+
+    def to_dense(self) -> torch.Tensor:
+        """The masked dense weight [N, K], differentiable with respect to ``values``."""
+        return densify(self.format, self.values, self.crow, self.col, *self.shape)
+
+    def mask(self) -> torch.Tensor:
+        """Bool [N, K]: the kept positions."""
+        kept = torch.ones_like(self.values, dtype=torch.bool) if self.value_mask is None else self.value_mask.bool()
+        return densify(self.format, kept, self.crow, self.col, *self.shape)
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes held: values, index arrays (inference: crow + col; training adds row and the transposed view),
+        the value mask, their total, and the dense weight's bytes for comparison."""
+        index = sum(t.numel() * t.element_size() for t in self.arrays().values())
+        vmask = 0 if self.value_mask is None else self.value_mask.numel() * self.value_mask.element_size()
+        values = self.values.numel() * self.values.element_size()
+        dense = self.shape[0] * self.shape[1] * self.values.element_size()
+        return {"values": values, "indices": index, "value_mask": vmask, "total": values + index + vmask,
+                "dense": dense}
+
+    def __repr__(self) -> str:
+        block = f", block_size={self.block_size}" if self.block_size else ""
+        return (f"SparseWeight({self.format!r}, shape={self.shape}{block}, density={self.density:.3f}, "
+                f"dtype={self.values.dtype}, device={self.values.device})")
+
+
+def densify(fmt: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Dense [n, k] from the forward arrays (values' dtype; differentiable in values)."""
+    if fmt == "block":
+        br, bc = values.shape[1], values.shape[2]
+        nb, kb = crow.numel() - 1, math.ceil(k / bc) if bc else 0
+        row = torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).long())
+        blocks = values.new_zeros(nb, kb, br, bc).index_put((row, col.long()), values)
+        return blocks.permute(0, 2, 1, 3).reshape(nb * br, kb * bc)[:n, :k]
+    row = torch.repeat_interleave(torch.arange(n, device=crow.device), (crow[1:] - crow[:-1]).long())
+    return values.new_zeros(n, k).index_put((row, col.long()), values)
+
+
+def _check_weight_mask(weight, mask):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
+                         f"{type(weight).__name__ if not isinstance(weight, torch.Tensor) else tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if mask is None:
+        return weight != 0
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(weight.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}, got {got}")
+    return mask.to(device=weight.device) != 0
+
+
+def to_unstructured(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseWeight:
+    """CSR of ``weight * mask`` (mask None: the nonzeros of ``weight``); kept positions holding 0 are stored."""
+    mask = _check_weight_mask(weight, mask)
+    weight = weight.detach()
+    n, k = weight.shape
+    row, col = mask.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+    values = weight[row, col].contiguous()
+    t_crow, t_row, t_perm = _transposed_view(row, col, k)
+    return SparseWeight("unstructured", (n, k), values, _offsets(mask.sum(1)), _int32(col), _int32(row),
+                        t_crow, t_row, t_perm)
+
+
+def to_2of4(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseWeight:
+    """2:4 of ``weight * mask``: every group of 4 consecutive inputs keeps at most 2 (K % 4 == 0 required)."""
+    mask = _check_weight_mask(weight, mask)
+    n, k = weight.shape
+    if k % 4:
+        raise ValueError(f"the 2:4 format needs in_features divisible by 4, got {k}")
+    groups = mask.reshape(n, k // 4, 4)
+    kept = groups.sum(-1)
+    if (kept > 2).any():
+        bad = (kept > 2).nonzero()[0].tolist()
+        raise ValueError(f"the mask is not 2:4: row {bad[0]}, inputs {4 * bad[1]}..{4 * bad[1] + 3} keep "
+                         f"{int(kept[bad[0], bad[1]])} of 4")
+    # Fill each group up to exactly 2 stored entries with its first pruned positions (stored zeros, masked).
+    pruned_rank = torch.cumsum((~groups).int(), -1)
+    filler = (~groups) & (pruned_rank <= (2 - kept).unsqueeze(-1))
+    stored = (groups | filler).reshape(n, k)
+    sw = to_unstructured(weight * mask, stored)
+    if bool(filler.any()):
+        sw.value_mask = mask[stored.nonzero(as_tuple=True)].contiguous()
+    sw.format = "2:4"
+    return sw
+
+
+def to_block(weight: torch.Tensor, mask: Optional[torch.Tensor] = None,
+             block_size: Tuple[int, int] = (32, 32)) -> SparseWeight:
+    """BSR of ``weight * mask``: the blocks holding any kept weight are stored whole (zero-padded at the edges)."""
+    mask = _check_weight_mask(weight, mask)
+    br, bc = _block_size(block_size)
+    n, k = weight.shape
+    nb, kb = math.ceil(n / br), math.ceil(k / bc)
+
+    def tiles(t):  # [n, k] -> [nb, kb, br, bc], zero-padded
+        padded = t.new_zeros(nb * br, kb * bc)
+        padded[:n, :k] = t
+        return padded.reshape(nb, br, kb, bc).permute(0, 2, 1, 3)
+
+    mask_tiles = tiles(mask)
+    row, col = mask_tiles.any(-1).any(-1).nonzero(as_tuple=True)
+    values = tiles(weight.detach() * mask)[row, col].contiguous()
+    block_mask = mask_tiles[row, col]
+    t_crow, t_row, t_perm = _transposed_view(row, col, kb)
+    sw = SparseWeight("block", (n, k), values, _offsets(torch.bincount(row, minlength=nb)), _int32(col),
+                      _int32(row), t_crow, t_row, t_perm, block_size=(br, bc))
+    if not bool(block_mask.all()):
+        sw.value_mask = block_mask.contiguous()
+    return sw
+
+
+def _block_size(block_size) -> Tuple[int, int]:
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_size = (block_size, block_size)
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
+        raise ValueError(f"block_size must be an int or a pair of ints >= 1, got {block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def is_2of4(mask: torch.Tensor) -> bool:
+    """Whether a [N, K] bool mask keeps at most 2 of every 4 consecutive inputs."""
+    n, k = mask.shape
+    return k % 4 == 0 and bool((mask.reshape(n, k // 4, 4).sum(-1) <= 2).all())
+
+
+def is_block(mask: torch.Tensor, block_size: Tuple[int, int]) -> bool:
+    """Whether every block of the mask is either fully kept or fully pruned (edge blocks: their in-range part)."""
+    br, bc = _block_size(block_size)
+    n, k = mask.shape
+    nb, kb = math.ceil(n / br), math.ceil(k / bc)
+    padded = mask.new_zeros(nb * br, kb * bc)
+    inside = mask.new_zeros(nb * br, kb * bc)
+    padded[:n, :k], inside[:n, :k] = mask, True
+    kept = padded.reshape(nb, br, kb, bc).sum((1, 3))
+    size = inside.reshape(nb, br, kb, bc).sum((1, 3))
+    return bool(((kept == 0) | (kept == size)).all())
+
+
+def from_dense(weight: torch.Tensor, mask: Optional[torch.Tensor] = None, format: str = "unstructured",
+               block_size: Optional[Tuple[int, int]] = None) -> SparseWeight:
+    """Converts ``weight * mask`` [N, K] (mask None: the zeros of ``weight`` are the pruned positions).
+
+    ``format``: "unstructured", "block" (``block_size``, default (32, 32)) or "2:4".
+    """
+    if format == "unstructured":
+        return to_unstructured(weight, mask)
+    if format == "block":
+        return to_block(weight, mask, (32, 32) if block_size is None else block_size)
+    if format == "2:4":
+        return to_2of4(weight, mask)
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

@@ -1,0 +1,245 @@
+"""torch.ops.effikern.sparse_linear on every backend and format against the float64 dense masked matmul."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from backend_util import device_for, skip_unavailable
+from oracle import assert_matches, condition
+from sparse_util import random_weight
+
+import effikern
+
+FORMATS = ["unstructured", "block", "2:4"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _backends():
+    return ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _check_all(backend, sw, dense, x, bias, gy):
+    """Forward, grad_x, grad_values and grad_bias of ``backend`` vs float64 truth, PyTorch's own error as budget."""
+    dtype = x.dtype
+    values = sw.values.detach().clone().requires_grad_()
+    sw.values = values
+    xr = x.detach().clone().requires_grad_()
+    br = None if bias is None else bias.detach().clone().requires_grad_()
+    with effikern.set_backend(backend):
+        y = effikern.functional.sparse_linear(xr, sw, br)
+        y.backward(gy)
+    # truth: float64 on the rounded inputs; torch's own: F.linear on the masked dense weight in the low dtype
+    w_low = dense.to(dtype).detach().requires_grad_()
+    x_low = x.detach().clone().requires_grad_()
+    b_low = None if bias is None else bias.detach().clone().requires_grad_()
+    y_torch = F.linear(x_low, w_low, b_low)
+    y_torch.backward(gy)
+    truth = F.linear(x.double(), dense, None if bias is None else bias.double())
+    assert_matches("y", y, truth, y_torch)
+    g64 = gy.double()
+    assert_matches("grad_x", xr.grad, g64 @ dense, x_low.grad)
+    full = g64.reshape(-1, sw.out_features).t() @ x.double().reshape(-1, sw.in_features)
+    kept = sw.mask()
+    # grad_values in the dense layout: zero off the pattern, the full gradient on it
+    got = torch.zeros_like(full).masked_scatter(kept, _kept_values(sw, values.grad))
+    torch_own = torch.where(kept, w_low.grad, 0).to(dtype)
+    assert_matches("grad_weight", got.to(dtype), torch.where(kept, full, 0), torch_own)
+    if bias is not None:
+        cond = condition(g64.abs().reshape(-1, sw.out_features).sum(0), g64.reshape(-1, sw.out_features).sum(0))
+        assert_matches("grad_bias", br.grad, g64.reshape(-1, sw.out_features).sum(0), b_low.grad, cond=cond)
+
+
+def _kept_values(sw, grad_values):
+    """The gradient of the stored values at the kept positions, in the dense row-major order of the mask."""
+    from effikern.sparse import SparseWeight
+
+    g = SparseWeight(sw.format, sw.shape, grad_values.double(), sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row,
+                     sw.t_perm, sw.value_mask, sw.block_size)
+    dense = g.to_dense()
+    stored_off = ~sw.mask() & (dense != 0)
+    assert not stored_off.any(), "grad_values is nonzero at a stored but pruned position"
+    return dense[sw.mask()]
+
+
+def _run(backend, fmt, dtype, n, k, lead, sparsity, block=(4, 8), inner=0.0, with_bias=True):
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    sw, dense = random_weight(fmt, n, k, sparsity, dtype, device, block, inner)
+    x = torch.randn(*lead, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    gy = torch.randn(*lead, n, device=device).to(dtype)
+    _check_all(backend, sw, dense, x, bias, gy)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+# one token (gather path), 3 (gather), 3-D with 70 tokens (packed path, two chunks); several sparsities
+@pytest.mark.parametrize("sparsity,lead", [(0.9, (1,)), (0.5, (3,)), (0.7, (2, 5, 7))])
+def test_matches_reference(backend, fmt, dtype, sparsity, lead):
+    _run(backend, fmt, dtype, 37, 40, lead, sparsity, block=(8, 16), inner=0.2)
+
+
+@pytest.mark.triton
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_matches_reference(fmt):
+    _run("triton", fmt, torch.float32, 20, 24, (2, 3), 0.6, block=(16, 16))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("fmt", ["unstructured", "block"])
+def test_odd_shapes(backend, fmt):
+    """in=13, out=7, one token; blocks that straddle both edges."""
+    _run(backend, fmt, torch.float32, 7, 13, (1,), 0.5, block=(4, 4))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])  # fully dense, and all-zero weight (nothing stored)
+def test_all_kept_and_all_pruned(backend, fmt, sparsity):
+    _run(backend, fmt, torch.float32, 16, 32, (2, 3), sparsity, block=(16, 16))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (5, 3)])
+def test_cpp_block_sizes(block):
+    _run("cpp", "block", torch.float32, 70, 130, (9,), 0.6, block=block, inner=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gradcheck_float64(backend, fmt):
+    skip_unavailable(backend, "cpu")
+    sw, _ = random_weight(fmt, 6, 8, 0.5, torch.float64, "cpu", block=(4, 4))
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    values = sw.values.clone().requires_grad_()
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, values, bias):
+        # Stored-but-pruned positions (value_mask False) get no gradient by design: take them out of the function
+        # too, so the numerical gradient agrees there.
+        if sw.value_mask is not None:
+            values = torch.where(sw.value_mask, values, 0.0)
+        return torch.ops.effikern.sparse_linear(x, values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm,
+                                                sw.value_mask, bias, fmt, 6, 8)
+
+    with effikern.set_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    sw, _ = random_weight(fmt, 12, 16, 0.5, torch.float32, "cpu", block=(4, 8), inner=0.2)
+    x = torch.randn(3, 16, requires_grad=True)
+    values = sw.values.clone().requires_grad_()
+    args = (x, values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm, sw.value_mask,
+            torch.randn(12, requires_grad=True), fmt, 12, 16)
+    torch.library.opcheck(torch.ops.effikern.sparse_linear, args)
+    gy = torch.randn(3, 12)
+    torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_input,
+                          (gy, sw.values, sw.t_crow, sw.t_row, sw.t_perm, fmt, 12, 16))
+    torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_values,
+                          (gy, x.detach(), sw.row, sw.col, sw.value_mask, list(sw.values.shape), fmt))
+
+
+def test_training_arrays_dropped_fail_clearly():
+    sw, _ = random_weight("unstructured", 8, 8, 0.5, torch.float32, "cpu")
+    sw.drop_training_arrays()
+    sw.values.requires_grad_()
+    with effikern.set_backend("torch"):
+        y = effikern.functional.sparse_linear(torch.randn(2, 8), sw)
+        with pytest.raises(RuntimeError, match="training arrays"):
+            y.sum().backward()
+
+
+class TestErrors:
+    def _sw(self, fmt="unstructured"):
+        return random_weight(fmt, 6, 8, 0.5, torch.float32, "cpu", block=(2, 4))[0]
+
+    def test_wrong_in_features(self):
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 8\]"):
+            effikern.functional.sparse_linear(torch.randn(2, 9), self._sw())
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="values must have the dtype of x"):
+            effikern.functional.sparse_linear(torch.randn(2, 8, dtype=torch.float64), self._sw())
+
+    def test_bias_shape(self):
+        with pytest.raises(ValueError, match="bias must have shape"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), self._sw(), torch.randn(5))
+
+    def test_unknown_format(self):
+        sw = self._sw()
+        sw.format = "csr"
+        with pytest.raises(ValueError, match="format must be one of"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), sw)
+
+    def test_format_does_not_fit_values(self):
+        sw = self._sw()
+        sw.format = "block"
+        with pytest.raises(ValueError, match=r"values of the block format must be \[nnzb, BR, BC\]"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), sw)
+
+    def test_index_dtype(self):
+        sw = self._sw()
+        sw.col = sw.col.long()
+        with pytest.raises(TypeError, match="col must be an int32 index array"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), sw)
+
+    def test_not_a_sparse_weight(self):
+        with pytest.raises(TypeError, match="SparseWeight"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), torch.randn(6, 8))
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="must be on the device of x"):
+            effikern.functional.sparse_linear(torch.randn(2, 8, device="cuda"), self._sw())
+
+    def test_device_mismatch_meta(self):
+        # Without a GPU the meta device stands in for a second device.
+        with pytest.raises(ValueError, match="must be on the device of x"):
+            effikern.functional.sparse_linear(torch.randn(2, 8, device="meta"), self._sw())
+
+    def test_backend_that_cannot_run(self):
+        if torch.cuda.is_available():
+            pytest.skip("the cuda backend can run here")
+        with effikern.set_backend("cuda"), pytest.raises(effikern.BackendUnavailableError):
+            effikern.functional.sparse_linear(torch.randn(2, 8), self._sw())
+
+
+_ISA_SCRIPT = """
+import torch, effikern
+from effikern.sparse import from_dense
+torch.manual_seed(0)
+for fmt, block in (("unstructured", None), ("block", (8, 16)), ("block", (5, 3))):
+    for m in (1, 3, 9, 40):
+        mask = torch.rand(37, 45) > 0.6
+        sw = from_dense(torch.randn(37, 45), mask, fmt, block)
+        x, gy, b = torch.randn(m, 45), torch.randn(m, 37), torch.randn(37)
+        out = {}
+        for backend in ("torch", "cpp"):
+            with effikern.set_backend(backend):
+                y = effikern.functional.sparse_linear(x, sw, b)
+                gx = torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.t_crow, sw.t_row, sw.t_perm,
+                                                                 fmt, 37, 45)
+                gv = torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.row, sw.col, sw.value_mask,
+                                                                  list(sw.values.shape), fmt)
+            out[backend] = (y, gx, gv)
+        for a, b_ in zip(out["torch"], out["cpp"]):
+            torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpp_other_isa_builds(isa):
+    """The AVX2 (8 lanes) and baseline (4 lanes) instantiations, forced with EFFIKERN_CPU_ISA, agree with torch."""
+    import os
+    import subprocess
+    import sys
+
+    skip_unavailable("cpp", "cpu")
+    env = dict(os.environ, EFFIKERN_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
