@@ -4,7 +4,7 @@ from typing import Optional, Union
 
 import torch
 
-from .ops import _checks
+from .ops import _autocast, _checks
 from .ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.effikern.sparse_linear*)
 from .ops.activation import activation_name
 
@@ -37,13 +37,19 @@ def dwsep_conv2d(
         residual: [N, Cout, Ho, Wo] or None, added after the pointwise bias (MobileNetV2's skip).
 
     Returns:
-        [N, Cout, Ho, Wo] in x's dtype and memory format.
+        [N, Cout, Ho, Wo] in x's dtype and memory format. Under ``torch.autocast`` every input is cast to the
+        autocast dtype first (as ``F.conv2d`` is) and the result is in that dtype.
     """
-    return torch.ops.effikern.dwsep_conv2d(
-        x, dw_weight, dw_bias, pw_weight, pw_bias,
-        list(_checks.pair(stride, "stride", 1)), list(_checks.pair(padding, "padding", 0)),
-        list(_checks.pair(dilation, "dilation", 1)), activation_name(activation), residual,
-    )
+    dtype = _autocast.autocast_dtype([x])
+    if dtype is not None:
+        x, dw_weight, dw_bias, pw_weight, pw_bias, residual = _autocast.cast(
+            [x, dw_weight, dw_bias, pw_weight, pw_bias, residual], dtype)
+    with _autocast.off_if(dtype, x):
+        return torch.ops.effikern.dwsep_conv2d(
+            x, dw_weight, dw_bias, pw_weight, pw_bias,
+            list(_checks.pair(stride, "stride", 1)), list(_checks.pair(padding, "padding", 0)),
+            list(_checks.pair(dilation, "dilation", 1)), activation_name(activation), residual,
+        )
 
 
 def distillation_loss(
@@ -113,7 +119,8 @@ def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] =
 
     Returns:
         [..., out_features] in x's dtype. Gradients flow to x, ``sparse_weight.values`` (at the kept positions
-        only) and bias.
+        only) and bias. Under ``torch.autocast``, x, the weight values and bias are cast to the autocast dtype
+        first (as ``F.linear`` is) and the result is in that dtype.
     """
     from .sparse import SparseWeight
 
@@ -121,5 +128,10 @@ def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] =
         raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight (effikern.sparse.from_dense), got "
                         f"{type(sparse_weight).__name__}")
     w = sparse_weight
-    return torch.ops.effikern.sparse_linear(x, w.values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm,
-                                            w.value_mask, bias, w.format, w.out_features, w.in_features)
+    values = w.values
+    dtype = _autocast.autocast_dtype([x])
+    if dtype is not None:
+        x, values, bias = _autocast.cast([x, values, bias], dtype)
+    with _autocast.off_if(dtype, x):
+        return torch.ops.effikern.sparse_linear(x, values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm,
+                                                w.value_mask, bias, w.format, w.out_features, w.in_features)

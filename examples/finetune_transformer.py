@@ -176,8 +176,8 @@ def peak_memory_mib(device) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", action="store_true", help="plain PyTorch, for comparison")
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--pretrain-epochs", type=int, default=4)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,34 @@
+"""Autocast for effikern's custom ops, the way PyTorch treats the ops they replace.
+
+``torch.autocast`` rewrites only ops it knows; a custom op would see its inputs in mixed dtypes (bf16
+activations from the previous conv, fp32 parameters) and refuse them. The convolution and matmul families
+that ``dwsep_conv2d`` and ``sparse_linear`` replace run in the autocast dtype, so under autocast their
+floating-point inputs are cast to it (a differentiable cast: gradients reach the fp32 parameters in fp32)
+and the op runs with autocast off, as PyTorch's own lower-precision ops do.
+"""
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+
+def autocast_dtype(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
+    """The autocast dtype for the device of the first tensor, or None when autocast is off there."""
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return None
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast(tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype):
+    """Floating-point tensors cast to ``dtype`` (others, and None, unchanged)."""
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def off_if(dtype: Optional[torch.dtype], x: torch.Tensor):
+    """A context that turns autocast off on x's device when ``dtype`` says it was on (a no-op otherwise)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, enabled=False)
