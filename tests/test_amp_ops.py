@@ -316,3 +316,27 @@ def test_auto_split_across_backends_counts_one_step():
     for i, (p0, g0, m0, v0) in enumerate(zip(*before)):
         tp, _, _ = _adamw_truth(p0, g0, m0, v0, 2, 1e-2, 0.9, 0.99, 1e-6, 0.1, False, 1.0)
         torch.testing.assert_close(params[i].double(), tp, **_low_precision_tol(p0.dtype))
+
+
+def test_scaled_step_compiles_without_graph_breaks():
+    """The whole check-and-update (the op torch's GradScaler syncs the host for) traces into one graph:
+    no .item(), no data-dependent Python branch."""
+    params = [torch.randn(7), torch.randn(3, 5)]
+    grads = [torch.randn_like(p) * 1024 for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+
+    def check_and_step(params, grads, m, v, step, inv_scale, found_inf):
+        norm = torch.ops.effikern.unscale_check_norm(grads, inv_scale, found_inf, 2.0, False)
+        clip = (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        torch.ops.effikern.fused_adamw_(params, grads, m, v, step, 1e-3, 0.9, 0.999, 1e-8, 0.01, False,
+                                        inv_scale * clip, found_inf)
+        return norm
+
+    expected = [p.clone() for p in params]
+    em, ev = [t.clone() for t in m], [t.clone() for t in v]
+    eager_norm = check_and_step(expected, grads, em, ev, torch.zeros(1), torch.full((1,), 1 / 1024), torch.zeros(1))
+    compiled = torch.compile(check_and_step, fullgraph=True, backend="aot_eager")
+    norm = compiled(params, grads, m, v, torch.zeros(1), torch.full((1,), 1 / 1024), torch.zeros(1))
+    torch.testing.assert_close(norm, eager_norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e)

@@ -39,6 +39,7 @@
 // grad_x is accumulated in two phases, even tiles then odd tiles: a tile is at least (kh-1)*dh/sh rows tall, so two
 // tiles of one phase never touch the same input row, and no atomics or locks are needed.
 #include "dwsep_cpu.h"
+#include "isa_dispatch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -118,63 +119,8 @@ struct Simd {
   }
 };
 
-// A kernel is a class with `template <int B> void run() const`, B the vector width in bytes; everything it calls that
-// handles vectors is EK_INLINE, so each instantiation below is compiled entirely for its target.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EK_X86_DISPATCH 1
-template <class K>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void run_avx512(const K& k) {
-  k.template run<64>();
-}
-template <class K>
-__attribute__((target("avx2,fma"))) void run_avx2(const K& k) {
-  k.template run<32>();
-}
-
-// 2: AVX-512, 1: AVX2 + FMA, 0: baseline. EFFIKERN_CPU_ISA=avx2 or =baseline caps it (like ATEN_CPU_CAPABILITY),
-// to test or time the other builds on one machine.
-int isa_level() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    int best = 0;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      best = 2;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      best = 1;
-    }
-    const char* cap = std::getenv("EFFIKERN_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(best, 1);
-    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return 0;
-    return best;
-  }();
-  return level;
-}
-#endif
-
-template <class K>
-void run_baseline(const K& k) {
-  k.template run<16>();
-}
-
-// Kernels with K::kVectorize false (float64: gradcheck, not speed) only get the baseline build, which saves a quarter
-// of the compile time.
-template <class K>
-void run_best_isa(const K& k) {
-#ifdef EK_X86_DISPATCH
-  if constexpr (K::kVectorize) {
-    switch (isa_level()) {
-      case 2:
-        return run_avx512(k);
-      case 1:
-        return run_avx2(k);
-      default:
-        break;
-    }
-  }
-#endif
-  run_baseline(k);
-}
+// Run-time ISA choice (AVX-512 / AVX2 / baseline per kernel class): csrc/cpu/isa_dispatch.h.
+using isa::run_best_isa;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Geometry and tiling.

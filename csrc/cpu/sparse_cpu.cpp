@@ -23,6 +23,7 @@
 // Threading: at::parallel_for over (token chunk, output row) or over stored entries; no two threads write the same
 // output element, so there are no atomics.
 #include "sparse_cpu.h"
+#include "isa_dispatch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -80,54 +81,9 @@ struct Vec {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Run-time ISA choice: K has `template <int B> void run() const` (B = vector bytes) and `kVectorize`.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EK_SPARSE_X86 1
-template <class K>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void run_avx512(const K& k) {
-  k.template run<64>();
-}
-template <class K>
-__attribute__((target("avx2,fma"))) void run_avx2(const K& k) {
-  k.template run<32>();
-}
-
-int isa_level() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    int best = 0;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      best = 2;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      best = 1;
-    }
-    const char* cap = std::getenv("EFFIKERN_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(best, 1);
-    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return 0;
-    return best;
-  }();
-  return level;
-}
-#endif
-
-template <class K>
-void run_best_isa(const K& k) {
-#ifdef EK_SPARSE_X86
-  if constexpr (K::kVectorize) {
-    switch (isa_level()) {
-      case 2:
-        return run_avx512(k);
-      case 1:
-        return run_avx2(k);
-      default:
-        break;
-    }
-  }
-#endif
-  k.template run<16>();
-}
+// Run-time ISA choice: csrc/cpu/isa_dispatch.h.
+using isa::run_best_isa;
+using isa::vector_bytes;
 
 template <typename A>
 std::unique_ptr<A[]> buffer(int64_t n) {
@@ -172,23 +128,6 @@ int64_t chunk_vectors(int64_t M, int64_t lanes, int64_t rows) {
   return std::max<int64_t>(1, std::min({kMaxVectors, ceil_div(M, lanes), fit}));
 }
 
-// Vector bytes run_best_isa will use for a kernel (so operands can be packed for that width before the dispatch).
-template <bool kVectorize>
-int64_t vector_bytes() {
-#ifdef EK_SPARSE_X86
-  if constexpr (kVectorize) {
-    switch (isa_level()) {
-      case 2:
-        return 64;
-      case 1:
-        return 32;
-      default:
-        break;
-    }
-  }
-#endif
-  return 16;
-}
 
 // at::parallel_for over [0, n), each thread's range run by run_best_isa on a copy of `k` with begin/end set. The
 // parallel loop stays outside the ISA-specific code: an OpenMP region or lambda inside a target("avx512f")

@@ -19,7 +19,8 @@ def autocast_dtype(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.
     if first is None:
         return None
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Devices autocast does not know (meta, for shape-only calls) have no autocast state to ask about.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
