@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "amp_kernels.h"
+#include "element.cuh"
 
 namespace effikern {
 namespace cuda {
@@ -58,19 +59,7 @@ static_assert(sizeof(ChunkTable<4>) <= 32764, "kernel parameters are limited to 
 static_assert(kMaxTensors <= 65536, "chunk_slot is 16-bit");
 
 // ---------------------------------------------------------------------------------------------------------
-// Element conversion and vector access. Every load is widened to fp32 at once.
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// Element conversion (to_f32, from_f32: element.cuh) and vector access. Every load is widened to fp32 at once.
 
 /// Values of T in one 16-byte vector.
 template <typename T>

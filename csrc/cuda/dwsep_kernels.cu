@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "dwsep_kernels.h"
+#include "element.cuh"
 
 namespace effikern {
 namespace cuda {
@@ -57,26 +58,8 @@ static_assert((kBM * kBN) % kThreads == 0, "uniform epilogue trip count (warp sh
 template <typename S>
 constexpr int kLd = kBM + 16 / static_cast<int>(sizeof(S));  // 68 floats or 72 halves
 
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---------------------------------------------------------------------------------------------------------
-// Element conversion. Every load is widened to fp32 at once: all arithmetic is fp32.
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Read-only path: inputs are never written by the kernel that reads them.
-template <typename T>
-__device__ __forceinline__ float load_f32(const T* p) { return to_f32(__ldg(p)); }
+// Element conversion (to_f32, from_f32, load_f32) and ceil_div: element.cuh.
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
