@@ -1,8 +1,11 @@
 """What ``auto`` picks, per op, device type and dtype: the backends in order of measured speed.
 
 Only a measurement moves a backend ahead of ``torch`` here, and each entry names the results file it comes
-from. A kernel not yet timed on a device, or in a dtype, stays behind PyTorch there.
+from. A kernel not yet timed on a device, or in a dtype, stays behind PyTorch there. Where one class of
+shapes measured the other way, the op names that class (a ``case``) and ``_CASES`` overrides the entry for it.
 """
+
+from typing import Optional
 
 import torch
 
@@ -32,6 +35,19 @@ _PREFERENCE = {
 }
 
 
-def preference(op: str, device_type: str, dtype: torch.dtype):
-    """Backends to try in order; ``torch`` is always the last resort."""
+# (op, device type, dtype, case) -> backends, overriding _PREFERENCE for that class of calls.
+_CASES = {
+    # benchmarks/results/cpu-AMD-EPYC-2t.json at b45aafe (2 threads, N=8): on every shape whose output image is
+    # 14x14 or smaller (384x14 k3/k7, 672x14, 960x7, 1152x7) the cpp forward took 1.04-1.30x torch's time, in
+    # NCHW and in channels_last: oneDNN's depthwise kernel is already fast there and the fused pointwise GEMM is
+    # small per tile. The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
+    ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
+}
+
+
+def preference(op: str, device_type: str, dtype: torch.dtype, case: Optional[str] = None):
+    """Backends to try in order; ``torch`` is always the last resort. ``case``: a class of shapes the op
+    names (see ``_CASES``), or None."""
+    if case is not None and (op, device_type, dtype, case) in _CASES:
+        return _CASES[(op, device_type, dtype, case)]
     return _PREFERENCE.get((op, device_type, dtype), ("torch",))

@@ -139,8 +139,9 @@ def _why_not(op: str, impl: Optional[Impl], backend: str, device_type: str, dtyp
     return unavailable_reason(backend, device_type)
 
 
-def choose(op: str, device_type: str, dtype: torch.dtype) -> str:
-    """The backend that will run ``op`` on this device type and dtype under the current choice."""
+def choose(op: str, device_type: str, dtype: torch.dtype, case: Optional[str] = None) -> str:
+    """The backend that will run ``op`` on this device type and dtype under the current choice; ``case`` is
+    the class of shapes the op names for ``auto`` (see effikern/_auto.py)."""
     impls = _REGISTRY[op]
     choice = get_backend()
     if choice != "auto":
@@ -148,7 +149,7 @@ def choose(op: str, device_type: str, dtype: torch.dtype) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"effikern backend {choice!r} cannot run this call: {reason}")
         return choice
-    for name in _auto.preference(op, device_type, dtype):
+    for name in _auto.preference(op, device_type, dtype, case):
         if _why_not(op, impls.get(name), name, device_type, dtype) is None:
             return name
     return "torch"
@@ -162,7 +163,7 @@ def implementation(op: str, backend: str) -> Callable:
     return _LOADED[key]
 
 
-def resolve(op: str, x: torch.Tensor) -> Tuple[str, Callable]:
-    """(backend name, callable) for running ``op`` on tensors like ``x``."""
-    name = choose(op, x.device.type, x.dtype)
+def resolve(op: str, x: torch.Tensor, case: Optional[str] = None) -> Tuple[str, Callable]:
+    """(backend name, callable) for running ``op`` on tensors like ``x`` (``case``: as for :func:`choose`)."""
+    name = choose(op, x.device.type, x.dtype, case)
     return name, implementation(op, name)

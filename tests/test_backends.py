@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import effikern
 from effikern import backends
@@ -62,3 +63,21 @@ def test_info_lists_backends_and_the_auto_choice():
     assert out.returncode == 0, out.stderr
     for word in ("effikern", "torch", "triton", "dwsep_conv2d", "cpp", "runs on:"):
         assert word in out.stdout, out.stdout
+
+
+def test_auto_routes_small_image_dwsep_forwards_to_the_measured_faster_backend():
+    """_auto._CASES: on CPU fp32, auto runs the dwsep forward on torch for output images of 14x14 or less
+    (measured slower in cpp) and on cpp above; an explicit choice is obeyed whatever the shape."""
+    from effikern import backends
+    from effikern.ops import dwsep as dwsep_op
+
+    if backends.unavailable_reason("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    small, large = dwsep_op._forward_case([8, 64, 14, 14]), dwsep_op._forward_case([8, 64, 15, 14])
+    assert (small, large) == ("forward_small_image", None)
+    with effikern.set_backend("auto"):
+        assert backends.choose("dwsep_conv2d", "cpu", torch.float32, small) == "torch"
+        assert backends.choose("dwsep_conv2d", "cpu", torch.float32, large) == "cpp"
+        assert backends.choose("dwsep_conv2d", "cpu", torch.float16, small) == "torch"
+    with effikern.set_backend("cpp"):
+        assert backends.choose("dwsep_conv2d", "cpu", torch.float32, small) == "cpp"

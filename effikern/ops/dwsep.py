@@ -173,7 +173,7 @@ def dwsep_conv2d(
     fmt = _checks.memory_format_of(x)
     if x.shape[0] == 0:
         return _empty(out_shape, x, fmt)
-    _, (fwd, _) = backends.resolve(OP, x)
+    _, (fwd, _) = backends.resolve(OP, x, _forward_case(out_shape))
     y = fwd(
         x.contiguous(memory_format=fmt), dw_weight.contiguous(), _contig(dw_bias), pw_weight.contiguous(),
         _contig(pw_bias), list(stride), list(padding), list(dilation), CODES[activation],
@@ -181,6 +181,14 @@ def dwsep_conv2d(
     )
     # Backends return y in x's layout; this is a no-op then, and pins the layout the fake function promises.
     return y.contiguous(memory_format=fmt)
+
+
+# Output images this small or smaller form the "forward_small_image" class auto may route elsewhere (_auto.py).
+SMALL_IMAGE_PIXELS = 14 * 14
+
+
+def _forward_case(out_shape) -> Optional[str]:
+    return "forward_small_image" if out_shape[2] * out_shape[3] <= SMALL_IMAGE_PIXELS else None
 
 
 @dwsep_conv2d.register_fake
