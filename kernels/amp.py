@@ -1,5 +1,5 @@
 """Triton multi-tensor kernels of the fused GradScaler and optimizers (issue #5; interface:
-/work/shared/specs/amp_kernels.md, semantics repeated in each function's docstring).
+docs/amp_kernels.md, semantics repeated in each function's docstring).
 
     unscale_check_norm  grad *= inv_scale (optional), found_inf, total norm: one pass over the gradients
     fused_adamw_        torch.optim.AdamW's update, gradient scaled by a device factor, skipped on found_inf

@@ -1,6 +1,6 @@
 """Triton kernels of ``sparse_linear``: y = x @ W^T + b with a pruned weight W [N, K] stored sparse.
 
-The interface (array names, shapes, padding) is /work/shared/specs/sparse_kernels.md; in short:
+The interface (array names, shapes, padding) is docs/sparse_kernels.md; in short:
 
   BSR, block (BR, BC): crow [Np/BR + 1], col [nnzb], row [nnzb], values [nnzb, BR, BC]; the transposed view
        t_crow [Kp/BC + 1], t_row [nnzb], t_perm [nnzb] lists the blocks of each block column.

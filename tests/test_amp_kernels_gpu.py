@@ -1,5 +1,5 @@
 """Kernel-level tests of the fused GradScaler / optimizer kernels (kernels/amp.py, csrc/cuda/amp_*):
-the interface of /work/shared/specs/amp_kernels.md against plain-torch float64 references of its math.
+the interface of docs/amp_kernels.md against plain-torch float64 references of its math.
 
 Triton tests run on CPU tensors through the interpreter (tiny tensors; the CPU config uses 32-element chunks
 and 8-element blocks, so a 70-element tensor spans three chunks and ends in a masked tail) and on the GPU when

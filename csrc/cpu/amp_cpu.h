@@ -1,7 +1,7 @@
 // Fused loss-scaling kernels on CPU: one multi-tensor pass for unscale + inf/nan check + grad norm, and fused
 // AdamW / SGD updates that take the gradient scale (and a clip coefficient) as a factor.
 //
-// The exact contract (shared with the torch, triton and cuda backends) is /work/shared/specs/amp_kernels.md,
+// The exact contract (shared with the torch, triton and cuda backends) is docs/amp_kernels.md,
 // summarised in effikern/ops/amp.py. Arguments are validated by the op layer (effikern/ops/amp.py), not here:
 // every list holds contiguous CPU tensors of float32/float16/bfloat16, element i of each list has the same
 // shape and dtype (grads may mix dtypes across i), and the 1-element tensors are float32.

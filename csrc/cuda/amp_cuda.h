@@ -1,5 +1,5 @@
 // Torch entry points of the fused GradScaler / optimizer CUDA kernels (amp_cuda.cpp), bound in csrc/bindings.cpp.
-// Semantics: /work/shared/specs/amp_kernels.md (issue #5), the same for every backend.
+// Semantics: docs/amp_kernels.md (issue #5), the same for every backend.
 //
 // As for dwsep (dwsep_cuda.h): the op layer (effikern/ops/amp.py) validates the arguments, makes the tensors'
 // device current and passes `stream`, the raw cudaStream_t of torch's current stream on that device, as an

@@ -1,5 +1,5 @@
 // Host launchers of the fused GradScaler / optimizer CUDA kernels (amp_kernels.cu); interface and math:
-// /work/shared/specs/amp_kernels.md (issue #5).
+// docs/amp_kernels.md (issue #5).
 //
 // The seam between the torch glue (amp_cuda.cpp, host compiler) and the kernels (nvcc): no torch type, no
 // CUDA header beyond cuda_runtime_api.h, so both sides compile against the CPU torch wheel on CI.

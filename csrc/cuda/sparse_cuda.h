@@ -1,5 +1,5 @@
 // Torch entry points of the sparse-weight matmul CUDA kernels (sparse_kernels.cu), bound in csrc/bindings.cpp.
-// Array conventions: /work/shared/specs/sparse_kernels.md. W is [N, K]; every index tensor is int32; values,
+// Array conventions: docs/sparse_kernels.md. W is [N, K]; every index tensor is int32; values,
 // bias and activations share one dtype (float32, float16 or bfloat16); results come back in it, accumulated
 // in fp32. `stream` is torch's current CUDA stream of the inputs' device as an integer
 // (torch.cuda.current_stream().cuda_stream), and that device must be current: the op layer arranges both.

@@ -1,6 +1,6 @@
 // Host launchers of the sparse-weight matmul CUDA kernels (sparse_kernels.cu): y = x W^T + b with a pruned
 // weight W [N, K] stored as CSR (unstructured) or BSR (blocks), and the two products of its backward.
-// Array conventions: /work/shared/specs/sparse_kernels.md (crow/col/row/values, the transposed view
+// Array conventions: docs/sparse_kernels.md (crow/col/row/values, the transposed view
 // t_crow/t_row/t_perm); every index array is int32.
 //
 // The seam between the torch glue (sparse_cuda.cpp, host compiler) and the kernels (nvcc): no torch type, no

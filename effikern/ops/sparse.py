@@ -165,7 +165,7 @@ def _reference_kernels():
 
 
 # --- backends -------------------------------------------------------------------------------------------
-# Each loader returns a namespace with the six functions of KERNELS (signatures: sparse_kernels.md).
+# Each loader returns a namespace with the six functions of KERNELS (signatures: docs/sparse_kernels.md).
 
 def _load_torch():
     return _reference_kernels()
