@@ -40,6 +40,7 @@
 // tiles of one phase never touch the same input row, and no atomics or locks are needed.
 #include "dwsep_cpu.h"
 #include "isa_dispatch.h"
+#include "simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -86,39 +87,7 @@ int64_t round_up(int64_t a, int64_t b) {
   return ceil_div(a, b) * b;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// SIMD: GCC/Clang vector types of B bytes, and per-ISA instantiation of kernels.
-
-#define EK_INLINE inline __attribute__((always_inline))
-
-template <typename T, int B>
-struct Simd {
-  typedef T V __attribute__((vector_size(B)));
-  static constexpr int64_t kLanes = B / sizeof(T);
-  static EK_INLINE V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static EK_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static EK_INLINE V splat(T x) { return V{} + x; }
-  // Horizontal sum by halving: log2(lanes) vector adds, not a lane-by-lane scalar chain (20+ cycles at 16 lanes,
-  // paid per tap and channel in the planar weight gradient).
-  static EK_INLINE T sum(V v) {
-    if constexpr (B > 16) {
-      using H = Simd<T, B / 2>;
-      typename H::V lo, hi;
-      std::memcpy(&lo, &v, B / 2);
-      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + B / 2, B / 2);
-      return H::sum(lo + hi);
-    } else {
-      T s = 0;
-      for (int64_t i = 0; i < kLanes; ++i) s += v[i];
-      return s;
-    }
-  }
-};
-
+// SIMD (Simd<T, B>, EK_INLINE): csrc/cpu/simd.h.
 // Run-time ISA choice (AVX-512 / AVX2 / baseline per kernel class): csrc/cpu/isa_dispatch.h.
 using isa::run_best_isa;
 

@@ -24,6 +24,7 @@
 // output element, so there are no atomics.
 #include "sparse_cpu.h"
 #include "isa_dispatch.h"
+#include "simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -43,8 +44,6 @@
 namespace effikern {
 namespace {
 
-#define EK_INLINE inline __attribute__((always_inline))
-
 // Most tokens per chunk: 4 vectors of 16 fp32 lanes, i.e. 4 accumulators per output row in registers.
 constexpr int64_t kMaxVectors = 4;
 // ... but a chunk of the packed operand (rows x T x 4 B) must stay within half of the 1 MiB L2: at K = 4096 and 64
@@ -61,25 +60,7 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return a > 0 ? (a + b - 1) / b : 0;
 }
 
-template <typename T, int B>
-struct Vec {
-  typedef T V __attribute__((vector_size(B)));
-  static constexpr int64_t kLanes = B / sizeof(T);
-  static EK_INLINE V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static EK_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static EK_INLINE V splat(T x) { return V{} + x; }
-  static EK_INLINE T sum(V v) {
-    T lanes[kLanes];
-    std::memcpy(lanes, &v, sizeof(V));
-    T s = 0;
-    for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
-    return s;
-  }
-};
+// SIMD (Simd<T, B>, EK_INLINE): csrc/cpu/simd.h.
 
 // Run-time ISA choice: csrc/cpu/isa_dispatch.h.
 using isa::run_best_isa;
@@ -195,7 +176,7 @@ struct CsrRows {
 
   template <int B, int NV, bool kPerm>
   EK_INLINE void packed_rows() const {
-    using W = Vec<A, B>;
+    using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
     // U independent accumulator sets, entries dealt round-robin: with one set every entry waited for the previous
     // FMA (4 cycles of latency), which bounded the 16-token forward at ~4 cycles per nonzero.
@@ -240,7 +221,7 @@ struct CsrRows {
         default: return gather_rows<4, kPerm>();
       }
     }
-    switch (T / Vec<A, B>::kLanes) {
+    switch (T / Simd<A, B>::kLanes) {
       case 1: return packed_rows<B, 1, kPerm>();
       case 2: return packed_rows<B, 2, kPerm>();
       case 3: return packed_rows<B, 3, kPerm>();
@@ -299,7 +280,7 @@ struct CsrGradValues {
 
   template <int B, int NV>
   EK_INLINE void entries() const {
-    using W = Vec<A, B>;
+    using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
     const A* g = Pg + c * N * TT;
     const A* p = Px + c * K * TT;
@@ -314,7 +295,7 @@ struct CsrGradValues {
 
   template <int B>
   EK_INLINE void run() const {
-    switch (T / Vec<A, B>::kLanes) {
+    switch (T / Simd<A, B>::kLanes) {
       case 1: return entries<B, 1>();
       case 2: return entries<B, 2>();
       case 3: return entries<B, 3>();
@@ -377,7 +358,7 @@ struct BsrRows {
   // Rows r0 .. r0+RG of one stored block into the accumulator tile acc [OB][L] (L1-resident).
   template <int B, int RG>
   EK_INLINE void row_group(const S* blk, const A* p, A* acc, int64_t r0) const {
-    using W = Vec<A, B>;
+    using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes;
     typename W::V a[RG];
     for (int g = 0; g < RG; ++g) a[g] = W::load(acc + (r0 + g) * L);
@@ -392,7 +373,7 @@ struct BsrRows {
 
   template <int B>
   EK_INLINE void run() const {
-    using W = Vec<A, B>;
+    using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes;
     // Block-outer: each stored block is read once, front to back, while the OB x L accumulators live in L1. Row
     // groups outer (accumulators in registers) re-read every block of the row once per group with a 128 B stride
@@ -461,7 +442,7 @@ struct BsrGradValues {
 
   template <int B>
   EK_INLINE void run() const {
-    using W = Vec<A, B>;
+    using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = static_cast<int64_t>(row[b]) * BR, k0 = static_cast<int64_t>(col[b]) * BC;
