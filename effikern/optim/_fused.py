@@ -1,4 +1,5 @@
-"""What effikern's fused optimizers share: the loss-scaling hooks, the shared step counters, state loading.
+"""What effikern's fused optimizers share: the base class (:class:`FusedOptimizer`), the loss-scaling hooks, the
+shared step counters, state loading.
 
 Loss scaling (no host sync): before ``step()`` a grad scaler may set, as device tensors,
 - ``optimizer.grad_scale``: gradients are divided by it (torch's protocol for ``fused=True`` optimizers, so
@@ -100,3 +101,49 @@ def unshared_state_dict(state_dict):
     state = {k: ({**v, "step": v["step"].clone()} if "step" in v else v)
              for k, v in state_dict["state"].items()}
     return {**state_dict, "state": state}
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """The step loop of a fused optimizer; a subclass says how to start a param's state and how to update one
+    set of params that share a step counter.
+
+    ``step()`` reads the loss-scaling tensors a grad scaler set, checks the gradients, and calls
+    ``_update(group, params, grad_factor, found_inf)`` once per shared step counter (``step_groups``), with the
+    scaling tensors already on that counter's device. ``_new_state(group, p)`` returns a param's state without
+    "step" the first time it has a gradient.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def _new_state(self, group, p) -> dict:
+        raise NotImplementedError
+
+    def _update(self, group, params, grad_factor, found_inf) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param with a gradient; returns closure's loss when given one."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        factor, found_inf = scaling_tensors(self)
+        for group in self.param_groups:
+            check_dense_grads([p for p in group["params"] if p.grad is not None], type(self).__name__)
+            for members in step_groups(self, group, lambda p, group=group: self._new_state(group, p)).values():
+                device = members[0].device
+                self._update(group, members, on(factor, device), on(found_inf, device))
+        return loss
+
+    def state_dict(self):
+        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
+        return unshared_state_dict(super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._complete_loaded_state()
+        merge_steps(self)
+
+    def _complete_loaded_state(self) -> None:
+        """Fills what a loaded state may lack (a torch state_dict's missing keys) before steps are merged."""

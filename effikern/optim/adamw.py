@@ -6,7 +6,7 @@ from ..ops import amp as _amp_ops  # noqa: F401  (registers torch.ops.effikern.f
 from . import _fused
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(_fused.FusedOptimizer):
     """Drop-in for ``torch.optim.AdamW`` (no amsgrad), updating each group with ``effikern::fused_adamw_``.
 
     Same math, state keys (``step``, ``exp_avg``, ``exp_avg_sq``) and state_dict layout as torch's AdamW;
@@ -17,8 +17,6 @@ class AdamW(torch.optim.Optimizer):
 
     Args: params, lr (float), betas (beta1, beta2), eps, weight_decay (decoupled, as torch), maximize.
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False):
         if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
@@ -32,36 +30,14 @@ class AdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _new_state(p):
+    def _new_state(self, group, p):
         return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every param with a gradient; returns closure's loss when given one."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        factor, found_inf = _fused.scaling_tensors(self)
-        for group in self.param_groups:
-            _fused.check_dense_grads([p for p in group["params"] if p.grad is not None], "AdamW")
-            beta1, beta2 = group["betas"]
-            for members in _fused.step_groups(self, group, self._new_state).values():
-                device = members[0].device
-                states = [self.state[p] for p in members]
-                torch.ops.effikern.fused_adamw_(
-                    [p.detach() for p in members], [p.grad for p in members], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], states[0]["step"], float(group["lr"]), float(beta1),
-                    float(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]),
-                    _fused.on(factor, device), _fused.on(found_inf, device))
-        return loss
-
-    def state_dict(self):
-        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
-        return _fused.unshared_state_dict(super().state_dict())
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        _fused.merge_steps(self)
+    def _update(self, group, params, grad_factor, found_inf):
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        torch.ops.effikern.fused_adamw_(
+            [p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], states[0]["step"], float(group["lr"]), float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)

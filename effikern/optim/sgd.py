@@ -6,7 +6,7 @@ from ..ops import amp as _amp_ops  # noqa: F401  (registers torch.ops.effikern.f
 from . import _fused
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(_fused.FusedOptimizer):
     """Drop-in for ``torch.optim.SGD`` (momentum, dampening, nesterov, weight_decay, maximize), updating each
     group with ``effikern::fused_sgd_``.
 
@@ -16,8 +16,6 @@ class SGD(torch.optim.Optimizer):
     counts a param with a momentum buffer as stepped once. Takes ``grad_scale``/``found_inf`` from a grad
     scaler like effikern.optim.AdamW (no host sync).
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False):
@@ -33,33 +31,18 @@ class SGD(torch.optim.Optimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every param with a gradient; returns closure's loss when given one."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        factor, found_inf = _fused.scaling_tensors(self)
-        for group in self.param_groups:
-            _fused.check_dense_grads([p for p in group["params"] if p.grad is not None], "SGD")
-            momentum = float(group["momentum"])
+    def _new_state(self, group, p):
+        if float(group["momentum"]) == 0.0:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-            def new_state(p):
-                if momentum == 0.0:
-                    return {}
-                return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-            for members in _fused.step_groups(self, group, new_state).values():
-                device = members[0].device
-                bufs = [] if momentum == 0.0 else [self._buffer(p) for p in members]
-                torch.ops.effikern.fused_sgd_(
-                    [p.detach() for p in members], [p.grad for p in members], bufs,
-                    self.state[members[0]]["step"],
-                    float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
-                    float(group["weight_decay"]), bool(group["maximize"]), _fused.on(factor, device),
-                    _fused.on(found_inf, device))
-        return loss
+    def _update(self, group, params, grad_factor, found_inf):
+        momentum = float(group["momentum"])
+        bufs = [] if momentum == 0.0 else [self._buffer(p) for p in params]
+        torch.ops.effikern.fused_sgd_(
+            [p.detach() for p in params], [p.grad for p in params], bufs, self.state[params[0]]["step"],
+            float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
+            float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)
 
     def _buffer(self, p):
         # momentum turned on after earlier steps (or a torch state without buffers): start a fresh buffer; its
@@ -69,14 +52,9 @@ class SGD(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
-    def state_dict(self):
-        """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
-        return _fused.unshared_state_dict(super().state_dict())
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
+    def _complete_loaded_state(self):
+        # A torch SGD state_dict has no step: a param with a momentum buffer has been stepped at least once.
+        for state in self.state.values():
             if "step" not in state:
                 buf = state.get("momentum_buffer")
                 state["step"] = torch.tensor(0.0 if buf is None else 1.0)
-        _fused.merge_steps(self)
