@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .sparse.formats import block_size_pair
+
 PATTERNS = ("unstructured", "block", "2:4")
 
 
@@ -67,7 +69,7 @@ class BlockMagnitude(prune.BasePruningMethod):
 
     def __init__(self, amount, block_size=(32, 32)):
         self.amount = amount
-        self.block_size = _pair(block_size)
+        self.block_size = block_size_pair(block_size)
 
     def compute_mask(self, t, default_mask):
         scores = _block_scores(t * default_mask, self.block_size)
@@ -106,15 +108,6 @@ class NMMagnitude(prune.BasePruningMethod):
         return super().apply(module, name, n=n, m=m, importance_scores=importance_scores)
 
 
-def _pair(block_size) -> Tuple[int, int]:
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
-        block_size = (block_size, block_size)
-    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
-        raise ValueError(f"block_size must be an int or a pair of ints >= 1, got {block_size!r}")
-    return int(block_size[0]), int(block_size[1])
-
-
 def prune_model(model: nn.Module, amount, pattern: str = "unstructured", block_size=(32, 32),
                 layers: Sequence[type] = (nn.Linear, nn.Conv2d), scope: str = "layer"):
     """Magnitude-prunes the weight of every module of a type in ``layers``; returns the list of pruned modules.
@@ -142,12 +135,12 @@ def prune_model(model: nn.Module, amount, pattern: str = "unstructured", block_s
             if pattern == "unstructured":
                 prune.l1_unstructured(m, "weight", amount=amount)
             else:
-                BlockMagnitude.apply(m, "weight", amount=amount, block_size=_pair(block_size))
+                BlockMagnitude.apply(m, "weight", amount=amount, block_size=block_size_pair(block_size))
         return modules
     if pattern == "unstructured":
         prune.global_unstructured([(m, "weight") for m in modules], prune.L1Unstructured, amount=amount)
         return modules
-    _global_blocks(modules, amount, _pair(block_size))
+    _global_blocks(modules, amount, block_size_pair(block_size))
     return modules
 
 

@@ -197,7 +197,7 @@ def to_block(weight: torch.Tensor, mask: Optional[torch.Tensor] = None,
              block_size: Tuple[int, int] = (32, 32)) -> SparseWeight:
     """BSR of ``weight * mask``: the blocks holding any kept weight are stored whole (zero-padded at the edges)."""
     mask = _check_weight_mask(weight, mask)
-    br, bc = _block_size(block_size)
+    br, bc = block_size_pair(block_size)
     n, k = weight.shape
     nb, kb = math.ceil(n / br), math.ceil(k / bc)
 
@@ -218,7 +218,8 @@ def to_block(weight: torch.Tensor, mask: Optional[torch.Tensor] = None,
     return sw
 
 
-def _block_size(block_size) -> Tuple[int, int]:
+def block_size_pair(block_size) -> Tuple[int, int]:
+    """(rows, cols) from an int or a pair of ints >= 1; ValueError naming block_size otherwise."""
     if isinstance(block_size, int) and not isinstance(block_size, bool):
         block_size = (block_size, block_size)
     if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
@@ -235,7 +236,7 @@ def is_2of4(mask: torch.Tensor) -> bool:
 
 def is_block(mask: torch.Tensor, block_size: Tuple[int, int]) -> bool:
     """Whether every block of the mask is either fully kept or fully pruned (edge blocks: their in-range part)."""
-    br, bc = _block_size(block_size)
+    br, bc = block_size_pair(block_size)
     n, k = mask.shape
     nb, kb = math.ceil(n / br), math.ceil(k / bc)
     padded = mask.new_zeros(nb * br, kb * bc)
