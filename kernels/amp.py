@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._matmul import TL_DTYPE
+
 __all__ = ["unscale_check_norm", "fused_adamw_", "fused_sgd_"]
 
 # Norm codes (constexpr): what unscale_check_norm reduces.
@@ -61,7 +63,6 @@ _UNSCALE_CFG = {"cuda": (16384, 2048, 8), "cpu": (32, 8, 1)}
 _OPTIM_CFG = {"cuda": (16384, 1024, 4), "cpu": (32, 8, 1)}
 _FINISH_BLOCK = {"cuda": 4096, "cpu": 16}
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # Tables built recently, keyed by (kind, device, chunk, per-tensor dtype/addresses/numel). Bounded: a model
 # with a handful of parameter groups needs a few entries; anything else just rebuilds.
@@ -375,10 +376,10 @@ def _check_lists(lists, names, dtypes, numels):
     for lst, name in zip(lists, names):
         ok = ([t.dtype for t in lst] == dtypes and [t.numel() for t in lst] == numels
               and all([t.device == device for t in lst]) and all([t.is_contiguous() for t in lst]))
-        if ok and all([d in _TL_DTYPE for d in set(dtypes)]):
+        if ok and all([d in TL_DTYPE for d in set(dtypes)]):
             continue
         for i, t in enumerate(lst):
-            if t.dtype not in _TL_DTYPE:
+            if t.dtype not in TL_DTYPE:
                 raise TypeError(f"{name}[{i}]: expected float32, float16 or bfloat16, got {t.dtype}")
             if t.dtype != dtypes[i] or t.numel() != numels[i]:
                 raise ValueError(f"{name}[{i}]: expected {dtypes[i]} with {numels[i]} elements like "

@@ -30,17 +30,17 @@ default), matching what PyTorch's own cuDNN 1x1 conv does with the same flag; ot
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._matmul import dot_args, mma
+
 # constexpr: @triton.jit code may read only constexpr globals
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), exact-erf GELU
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi), GELU's pdf factor
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,20 +97,6 @@ def _act_backward(grad_a, z, ACT: tl.constexpr):
     else:
         out = grad_a
     return out
-
-
-@triton.jit
-def _mma(acc, a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """acc += a @ b with operands rounded to DOT_DTYPE and fp32 accumulation.
-
-    EMULATE (set only for bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as
-    integers) rounds to DOT_DTYPE and multiplies in fp32: the same numbers a bf16 MMA produces."""
-    a = a.to(DOT_DTYPE)
-    b = b.to(DOT_DTYPE)
-    if EMULATE:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -184,7 +170,7 @@ def _dwsep_fwd_kernel(
         # padded channels add nothing whatever act(0) is.
         w_t = tl.load(pw_w_ptr + offs_co[None, :] * C + offs_c[:, None],
                       mask=c_mask[:, None] & co_mask[None, :], other=0.0)
-        acc = _mma(acc, _act(z, ACT), w_t, DOT_DTYPE, DOT_PREC, EMULATE)
+        acc = mma(acc, _act(z, ACT), w_t, DOT_DTYPE, DOT_PREC, EMULATE)
 
     if HAS_PW_BIAS:
         acc += tl.load(pw_b_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
@@ -234,7 +220,7 @@ def _dwsep_bwd_act_kernel(
         g = tl.load(gy_p + offs_co[None, :] * syc, mask=p_mask[:, None] & co_mask[None, :], other=0.0)
         w = tl.load(pw_w_ptr + offs_co[:, None] * C + offs_c[None, :],
                     mask=co_mask[:, None] & c_mask[None, :], other=0.0)
-        grad_a = _mma(grad_a, g, w, DOT_DTYPE, DOT_PREC, EMULATE)
+        grad_a = mma(grad_a, g, w, DOT_DTYPE, DOT_PREC, EMULATE)
 
     z_off = n64 * szn + (oh * szh + ow * szw)[:, None] + offs_c[None, :] * szc
     mask = p_mask[:, None] & c_mask[None, :]
@@ -276,7 +262,7 @@ def _dwsep_bwd_pw_weight_kernel(
                       mask=co_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_CO, BLOCK_M]
         a = tl.load(a_ptr + _pixel_offsets(offs_m, P, Wo, szn, szh, szw)[:, None] + offs_c[None, :] * szc,
                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_C]
-        acc = _mma(acc, g_t, a, DOT_DTYPE, DOT_PREC, EMULATE)
+        acc = mma(acc, g_t, a, DOT_DTYPE, DOT_PREC, EMULATE)
         acc_b += tl.sum(g_t.to(tl.float32), axis=1)
 
     s64 = s.to(tl.int64)
@@ -476,12 +462,8 @@ def _out_hw(H, W, kh, kw, stride, padding, dilation):
 
 
 def _dot_args(x):
-    """Constexprs for _mma: operand dtype, fp32 precision (TF32 iff cuDNN convs use it), emulation."""
-    dot_dtype = _TL_DTYPE[x.dtype]
-    interpreting = x.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return dict(DOT_DTYPE=dot_dtype,
-                DOT_PREC="tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
-                EMULATE=interpreting and dot_dtype == tl.bfloat16)
+    """mma's constexprs; fp32 uses TF32 iff cuDNN convolutions would."""
+    return dot_args(x, torch.backends.cudnn.allow_tf32)
 
 
 def _conv_args(stride, padding, dilation):

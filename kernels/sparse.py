@@ -37,31 +37,18 @@ exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as F.linear does.
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from ._matmul import dot_args, interpreting, mma
+
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mma(acc, a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """acc += a @ b, operands rounded to DOT_DTYPE, fp32 accumulation. EMULATE (bf16 under the interpreter,
-    whose tl.dot multiplies bf16 bit patterns wrongly) rounds to bf16 and multiplies in fp32 instead: the
-    same products a bf16 MMA forms."""
-    a = a.to(DOT_DTYPE)
-    b = b.to(DOT_DTYPE)
-    if EMULATE:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -99,7 +86,7 @@ def _bsr_mm_kernel(
         a = tl.load(a_rows + i.to(tl.int64)[None, :] * sai,
                     mask=m_mask[:, None] & ((offs_i < IB) & (i < IN))[None, :], other=0.0)
         v = tl.load(v_ptr + blk.to(tl.int64) * (IB * OB) + v_offs, mask=v_mask, other=0.0)
-        acc = _mma(acc, a, v, DOT_DTYPE, DOT_PREC, EMULATE)
+        acc = mma(acc, a, v, DOT_DTYPE, DOT_PREC, EMULATE)
     o = ob * OB + offs_o
     o_mask = (offs_o < OB) & (o < OUT)
     if HAS_BIAS:
@@ -136,7 +123,7 @@ def _bsr_sddmm_kernel(
         mm = m < M
         g = tl.load(gy_cols + m.to(tl.int64)[None, :] * sgm, mask=n_mask[:, None] & mm[None, :], other=0.0)
         xv = tl.load(x_cols + m.to(tl.int64)[:, None] * sxm, mask=mm[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(acc, g, xv, DOT_DTYPE, DOT_PREC, EMULATE)
+        acc = mma(acc, g, xv, DOT_DTYPE, DOT_PREC, EMULATE)
     out = out_ptr + (s.to(tl.int64) * nnzb + b) * (BR * BC)
     tl.store(out + offs_r[:, None] * BC + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_r[:, None] < BR) & (offs_c[None, :] < BC))
@@ -213,12 +200,6 @@ def _csr_sddmm_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting():
-    """True under the Triton interpreter. Not inferred from the device: the sm_90 compile check
-    (tests/triton_compile.py) launches on CPU tensors and must compile the GPU configuration."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pow2_clamp(n, lo, hi):
     """next_power_of_2(n) clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -237,10 +218,8 @@ def _num_sms(device):
 
 
 def _dot_args(x):
-    """Constexprs for _mma: operand dtype, fp32 precision (TF32 iff F.linear would use it), emulation."""
-    dot_dtype = _TL_DTYPE[x.dtype]
-    return dict(DOT_DTYPE=dot_dtype, DOT_PREC="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-                EMULATE=_interpreting() and dot_dtype == tl.bfloat16)
+    """mma's constexprs; fp32 uses TF32 iff F.linear would."""
+    return dot_args(x, torch.backends.cuda.matmul.allow_tf32)
 
 
 def _mm_block_m(M, inner, outer, dtype):
@@ -248,7 +227,7 @@ def _mm_block_m(M, inner, outer, dtype):
     forward spilled on sm_90 even at 8 warps) and under the interpreter; fewer for small M, never below 16
     (tl.dot). 8 warps from 4096-value tiles: at 4 warps a 128x32 fp16 tile took 202-231 registers a thread on
     sm_90 (the [BLOCK_M, IBP] 64-bit pointer tile of the x gather costs as much as the accumulator)."""
-    block_m = _pow2_clamp(M, 16, 64 if _interpreting() or dtype == torch.float32 else 128)
+    block_m = _pow2_clamp(M, 16, 64 if interpreting() or dtype == torch.float32 else 128)
     return dict(BLOCK_M=block_m, num_warps=8 if block_m * max(inner, outer) >= 4096 else 4)
 
 
