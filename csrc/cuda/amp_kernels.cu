@@ -374,17 +374,6 @@ cudaError_t multi_tensor_apply(void* const* const (&lists)[kDepth], const int64_
   return err;
 }
 
-/// Calls f with a typed null pointer of dtype's element type (static dispatch over the three dtypes).
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(static_cast<float*>(nullptr));
-    case DType::kFloat16: return f(static_cast<__half*>(nullptr));
-    case DType::kBFloat16: return f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T, Norm kNorm, bool kWriteBack>
 cudaError_t launch_unscale(void* const* grads, const int64_t* numels, int n, const float* inv_scale,
                            float* found_inf, float* partials, cudaStream_t stream) {
@@ -415,7 +404,7 @@ cudaError_t unscale_check_norm(DType dtype, void* const* grads, const int64_t* n
                                const float* inv_scale, float* found_inf, Norm norm, bool write_back,
                                float* partials, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+    using T = decltype(tag);
     switch (norm) {
       case Norm::kL2:
         return launch_unscale<T, Norm::kL2>(write_back, grads, numels, n_tensors, inv_scale, found_inf, partials,
@@ -451,7 +440,7 @@ cudaError_t fused_adamw(DType dtype, void* const* params, void* const* grads, vo
   a.maximize = h.maximize;
   void* const* const lists[4] = {params, grads, exp_avgs, exp_avg_sqs};
   return dispatch(dtype, [&](auto tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+    using T = decltype(tag);
     return multi_tensor_apply<4>(lists, numels, n_tensors, [&](const ChunkTable<4>& t, int n_chunks) {
       adamw_kernel<T><<<n_chunks, kThreads, 0, stream>>>(t, step, grad_factor, found_inf, a);
       return cudaGetLastError();
@@ -473,7 +462,7 @@ cudaError_t fused_sgd(DType dtype, void* const* params, void* const* grads, void
   if (momentum && momentum_buffers == nullptr) return cudaErrorInvalidValue;
   void* const* const lists[3] = {params, grads, momentum ? momentum_buffers : nullptr};
   return dispatch(dtype, [&](auto tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+    using T = decltype(tag);
     return multi_tensor_apply<3>(lists, numels, n_tensors, [&](const ChunkTable<3>& t, int n_chunks) {
       if (momentum) {
         sgd_kernel<T, true><<<n_chunks, kThreads, 0, stream>>>(t, step, grad_factor, found_inf, a);

@@ -15,11 +15,14 @@
 
 #include <cuda_runtime_api.h>
 
+#include "dtype.h"
+
 namespace effikern {
 namespace cuda {
 namespace amp {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+/// Element type of one launch's tensors: dtype.h.
+using ::effikern::cuda::DType;
 
 /// What unscale_check_norm reduces: nothing, sum of squares (L2), or max |.| (inf).
 enum class Norm : int { kNone = 0, kL2 = 1, kInf = 2 };

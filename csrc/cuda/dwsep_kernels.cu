@@ -705,17 +705,6 @@ unsigned int grid_for(int64_t work, int64_t cap = INT_MAX) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(work, cap)));
 }
 
-/// Calls f(T{}) with T the C++ type of `dtype`; returns cudaErrorInvalidValue for an unknown dtype.
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 int sm_count() {
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)

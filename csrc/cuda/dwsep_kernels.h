@@ -15,11 +15,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include "dtype.h"
+
 namespace effikern {
 namespace cuda {
 
-/// Element type of x, y, residual, grad_y and grad_x. The kernels accumulate in fp32 for all three.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// DType (dtype.h): the element type of x, y, residual, grad_y and grad_x; the kernels accumulate in fp32.
 
 /// Element strides of a logical [N, C, H, W] tensor (NCHW: (C*H*W, H*W, W, 1); channels_last: (H*W*C, 1, W*C, C)).
 struct Strides4 {

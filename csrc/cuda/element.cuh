@@ -1,4 +1,4 @@
-// Element conversions shared by every CUDA kernel family: all arithmetic is fp32, so every load is widened to
+// Element types shared by every CUDA kernel family: the host-side dtype dispatch, and the conversions: all arithmetic is fp32, so every load is widened to
 // fp32 at once and every store narrows from it (round to nearest even). Pure CUDA, no torch headers.
 #pragma once
 
@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "dtype.h"
 
 namespace effikern {
 namespace cuda {
@@ -29,6 +31,18 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
 // Read-only path (__ldg): only for inputs the kernel reading them never writes.
 template <typename T>
 __device__ __forceinline__ float load_f32(const T* p) { return to_f32(__ldg(p)); }
+
+/// Calls f(T{}) with T the C++ element type of `dtype` (host side: one instantiation per dtype); returns
+/// cudaErrorInvalidValue for an unknown dtype.
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace cuda
 }  // namespace effikern

@@ -49,16 +49,6 @@ int sm_count() {
   return std::max(sms, 1);
 }
 
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // =========================================================================================================
 // Unstructured (CSR), few tokens.
 // =========================================================================================================

@@ -12,12 +12,14 @@
 
 #include <cuda_runtime_api.h>
 
+#include "dtype.h"
+
 namespace effikern {
 namespace cuda {
 namespace sparse {
 
-/// Element type of activations, values, bias and outputs (one dtype for all of them).
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+/// Element type of activations, values, bias and outputs (one dtype for all of them): dtype.h.
+using ::effikern::cuda::DType;
 
 /// Compressed sparse product, one entry at a time:
 ///   out[m, o] = sum_{e in ptr[o] .. ptr[o+1]} values[perm ? perm[e] : e] * a[m, idx[e]]  (+ bias[o])
