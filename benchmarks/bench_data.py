@@ -124,12 +124,14 @@ class TinyEncoder(nn.Module):
 TRAIN_VOCAB = 1000
 
 
+def _train_count(quick: bool, device) -> int:
+    """How many sequences the training case trains on."""
+    return 4096 if device.type == "cuda" else (64 if quick else 512)
+
+
 def _train_sequences(quick: bool, device):
     """(sequences, lengths [n]) for the training case: the dataset's first n lengths, random token ids."""
-    n = 64 if quick else 512
-    if device.type == "cuda":
-        n = 4096
-    lens = lengths(n)
+    lens = lengths(_train_count(quick, device))
     flat = torch.randint(1, TRAIN_VOCAB, (int(lens.sum()),), generator=torch.Generator().manual_seed(SEED + 2))
     return list(torch.split(flat, lens.tolist())), lens
 
@@ -170,7 +172,7 @@ def _train_epoch_fns(device, quick):
 
 
 def _train_case(device, quick):
-    n = len(_train_sequences(quick, device)[0])
+    n = _train_count(quick, device)
     # bytes/flops have no floor meaning for a whole training step (0 = not reported); the row is the epoch time.
     return Case(op="train_epoch", shape=f"{n} seqs b{BATCH_SIZE} tiny-encoder", dtype="fp32", layout="-",
                 mode="epoch", bytes=0, flops=0, baseline="fixed", build=lambda: _train_epoch_fns(device, quick))
