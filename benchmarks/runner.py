@@ -23,7 +23,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("dwsep", "kd", "data", "amp", "sparse")
+FAMILIES = ("dwsep", "kd", "data", "amp", "sparse", "examples")
 
 
 @dataclasses.dataclass
