@@ -1,10 +1,12 @@
 """effikern.sparse converters: exact round trips, the index arrays' invariants, memory held, clear errors."""
 
+import math
+
 import pytest
 import torch
 from sparse_util import random_mask
 
-from effikern.sparse import from_dense, is_2of4, is_block
+from effikern.sparse import PANEL, from_dense, is_2of4, is_block, n_panels
 
 FORMATS = ["unstructured", "block", "2:4"]
 
@@ -37,11 +39,10 @@ def test_kept_zero_is_stored():
     assert sw.nnz == 4 and torch.equal(sw.to_dense(), w)
 
 
-@pytest.mark.parametrize("fmt", ["unstructured", "block"])
-def test_index_arrays_follow_the_spec(fmt):
-    """int32, sorted columns per row, and a transposed view that lists every entry once, sorted by row."""
-    mask = random_mask(fmt, 21, 30, 0.6, block=(4, 8))
-    sw = from_dense(torch.randn(21, 30), mask, fmt, (4, 8))
+def test_block_arrays_follow_the_spec():
+    """int32, sorted block columns per block row, and a transposed view that lists every block once."""
+    mask = random_mask("block", 21, 30, 0.6, block=(4, 8))
+    sw = from_dense(torch.randn(21, 30), mask, "block", (4, 8))
     for name, t in sw.arrays().items():
         assert t.dtype == torch.int32 and t.is_contiguous(), name
     rows = sw.crow.numel() - 1
@@ -57,6 +58,43 @@ def test_index_arrays_follow_the_spec(fmt):
         assert torch.all(sw.t_row[sw.t_crow[c] + 1:sw.t_crow[c + 1]] > sw.t_row[sw.t_crow[c]:sw.t_crow[c + 1] - 1])
 
 
+def _entries(ptr, offsets, n_major, n_minor):
+    """(major, minor) of each entry of a panelled CSR, walked segment by segment as a kernel does."""
+    p = math.ceil(n_minor / PANEL)
+    out = []
+    for major in range(n_major):
+        for panel in range(p):
+            s = major * p + panel
+            out += [(major, panel * PANEL + int(offsets[e])) for e in range(int(ptr[s]), int(ptr[s + 1]))]
+    return out
+
+
+def test_csr_arrays_follow_the_spec():
+    """Panelled CSR: int32 segment pointers, uint8 offsets, entries sorted by (row, column), row[] holding each
+    entry's segment, and a transposed view listing every entry once sorted by (column, row). 300 x 600 spans
+    3 column panels and 2 row panels, with a partial last panel in both."""
+    n, k = 300, 600
+    mask = random_mask("unstructured", n, k, 0.9)
+    w = torch.randn(n, k)
+    sw = from_dense(w, mask, "unstructured")
+    p, pn = n_panels(k), n_panels(n)
+    assert (p, pn) == (3, 2)
+    dtypes = dict(crow=torch.int32, col=torch.uint8, row=torch.int32, t_crow=torch.int32, t_row=torch.uint8,
+                  t_perm=torch.int32)
+    for name, t in sw.arrays().items():
+        assert t.dtype == dtypes[name] and t.is_contiguous(), name
+    assert sw.crow.numel() == n * p + 1 and sw.t_crow.numel() == k * pn + 1
+    entries = _entries(sw.crow, sw.col, n, k)
+    assert entries == [tuple(rc) for rc in mask.nonzero().tolist()]  # every kept weight once, row-major
+    seg = torch.tensor([r * p + c // PANEL for r, c in entries], dtype=torch.int32)
+    assert torch.equal(sw.row, seg)
+    assert torch.equal(sw.values, w[mask])
+    by_col = _entries(sw.t_crow, sw.t_row, k, n)  # (column, row) pairs
+    assert by_col == sorted((c, r) for r, c in entries)
+    for (c, r), e in zip(by_col, sw.t_perm.tolist()):
+        assert entries[e] == (r, c)
+
+
 def test_block_padding_and_value_mask():
     mask = random_mask("block", 10, 13, 0.5, block=(4, 8), inner=0.25)
     sw = from_dense(torch.randn(10, 13), mask, "block", (4, 8))
@@ -65,25 +103,25 @@ def test_block_padding_and_value_mask():
     assert torch.all(sw.values[~sw.value_mask] == 0)
 
 
-def test_two_of_four_pads_groups_to_two():
+def test_two_of_four_stores_the_kept_weights_only():
+    """Groups keeping fewer than 2 store fewer entries: no padding, so no value mask is needed."""
     mask = random_mask("2:4", 6, 16, 0.0)
     sw = from_dense(torch.randn(6, 16), mask, "2:4")
-    assert sw.nnz == 6 * 16 // 2
-    assert torch.all(sw.crow[1:] - sw.crow[:-1] == 8)
-    assert int(sw.value_mask.sum()) == int(mask.sum())
+    assert sw.nnz == int(mask.sum()) < 6 * 16 // 2
+    assert sw.value_mask is None
+    assert torch.equal(sw.crow[1:] - sw.crow[:-1], mask.sum(1).int())  # 16 columns: one panel, a segment is a row
 
 
-@pytest.mark.parametrize("fmt,sparsity,dtype", [("block", 0.5, torch.float32), ("block", 0.5, torch.bfloat16),
-                                                ("unstructured", 0.6, torch.float32),
-                                                ("unstructured", 0.7, torch.bfloat16)])
-def test_inference_memory_below_dense(fmt, sparsity, dtype):
-    """Values + crow + col (the inference arrays) take fewer bytes than the dense weight.
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_inference_memory_below_dense_at_half_sparsity(fmt, dtype):
+    """Values + crow + col (the inference arrays) take fewer bytes than the dense weight at 50% sparsity.
 
-    Unstructured holds 4 + 2 (bf16) or 4 + 4 (fp32) bytes per kept weight, so it is below dense only past
-    50% (fp32) / 67% (bf16) sparsity; block holds one index per block and is below dense at 50%.
+    CSR and 2:4 hold a 1-byte offset per kept weight plus 4 bytes per 256 columns of a row: at 50%, fp16,
+    1 + 0.5 + 0.016 bytes per weight against 2. Block holds one int32 per block.
     """
-    w = torch.randn(256, 256).to(dtype)
-    mask = random_mask(fmt, 256, 256, sparsity, block=(32, 32))
+    w = torch.randn(256, 512).to(dtype)
+    mask = random_mask(fmt, 256, 512, 0.5, block=(32, 32))
     report = from_dense(w, mask, fmt, (32, 32)).drop_training_arrays().memory_report()
     assert report["total"] < report["dense"], report
 

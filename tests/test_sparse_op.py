@@ -183,8 +183,12 @@ class TestErrors:
 
     def test_index_dtype(self):
         sw = self._sw()
-        sw.col = sw.col.long()
-        with pytest.raises(TypeError, match="col must be an int32 index array"):
+        sw.col = sw.col.int()
+        with pytest.raises(TypeError, match="col must be a uint8 array of offsets within a panel, got torch.int32"):
+            effikern.functional.sparse_linear(torch.randn(2, 8), sw)
+        sw = self._sw()
+        sw.crow = sw.crow.long()
+        with pytest.raises(TypeError, match="crow must be an int32 index array, got torch.int64"):
             effikern.functional.sparse_linear(torch.randn(2, 8), sw)
 
     def test_not_a_sparse_weight(self):

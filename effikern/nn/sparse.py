@@ -82,7 +82,7 @@ class _SparseMatmul(nn.Module):
     def for_inference(self):
         """Frees the arrays only backward needs (row, transposed view); returns self."""
         for name in formats.TRAINING_ARRAYS:
-            setattr(self, name, self.crow.new_empty(0))
+            setattr(self, name, getattr(self, name).new_empty(0))
         return self
 
     def _matmul(self, x):

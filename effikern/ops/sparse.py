@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, backends
-from ..sparse.formats import FORMATS
+from ..sparse.formats import FORMATS, PANEL, csr_coordinates, n_panels
 from . import _checks
 
 OP = "sparse_linear"
@@ -37,10 +37,11 @@ KERNELS = ("csr_fwd", "csr_grad_input", "csr_grad_values", "bsr_fwd", "bsr_grad_
 
 # --- checks ---------------------------------------------------------------------------------------------
 
-def _check_index(t, name, device, length=None):
+def _check_index(t, name, device, length=None, dtype=torch.int32):
     _checks.tensor(t, name, 1)
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be an int32 index array, got {t.dtype}")
+    if t.dtype != dtype:
+        what = "an int32 index array" if dtype == torch.int32 else "a uint8 array of offsets within a panel"
+        raise TypeError(f"{name} must be {what}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} must be on the device of x ({device}), got {t.device}")
     if length is not None and t.numel() != length:
@@ -66,12 +67,17 @@ def check_weight(values, crow, col, fmt, out_features, in_features, device):
     else:
         if values.dim() != 1:
             raise ValueError(f"values of the {fmt} format must be 1-D [nnz], got shape {tuple(values.shape)}")
-        rows = out_features + 1
+        rows = out_features * n_panels(in_features) + 1  # one segment per (row, panel of 256 columns)
         if fmt == "2:4" and in_features % 4:
             raise ValueError(f"the 2:4 format needs in_features divisible by 4, got {in_features}")
     _check_index(crow, "crow", device, rows)
-    _check_index(col, "col", device, values.shape[0])
+    _check_index(col, "col", device, values.shape[0], _offset_dtype(fmt))
     return block
+
+
+def _offset_dtype(fmt):
+    """dtype of col and t_row: block indices are int32, CSR ones uint8 offsets within a panel."""
+    return torch.int32 if fmt == "block" else torch.uint8
 
 
 def check_args(x, values, crow, col, value_mask, bias, fmt, out_features, in_features):
@@ -99,8 +105,8 @@ def _math_dtype(t):
 
 
 def _dense_csr(crow, col, values, n, k):
-    row = torch.repeat_interleave(torch.arange(n, device=crow.device), (crow[1:] - crow[:-1]).long())
-    return values.new_zeros(n, k, dtype=_math_dtype(values)).index_put_((row, col.long()), values.to(_math_dtype(values)))
+    dense = values.new_zeros(n, k, dtype=_math_dtype(values))
+    return dense.index_put_(csr_coordinates(crow, col, n, k), values.to(dense.dtype))
 
 
 def _dense_bsr(crow, col, values, n, k):
@@ -113,10 +119,10 @@ def _dense_bsr(crow, col, values, n, k):
 
 
 def _transpose_csr(t_crow, t_row, t_perm, values, n, k):
-    """Dense W from the CSC view (so the grad_input reference exercises the transposed arrays)."""
-    col = torch.repeat_interleave(torch.arange(k, device=t_crow.device), (t_crow[1:] - t_crow[:-1]).long())
+    """Dense W from the transposed view (so the grad_input reference exercises the transposed arrays)."""
+    col, row = csr_coordinates(t_crow, t_row, k, n)
     w = values.new_zeros(n, k, dtype=_math_dtype(values))
-    return w.index_put_((t_row.long(), col), values[t_perm.long()].to(w.dtype))
+    return w.index_put_((row, col), values[t_perm.long()].to(w.dtype))
 
 
 def _transpose_bsr(t_crow, t_row, t_perm, values, n, k):
@@ -148,9 +154,10 @@ def _reference_kernels():
     def bsr_grad_input(gy, t_crow, t_row, t_perm, values, n, k):
         return (gy.to(_math_dtype(gy)) @ _transpose_bsr(t_crow, t_row, t_perm, values, n, k)).to(gy.dtype)
 
-    def csr_grad_values(gy, x, row, col):
+    def csr_grad_values(gy, x, seg, col):
         full = gy.to(_math_dtype(gy)).t() @ x.to(_math_dtype(x))
-        return full[row.long(), col.long()].to(gy.dtype)
+        p, seg = n_panels(x.shape[1]), seg.long()  # seg = row * p + panel (formats.py)
+        return full[torch.div(seg, p, rounding_mode="floor"), (seg % p) * PANEL + col.long()].to(gy.dtype)
 
     def bsr_grad_values(gy, x, row, col, values_shape):
         nnzb, br, bc = values_shape
@@ -297,9 +304,10 @@ def _check_grad_input(grad_y, values, t_crow, t_row, t_perm, fmt, out_features, 
     block = (values.shape[1], values.shape[2]) if fmt == "block" and values.dim() == 3 else None
     if fmt == "block" and block is None:
         raise ValueError(f"values of the block format must be [nnzb, BR, BC], got shape {tuple(values.shape)}")
-    cols = math.ceil(in_features / block[1]) if block else in_features
-    _check_index(t_crow, "t_crow", grad_y.device, cols + 1)
-    _check_index(t_row, "t_row", grad_y.device, values.shape[0])
+    # Block: one pointer per block column; CSR: one per (column, panel of 256 rows).
+    segments = math.ceil(in_features / block[1]) if block else in_features * n_panels(out_features)
+    _check_index(t_crow, "t_crow", grad_y.device, segments + 1)
+    _check_index(t_row, "t_row", grad_y.device, values.shape[0], _offset_dtype(fmt))
     _check_index(t_perm, "t_perm", grad_y.device, values.shape[0])
 
 
@@ -336,7 +344,7 @@ def _check_grad_values(grad_y, x, row, col, value_mask, values_shape, fmt):
     if len(values_shape) != (3 if fmt == "block" else 1):
         raise ValueError(f"values_shape {list(values_shape)} does not fit the {fmt} format")
     _check_index(row, "row", x.device, values_shape[0])
-    _check_index(col, "col", x.device, values_shape[0])
+    _check_index(col, "col", x.device, values_shape[0], _offset_dtype(fmt))
     if value_mask is not None:
         _check_value_mask(value_mask, values_shape, x.device)
 

@@ -1,19 +1,27 @@
 """Sparse weight formats for ``effikern.functional.sparse_linear``, and the converters that build them.
 
 A :class:`SparseWeight` holds a pruned weight W [N = out_features, K = in_features] as the arrays of the kernel
-interface shared by every backend (cpp, triton, cuda); every index array is int32 and contiguous:
+interface shared by every backend (cpp, triton, cuda; docs/sparse_kernels.md); every index array is contiguous:
 
-- ``"unstructured"`` (CSR): ``values [nnz]``, ``crow [N+1]``, ``col [nnz]`` (sorted in each row), and for
-  training ``row [nnz]`` and the CSC view ``t_crow [K+1]``, ``t_row [nnz]``, ``t_perm [nnz]``.
+- ``"unstructured"`` (panelled CSR): the columns are cut into panels of ``PANEL`` (256), so an entry's column
+  within its panel fits one byte. With P = ``n_panels(K)`` panels, a row's entries are grouped into P segments,
+  segment s = row * P + panel: ``values [nnz]``, ``crow [N*P + 1]`` (int32, entries of segment s are
+  crow[s]..crow[s+1]; row n is crow[n*P]..crow[(n+1)*P]), ``col [nnz]`` (uint8, the column minus panel * 256,
+  sorted in each row). For training: ``row [nnz]`` (int32, the segment s of each entry, so row = s // P and
+  column = (s % P) * 256 + col) and the same layout transposed, ``t_crow [K*Pn + 1]`` (Pn = ``n_panels(N)``),
+  ``t_row [nnz]`` (uint8, the row minus its panel * 256), ``t_perm [nnz]`` (int32, index into values).
+  Why: a 4-byte column index cost as much as an fp32 value (and twice an fp16 one), so CSR held as many bytes
+  as the dense weight at 50% sparsity; the forward at few tokens streams exactly these bytes from memory.
+  One byte per index plus 4 bytes per 256 columns of a row: 5 B per kept fp32 weight instead of 8.
 - ``"block"`` (BSR, blocks (BR, BC)): W zero-padded to [Np, Kp] (multiples of the block); ``values [nnzb, BR, BC]``,
-  ``crow [Np/BR + 1]``, ``col [nnzb]``, ``row [nnzb]``, ``t_crow [Kp/BC + 1]``, ``t_row``, ``t_perm [nnzb]``.
-- ``"2:4"``: at most 2 kept weights in every group of 4 along K (K % 4 == 0). Held as CSR with exactly 2 entries
-  per group (a group with fewer kept weights stores explicit zeros, masked out of the gradient), so every backend's
-  CSR kernels run it; on CUDA the forward goes through ``torch.sparse.to_sparse_semi_structured`` where the GPU,
-  dtype and shape allow (``effikern/ops/sparse.py``).
+  and int32 ``crow [Np/BR + 1]``, ``col [nnzb]``, ``row [nnzb]``, ``t_crow [Kp/BC + 1]``, ``t_row``, ``t_perm [nnzb]``.
+- ``"2:4"``: at most 2 kept weights in every group of 4 along K (K % 4 == 0), held as the CSR above (a group
+  with fewer kept weights stores fewer entries), so every backend's CSR kernels run it; on CUDA the forward goes
+  through ``torch.sparse.to_sparse_semi_structured`` where the GPU, dtype and shape allow
+  (``effikern/ops/sparse.py``).
 
 ``value_mask`` (bool, values' shape, or None when every stored value is kept) marks stored positions that the mask
-prunes: zeros inside a stored block, or the padding entries of a 2:4 group. Their gradient is zeroed, so
+prunes: the zeros inside a stored block. Their gradient is zeroed, so
 fine-tuning never grows the pattern.
 
 The converters round-trip exactly: ``from_dense(w, mask, fmt).to_dense() == w * mask``, bit for bit.
@@ -25,6 +33,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 FORMATS = ("unstructured", "block", "2:4")
+# Columns per panel of the CSR formats: an entry's offset within its panel is one uint8.
+PANEL = 256
 # Arrays needed by backward only; inference may leave them empty (see SparseWeight.has_training_arrays).
 TRAINING_ARRAYS = ("row", "t_crow", "t_row", "t_perm")
 INDEX_ARRAYS = ("crow", "col") + TRAINING_ARRAYS
@@ -39,6 +49,27 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     out[1:] = torch.cumsum(counts, 0)
     return _int32(out)
+
+
+def n_panels(width: int) -> int:
+    """Panels of PANEL columns covering ``width`` columns (at least 1)."""
+    return max(1, math.ceil(width / PANEL))
+
+
+def _panelled(major: torch.Tensor, minor: torch.Tensor, n_major: int, n_minor: int):
+    """Entries sorted by (major, minor) -> (segment pointers [n_major * P + 1] int32, minor offsets uint8,
+    segment of each entry int32), P = n_panels(n_minor)."""
+    p = n_panels(n_minor)
+    seg = major.long() * p + torch.div(minor.long(), PANEL, rounding_mode="floor")
+    ptr = _offsets(torch.bincount(seg, minlength=n_major * p))
+    return ptr, (minor.long() % PANEL).to(torch.uint8).contiguous(), _int32(seg)
+
+
+def csr_coordinates(ptr: torch.Tensor, offset: torch.Tensor, n_major: int, n_minor: int):
+    """(major, minor) int64 index of every entry of a panelled CSR (ptr [n_major * P + 1], offset [nnz] uint8)."""
+    p = n_panels(n_minor)
+    seg = torch.repeat_interleave(torch.arange(n_major * p, device=ptr.device), (ptr[1:] - ptr[:-1]).long())
+    return torch.div(seg, p, rounding_mode="floor"), (seg % p) * PANEL + offset.long()
 
 
 def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple[torch.Tensor, ...]:
@@ -92,7 +123,7 @@ class SparseWeight:
         return self.values.numel() == 0 or self.t_perm.numel() == self.col.numel()
 
     def to(self, device=None, dtype=None) -> "SparseWeight":
-        """A copy on ``device`` with values in ``dtype`` (index arrays stay int32, value_mask bool)."""
+        """A copy on ``device`` with values in ``dtype`` (index arrays keep their dtypes, value_mask bool)."""
         moved = {name: t.to(device) for name, t in self.arrays().items()}
         return SparseWeight(self.format, self.shape, self.values.detach().to(device=device, dtype=dtype), **moved,
                             value_mask=None if self.value_mask is None else self.value_mask.to(device),
@@ -101,7 +132,7 @@ class SparseWeight:
     def drop_training_arrays(self) -> "SparseWeight":
         """Frees row and the transposed view (inference needs only values, crow, col); backward then raises."""
         for name in TRAINING_ARRAYS:
-            setattr(self, name, self.crow.new_empty(0))
+            setattr(self, name, getattr(self, name).new_empty(0))
         return self
 
     def arrays(self) -> Dict[str, torch.Tensor]:
@@ -140,8 +171,7 @@ def densify(fmt: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tenso
         row = torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).long())
         blocks = values.new_zeros(nb, kb, br, bc).index_put((row, col.long()), values)
         return blocks.permute(0, 2, 1, 3).reshape(nb * br, kb * bc)[:n, :k]
-    row = torch.repeat_interleave(torch.arange(n, device=crow.device), (crow[1:] - crow[:-1]).long())
-    return values.new_zeros(n, k).index_put((row, col.long()), values)
+    return values.new_zeros(n, k).index_put(csr_coordinates(crow, col, n, k), values)
 
 
 def _check_weight_mask(weight, mask):
@@ -159,15 +189,18 @@ def _check_weight_mask(weight, mask):
 
 
 def to_unstructured(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseWeight:
-    """CSR of ``weight * mask`` (mask None: the nonzeros of ``weight``); kept positions holding 0 are stored."""
+    """Panelled CSR of ``weight * mask`` (mask None: the nonzeros of ``weight``); kept positions holding 0 are
+    stored."""
     mask = _check_weight_mask(weight, mask)
     weight = weight.detach()
     n, k = weight.shape
     row, col = mask.nonzero(as_tuple=True)  # row-major: sorted by row, then column
     values = weight[row, col].contiguous()
-    t_crow, t_row, t_perm = _transposed_view(row, col, k)
-    return SparseWeight("unstructured", (n, k), values, _offsets(mask.sum(1)), _int32(col), _int32(row),
-                        t_crow, t_row, t_perm)
+    crow, col_offset, seg = _panelled(row, col, n, k)
+    by_col = torch.argsort(col * n + row, stable=True)  # the entries in (column, row) order
+    t_crow, t_row_offset, _ = _panelled(col[by_col], row[by_col], k, n)
+    return SparseWeight("unstructured", (n, k), values, crow, col_offset, seg, t_crow, t_row_offset,
+                        _int32(by_col))
 
 
 def to_2of4(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseWeight:
@@ -182,13 +215,7 @@ def to_2of4(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Sparse
         bad = (kept > 2).nonzero()[0].tolist()
         raise ValueError(f"the mask is not 2:4: row {bad[0]}, inputs {4 * bad[1]}..{4 * bad[1] + 3} keep "
                          f"{int(kept[bad[0], bad[1]])} of 4")
-    # Fill each group up to exactly 2 stored entries with its first pruned positions (stored zeros, masked).
-    pruned_rank = torch.cumsum((~groups).int(), -1)
-    filler = (~groups) & (pruned_rank <= (2 - kept).unsqueeze(-1))
-    stored = (groups | filler).reshape(n, k)
-    sw = to_unstructured(weight * mask, stored)
-    if bool(filler.any()):
-        sw.value_mask = mask[stored.nonzero(as_tuple=True)].contiguous()
+    sw = to_unstructured(weight, mask)
     sw.format = "2:4"
     return sw
 
