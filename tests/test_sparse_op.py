@@ -88,6 +88,16 @@ def test_triton_matches_reference(fmt):
     _run("triton", fmt, torch.float32, 20, 24, (2, 3), 0.6, block=(16, 16))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["unstructured", "2:4"])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 35)])  # gather path, and packed path with two token chunks
+def test_csr_panels(backend, fmt, dtype, lead):
+    """520 inputs and 300 outputs: 3 column panels of 256 (the last holding 8 columns, often none kept at 90%) and 2
+    row panels in the transposed view, so every kernel walks several segments per row, empty ones included."""
+    _run(backend, fmt, dtype, 300, 520, lead, 0.9)
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("fmt", ["unstructured", "block"])
 def test_odd_shapes(backend, fmt):

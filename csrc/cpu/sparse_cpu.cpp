@@ -1,8 +1,10 @@
 // Masked sparse matmul on the CPU: CSR and BSR forward, grad_input and grad_values. Shapes: sparse_cpu.h.
 //
 // Why the layouts. At the token counts where sparsity pays on a CPU (decode, 1-64 rows of x) the forward is
-// memory-bound on the sparse weight: each stored value (4 B fp32) and its column index (4 B) are read once and used
-// for M multiply-adds. So every kernel visits each nonzero ONCE for all the tokens of a chunk: the dense operand is
+// memory-bound on the sparse weight: each stored value (4 B fp32) and its column offset (1 B: CSR is panelled, see
+// docs/sparse_kernels.md) are read once and used for M multiply-adds. A row is walked panel by panel: segment
+// s = row * P + panel holds the row's entries in columns panel*256 .. panel*256+255, so the source pointer moves
+// once per segment and every entry adds its one-byte offset. So every kernel visits each nonzero ONCE for all the tokens of a chunk: the dense operand is
 // first packed "token-innermost", P[chunk][k][t] (T = up to 64 tokens, one to four SIMD vectors, fp32), and a
 // nonzero (n, k, v) becomes one broadcast of v and NV vector FMAs into the register accumulators of row n,
 // reading the contiguous run P[chunk][k][0:T] (a whole cache line per vector). The packed operand of one chunk is
@@ -11,10 +13,11 @@
 // with several partial sums (the FMA latency, not the loads, would otherwise bound it).
 //
 // Floors (bytes over bandwidth; the benchmark prints the measured times next to them):
-//   csr_fwd:        nnz * (4 + 4) + M*K*4 + M*N*4 bytes; at 4096 x 4096, 90% sparse (1.68M nnz), 1-64 tokens the
-//                   values + indices are 13.4 MB: ~1 ms at 13 GB/s (2 cores), against 67 MB for dense F.linear.
-//   csr_grad_input: the same bytes, but the values are read through t_perm (a gather over 6.7 MB).
-//   csr_grad_values: nnz * (8 + 4) + M*(N+K)*4; compute 2*M*nnz flops.
+//   csr_fwd:        nnz * (4 + 1) + N*P*4 + M*K*4 + M*N*4 bytes; at 4096 x 4096, 90% sparse (1.68M nnz), 1-64
+//                   tokens the values + offsets + segment pointers are 8.7 MB (int32 columns: 13.4 MB): ~0.5 ms at
+//                   ~17 GB/s (what dense F.linear streams on 2 cores), against 67 MB for dense F.linear.
+//   csr_grad_input: the same bytes plus t_perm (4 B a nonzero), the values read through it (a gather over 6.7 MB).
+//   csr_grad_values: nnz * (1 + 4 + 4) + M*(N+K)*4; compute 2*M*nnz flops.
 //   bsr_*:          nnzb*BR*BC*4 + nnzb*4 (+ x, y); a block is a small dense GEMM, so at >= 16 tokens these are
 //                   compute-bound: 2*M*nnzb*BR*BC flops at ~1 512-bit FMA per cycle per core.
 //
@@ -25,6 +28,7 @@
 #include "sparse_cpu.h"
 #include "isa_dispatch.h"
 #include "simd.h"
+#include "sparse_gather_avx512.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -123,18 +127,26 @@ void parallel_run(K k, int64_t n, int64_t grain) {
   });
 }
 
+// Columns per panel of the CSR layout (effikern/sparse/formats.py PANEL): an offset within a panel is one byte.
+constexpr int64_t kPanel = 256;
+
+int64_t panels(int64_t width) {
+  return std::max<int64_t>(1, ceil_div(width, kPanel));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// CSR rows: out[m, o] = bias[o] + sum_{j in crow[o]..crow[o+1]} value(j) * src[m, idx[j]], value(j) =
-// values[perm[j]] (CSC view, grad_input) or values[j] (forward).
+// Panelled CSR rows: out[m, o] = bias[o] + sum over the segments s = o*P + p and j in crow[s]..crow[s+1] of
+// value(j) * src[m, p*256 + idx[j]], value(j) = values[perm[j]] (transposed view, grad_input) or values[j]
+// (forward). P = panels(R).
 
 template <typename S>
 struct CsrRows {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
   const A* src;  // gather path: [M, R]; packed path: [chunks][R][T]
-  int64_t M, R, T;
-  const int32_t* crow;
-  const int32_t* idx;
+  int64_t M, R, T, P;
+  const int32_t* crow;  // [O*P + 1] segment pointers
+  const uint8_t* idx;   // offsets within the segment's panel
   const int32_t* perm;  // nullptr: entries in order
   const S* values;
   const S* bias;  // [O] or nullptr
@@ -154,18 +166,21 @@ struct CsrRows {
   EK_INLINE void gather_rows() const {
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
-      const int64_t j0 = crow[o], j1 = crow[o + 1];
-      int64_t j = j0;
-      for (; j + 4 <= j1; j += 4) {
-        for (int u = 0; u < 4; ++u) {
-          const A v = gathered_value(j + u);
-          const int64_t k = idx[j + u];
-          for (int m = 0; m < MM; ++m) acc[m][u] += v * src[m * R + k];
+      for (int64_t p = 0; p < P; ++p) {
+        const A* base = src + p * kPanel;
+        int64_t j = crow[o * P + p];
+        const int64_t j1 = crow[o * P + p + 1];
+        for (; j + 4 <= j1; j += 4) {
+          for (int u = 0; u < 4; ++u) {
+            const A v = gathered_value(j + u);
+            const int64_t k = idx[j + u];
+            for (int m = 0; m < MM; ++m) acc[m][u] += v * base[m * R + k];
+          }
         }
-      }
-      for (; j < j1; ++j) {
-        const A v = gathered_value(j);
-        for (int m = 0; m < MM; ++m) acc[m][0] += v * src[m * R + idx[j]];
+        for (; j < j1; ++j) {
+          const A v = gathered_value(j);
+          for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + idx[j]];
+        }
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
       for (int m = 0; m < MM; ++m) {
@@ -185,19 +200,22 @@ struct CsrRows {
       const int64_t c = i / O, o = i % O;
       const A* Pc = src + c * R * TT;
       typename W::V acc[U][NV] = {};
-      int64_t j = crow[o];
-      const int64_t j1 = crow[o + 1];
-      for (; j + U <= j1; j += U) {
-        for (int u = 0; u < U; ++u) {
-          const typename W::V v = W::splat(value<kPerm>(j + u));
-          const A* p = Pc + static_cast<int64_t>(idx[j + u]) * TT;
-          for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
+      for (int64_t s = o * P; s < (o + 1) * P; ++s) {
+        const A* panel = Pc + (s - o * P) * kPanel * TT;
+        int64_t j = crow[s];
+        const int64_t j1 = crow[s + 1];
+        for (; j + U <= j1; j += U) {
+          for (int u = 0; u < U; ++u) {
+            const typename W::V v = W::splat(value<kPerm>(j + u));
+            const A* p = panel + static_cast<int64_t>(idx[j + u]) * TT;
+            for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
+          }
         }
-      }
-      for (; j < j1; ++j) {
-        const typename W::V v = W::splat(value<kPerm>(j));
-        const A* p = Pc + static_cast<int64_t>(idx[j]) * TT;
-        for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
+        for (; j < j1; ++j) {
+          const typename W::V v = W::splat(value<kPerm>(j));
+          const A* p = panel + static_cast<int64_t>(idx[j]) * TT;
+          for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
+        }
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
       A lanes[TT];
@@ -229,8 +247,25 @@ struct CsrRows {
     }
   }
 
+  // The gather path on AVX-512: csrc/cpu/sparse_gather_avx512.h (16 entries per gather instruction).
+  void gather_rows_avx512() const {
+#ifdef EK_X86_DISPATCH
+    if constexpr (std::is_same_v<A, float>) {
+      switch (M) {
+        case 1: return sparse_avx512::gather_rows<S, 1>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
+        case 2: return sparse_avx512::gather_rows<S, 2>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
+        case 3: return sparse_avx512::gather_rows<S, 3>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
+        default: return sparse_avx512::gather_rows<S, 4>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
+      }
+    }
+#endif
+  }
+
   template <int B>
   EK_INLINE void run() const {
+    if constexpr (B == 64 && std::is_same_v<A, float>) {
+      if (T == 0) return gather_rows_avx512();
+    }
     if (perm != nullptr) {
       run_rows<B, true>();
     } else {
@@ -241,10 +276,10 @@ struct CsrRows {
 
 // Runs CsrRows over src [M, R] (x for the forward, grad_y for grad_input).
 template <typename S>
-void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const int32_t* idx, const int32_t* perm,
+void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uint8_t* idx, const int32_t* perm,
               const S* values, const S* bias, S* out, int64_t O) {
   using A = at::opmath_type<S>;
-  CsrRows<S> k{nullptr, M, R, 0, crow, idx, perm, values, bias, out, O};
+  CsrRows<S> k{nullptr, M, R, 0, panels(R), crow, idx, perm, values, bias, out, O};
   if (M <= kGatherTokens) {
     std::unique_ptr<A[]> own;
     if constexpr (std::is_same_v<S, A>) {
@@ -265,7 +300,20 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const int
   parallel_run(k, ceil_div(M, k.T) * O, 16);
 }
 
-// CSR value gradient: g[i] = sum_m gy[m, row[i]] * x[m, col[i]].
+// The (row, first column of the panel) of segment s = row * P + panel, decoded only when s changes: the entries
+// come sorted by segment (~26 per segment at 90% sparsity), and a division per entry would cost more than the dot.
+struct SegmentCursor {
+  int64_t P, seg = -1, row = 0, col0 = 0;
+  EK_INLINE void move_to(int64_t s) {
+    if (s != seg) {
+      seg = s;
+      row = s / P;
+      col0 = (s - row * P) * kPanel;
+    }
+  }
+};
+
+// CSR value gradient: g[i] = sum_m gy[m, n] * x[m, k] with n = seg[i] / P, k = (seg[i] % P)*256 + col[i].
 template <typename S>
 struct CsrGradValues {
   using A = at::opmath_type<S>;
@@ -273,8 +321,8 @@ struct CsrGradValues {
   const A* Pg;  // [chunks][N][T]
   const A* Px;  // [chunks][K][T]
   int64_t N, K, T, c;  // c: the chunk this pass adds
-  const int32_t* row;
-  const int32_t* col;
+  const int32_t* seg;
+  const uint8_t* col;
   A* acc;  // [nnz]
   int64_t begin = 0, end = 0;
 
@@ -284,9 +332,11 @@ struct CsrGradValues {
     constexpr int64_t L = W::kLanes, TT = NV * L;
     const A* g = Pg + c * N * TT;
     const A* p = Px + c * K * TT;
+    SegmentCursor at{panels(K)};
     for (int64_t i = begin; i < end; ++i) {
-      const A* a = g + static_cast<int64_t>(row[i]) * TT;
-      const A* b = p + static_cast<int64_t>(col[i]) * TT;
+      at.move_to(seg[i]);
+      const A* a = g + at.row * TT;
+      const A* b = p + (at.col0 + col[i]) * TT;
       typename W::V s = W::load(a) * W::load(b);
       for (int q = 1; q < NV; ++q) s += W::load(a + q * L) * W::load(b + q * L);
       acc[i] = (c == 0 ? A(0) : acc[i]) + W::sum(s);
@@ -305,14 +355,17 @@ struct CsrGradValues {
 };
 
 template <typename S>
-void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, int64_t nnz, const int32_t* row,
-                     const int32_t* col, S* out) {
+void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, int64_t nnz, const int32_t* seg,
+                     const uint8_t* col, S* out) {
   using A = at::opmath_type<S>;
   if (M <= kGatherTokens) {  // a few tokens: a plain dot product per entry, no packing
     at::parallel_for(0, nnz, 4096, [&](int64_t i0, int64_t i1) {
+      SegmentCursor at{panels(K)};
       for (int64_t i = i0; i < i1; ++i) {
+        at.move_to(seg[i]);
+        const int64_t k = at.col0 + col[i];
         A s = 0;
-        for (int64_t m = 0; m < M; ++m) s += static_cast<A>(gy[m * N + row[i]]) * static_cast<A>(x[m * K + col[i]]);
+        for (int64_t m = 0; m < M; ++m) s += static_cast<A>(gy[m * N + at.row]) * static_cast<A>(x[m * K + k]);
         out[i] = static_cast<S>(s);
       }
     });
@@ -327,7 +380,7 @@ void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, i
   pack_tokens(x, M, K, K, T, Px.get());
   // Chunk-outer: one chunk of the packed operands stays in L2 while every entry visits it.
   for (int64_t c = 0; c < chunks; ++c) {
-    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, c, row, col, acc.get()}, nnz, 4096);
+    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, c, seg, col, acc.get()}, nnz, 4096);
   }
   at::parallel_for(0, nnz, 16384, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<S>(acc[i]);
@@ -500,7 +553,7 @@ at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_csr_fwd_cpu", [&] {
-    csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
+    csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), nullptr,
              values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias), y.data_ptr<scalar_t>(), N);
   });
   return y;
@@ -512,7 +565,7 @@ at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_c
   at::Tensor gx = at::empty({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_cpu", [&] {
-    csr_rows(gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<int32_t>(),
+    csr_rows(gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<uint8_t>(),
              t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
              gx.data_ptr<scalar_t>(), K);
   });
@@ -527,7 +580,7 @@ at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x,
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_values_cpu", [&] {
     csr_grad_values(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), nnz,
-                    row.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.data_ptr<scalar_t>());
+                    row.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), g.data_ptr<scalar_t>());
   });
   return g;
 }

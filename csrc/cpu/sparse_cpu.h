@@ -1,7 +1,7 @@
 // Masked sparse matmul kernels on the CPU (issue #4): y = x W^T + b with W held as CSR (unstructured) or BSR
 // (block), and the two gradients that fine-tuning needs. The array layout is the kernel interface shared by every
-// backend (documented in effikern/sparse/formats.py): every index array int32 and
-// contiguous, values in the parameter's dtype, accumulation in fp32 (fp64 for fp64). Arguments are validated by
+// backend (docs/sparse_kernels.md): index arrays contiguous (int32, except the uint8 column/row offsets of the
+// panelled CSR), values in the parameter's dtype, accumulation in fp32 (fp64 for fp64). Arguments are validated by
 // the op layer (effikern/ops/sparse.py), not here. Supported dtypes: float32, bfloat16, float16, float64.
 #pragma once
 
@@ -11,16 +11,18 @@
 
 namespace effikern {
 
-// CSR, W [N, K]: crow [N+1], col [nnz], values [nnz]. x [M, K] -> y [M, N] (x's dtype); bias [N] or none.
+// Panelled CSR, W [N, K], P = ceil(K/256): crow [N*P+1] int32 segment pointers (segment s = row*P + panel), col
+// [nnz] uint8 offsets within the panel, values [nnz]. x [M, K] -> y [M, N] (x's dtype); bias [N] or none.
 at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t N, int64_t K);
 
-// grad_x [M, K] = gy [M, N] W, through the CSC view: column k holds entries t_perm[t_crow[k]:t_crow[k+1]] of
-// values, in rows t_row[...].
+// grad_x [M, K] = gy [M, N] W, through the transposed view (the same layout over W^T, Pn = ceil(N/256)): t_crow
+// [K*Pn+1] int32, t_row [nnz] uint8 row offsets, t_perm [nnz] int32 index into values.
 at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
                                      const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K);
 
-// grad_values [nnz] (gy's dtype): entry i is gy[:, row[i]] . x[:, col[i]] (a sampled dense-dense product).
+// grad_values [nnz] (gy's dtype): entry i is gy[:, n] . x[:, k] (a sampled dense-dense product), where row[i] is the
+// entry's segment s (int32): n = s / P, k = (s % P)*256 + col[i], P = ceil(K/256).
 at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
                                       const at::Tensor& col);
 
