@@ -44,12 +44,27 @@ void check_activation(const at::Tensor& t, int64_t cols, const char* name) {
               device, " is current (call through effikern.ops, which sets the device)");
 }
 
-/// An int32 contiguous index tensor of `numel` entries (numel < 0: any length) on like's device.
-void check_index(const at::Tensor& t, int64_t numel, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.device() == like.device() && t.dim() == 1,
-              "effikern sparse CUDA: ", name, " must be a contiguous 1-d int32 tensor on ", like.device());
+/// A contiguous 1-d index tensor of `numel` entries (numel < 0: any length) on like's device, of `dtype`:
+/// int32 for pointers, segments and permutations, uint8 for in-panel offsets (CSR col and t_row).
+void check_index(const at::Tensor& t, int64_t numel, const at::Tensor& like, const char* name,
+                 at::ScalarType dtype = at::kInt) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device() == like.device() && t.dim() == 1,
+              "effikern sparse CUDA: ", name, " must be a contiguous 1-d ", dtype == at::kByte ? "uint8" : "int32",
+              " tensor on ", like.device(), ", got a ", t.dim(), "-d ", t.scalar_type(), " tensor on ", t.device(),
+              t.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(numel < 0 || t.numel() == numel, "effikern sparse CUDA: ", name, " must have ", numel,
               " entries, got ", t.numel());
+}
+
+/// Pointer array of a panelled CSR over `rows` rows of `width` columns: one int32 per (row, 256-column panel),
+/// plus one. The length is checked here with its formula, so a pre-panel crow [rows + 1] is named as such.
+void check_panel_pointers(const at::Tensor& t, int64_t rows, int64_t width, const at::Tensor& like,
+                          const char* name) {
+  check_index(t, -1, like, name);
+  const int64_t panels = sk::csr_panels(width);
+  TORCH_CHECK(rows >= 0 && t.numel() == rows * panels + 1, "effikern sparse CUDA: ", name, " must have ", rows,
+              " * ", panels, " + 1 = ", rows * panels + 1, " entries (one int32 pointer per row and ",
+              sk::kCsrPanel, "-column panel of ", width, " columns, plus one), got ", t.numel());
 }
 
 /// values (and bias) in the activation's dtype, contiguous, on its device.
@@ -83,7 +98,7 @@ at::Tensor csr_mm(const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& 
   as_int(values.numel(), "nnz");
   const at::Tensor a_t = token_major(a);
   check_launch(sk::csr_mm(kernel_dtype(a), a_t.data_ptr(), a.size(0), in_features, ptr.data_ptr<int32_t>(),
-                          idx.data_ptr<int32_t>(), perm != nullptr ? perm->data_ptr<int32_t>() : nullptr,
+                          idx.data_ptr<uint8_t>(), perm != nullptr ? perm->data_ptr<int32_t>() : nullptr,
                           values.data_ptr(), bias, out_features, out.data_ptr(), as_stream(stream)));
   return out;
 }
@@ -115,8 +130,8 @@ at::Tensor sparse_csr_fwd_cuda(const at::Tensor& x, const at::Tensor& crow, cons
                                int64_t stream) {
   check_activation(x, K, "x");
   check_same(values, x, "values");
-  check_index(crow, N + 1, x, "crow");
-  check_index(col, values.numel(), x, "col");
+  check_panel_pointers(crow, N, K, x, "crow");
+  check_index(col, values.numel(), x, "col", at::kByte);
   return csr_mm(x, crow, col, nullptr, values, bias_ptr(bias, x, N), K, N, stream);
 }
 
@@ -125,8 +140,8 @@ at::Tensor sparse_csr_grad_input_cuda(const at::Tensor& gy, const at::Tensor& t_
                                       int64_t stream) {
   check_activation(gy, N, "gy");
   check_same(values, gy, "values");
-  check_index(t_crow, K + 1, gy, "t_crow");
-  check_index(t_row, values.numel(), gy, "t_row");
+  check_panel_pointers(t_crow, K, N, gy, "t_crow");
+  check_index(t_row, values.numel(), gy, "t_row", at::kByte);
   check_index(t_perm, values.numel(), gy, "t_perm");
   return csr_mm(gy, t_crow, t_row, &t_perm, values, nullptr, N, K, stream);
 }
@@ -138,12 +153,14 @@ at::Tensor sparse_csr_grad_values_cuda(const at::Tensor& gy, const at::Tensor& x
   TORCH_CHECK(gy.size(0) == x.size(0) && gy.scalar_type() == x.scalar_type(),
               "effikern sparse CUDA: gy and x must have the same number of rows and dtype");
   check_index(row, -1, x, "row");
-  check_index(col, row.numel(), x, "col");
+  check_index(col, row.numel(), x, "col", at::kByte);
   const at::Tensor out = at::empty({row.numel()}, x.options());
   if (row.numel() == 0) return out;
   const at::Tensor gy_t = token_major(gy), x_t = token_major(x);
-  check_launch(sk::csr_sddmm(kernel_dtype(x), gy_t.data_ptr(), x_t.data_ptr(), x.size(0), row.data_ptr<int32_t>(),
-                             col.data_ptr<int32_t>(), row.numel(), out.data_ptr(), as_stream(stream)));
+  // row holds segments s = n*P + panel with P = ceil(K/256) from x's width (docs/sparse_kernels.md).
+  check_launch(sk::csr_sddmm(kernel_dtype(x), gy_t.data_ptr(), x_t.data_ptr(), x.size(0), gy.size(1), x.size(1),
+                             row.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), row.numel(), out.data_ptr(),
+                             as_stream(stream)));
   return out;
 }
 

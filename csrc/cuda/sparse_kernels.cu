@@ -4,11 +4,13 @@
 // Floors (H100 SXM: ~3 TB/s HBM, ~990 TFLOP/s dense fp16 tensor-core peak; no GPU measurement of these
 // kernels yet, so every number here is a bound, not a result):
 //
-// * csr_mm_kernel (unstructured, few tokens): memory-bound. Compulsory bytes = nnz * (value + 4-byte column)
-//   + (N + 1) * 4 + M*K + M*N elements. 4096x4096 at 90% sparsity, fp16, M = 1..16: nnz = 1.68 M ->
-//   10.1 MB + 0.1 MB -> ~3.4 us, against the dense weight's 33.5 MB (~11 us); FLOPs 2*M*nnz = 54 MFLOP at
-//   M = 16 are nothing. Design: a warp per output row walks its entries (coalesced value/column reads), each
-//   entry feeding TM tokens from x staged token-major in shared memory; values are read exactly once.
+// * csr_mm_kernel (unstructured, few tokens): memory-bound. Compulsory bytes = nnz * (value + 1-byte in-panel
+//   column) + 4 bytes per segment (N * ceil(K/256) + 1 int32 pointers) + M*K + M*N elements. 4096x4096 at 90%
+//   sparsity, fp16, M = 1..16: nnz = 1.68 M -> 1.68 M * 3 B + 65.5 k * 4 B ~ 5.3 MB -> ~1.8 us at 3 TB/s,
+//   against the dense weight's 33.5 MB (~11 us); FLOPs 2*M*nnz = 54 MFLOP at M = 16 are nothing. Unmeasured:
+//   no GPU has run the panelled kernels yet. Design: a warp per output row walks its entries (coalesced
+//   value/offset reads), each entry feeding TM tokens from x staged token-major in shared memory; values are
+//   read exactly once.
 // * bsr_mm_kernel (blocks, many tokens): compute-bound at large M. FLOPs 2*M*nnz: 4096 tokens, 4096x4096,
 //   block 32 at 90% -> 13.7 GFLOP -> ~14 us at peak; compulsory bytes x + y + values = 33.5 + 33.5 + 3.4 MB
 //   -> ~23 us, so the floor is ~23 us (dense: 137 GFLOP, ~139 us at peak). Design: a 64-token x OB output
@@ -50,20 +52,70 @@ int sm_count() {
 }
 
 // =========================================================================================================
-// Unstructured (CSR), few tokens.
+// Unstructured (panelled CSR), few tokens.
 // =========================================================================================================
 constexpr int kCsrThreads = 256;
 constexpr int kCsrWarps = kCsrThreads / 32;
 constexpr int64_t kCsrMaxSmem = 96 * 1024;  // x chunk staged in shared memory up to this; else read via L1
 
+/// Index loads of the helpers below, which the host emulation check in tests/test_cuda_sources_compile.py
+/// also runs: the read-only cache on the device, a plain read on the host.
+__host__ __device__ __forceinline__ int32_t load_index(const int32_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+/// Where one lane is among the P segments of the row it walks. A lane's entries (row start + lane, then + 32
+/// each step) only grow, so the panel of each is found by stepping forward over the row's segment ends, never
+/// by a search; the current end is cached, so a pointer is read only when the lane crosses into a later panel
+/// (at most P reads per lane and row, hitting L1: a row's P + 1 pointers are adjacent).
+struct PanelCursor {
+  const int32_t* seg_end;  // seg_end[p] = ptr[o*P + p + 1]: one past segment p of this row
+  int64_t last;            // P - 1: never reads past its own row's pointers, even when they are inconsistent
+  int64_t panel;
+  int32_t limit;           // seg_end[panel]
+
+  __host__ __device__ __forceinline__ PanelCursor(const int32_t* row_ptr, int64_t panels)
+      : seg_end(row_ptr + 1), last(panels - 1), panel(0), limit(load_index(row_ptr + 1)) {}
+
+  /// The panel of entry e, for e that never decreases from one call to the next.
+  __host__ __device__ __forceinline__ int64_t panel_of(int64_t e) {
+    while (e >= limit && panel < last) limit = load_index(seg_end + ++panel);
+    return panel;
+  }
+};
+
+/// Row and column of an entry of segment s at in-panel offset `offset`, with `panels` = P; false when they
+/// fall outside [rows, cols] (a segment past the last row, an offset past the width in the last panel), which
+/// a well-formed weight never has. `panels` is 32-bit so the per-entry division is a 32-bit one; the launcher
+/// clamps P to UINT32_MAX, which gives the same quotient and remainder for every s < 2^31.
+__host__ __device__ __forceinline__ bool segment_entry(int32_t s, uint8_t offset, uint32_t panels, int64_t rows,
+                                                      int64_t cols, int64_t* r, int64_t* c) {
+  if (s < 0) return false;
+  const uint32_t q = static_cast<uint32_t>(s) / panels;
+  *r = q;
+  *c = static_cast<int64_t>(static_cast<uint32_t>(s) - q * panels) * kCsrPanel + offset;
+  return *r < rows && *c < cols;
+}
+
 /// Block: 8 warps; a token chunk of TM tokens (grid y, strided) x output rows (grid x, warp-strided).
-/// kSmem: the chunk a_t[:, m0 : m0+TM] is first staged in shared memory as [in_features][TM] (one entry's TM
-/// tokens are adjacent), otherwise it is gathered from global memory (token-major, so still one sector).
+/// A warp walks its row's entries ptr[o*P] .. ptr[(o+1)*P] as one range, lanes striding by 32, each lane
+/// recovering its entry's panel with a PanelCursor. Why not one segment at a time: a 256-column panel holds
+/// ~26 entries at 90% sparsity (~13 at 95%), so a warp sweeping a segment per step would idle a fifth (over
+/// half) of its lanes; over the whole row only the row's last step is partial.
+/// kSmem: the chunk a_t[:, m0 : m0+TM] is first staged in shared memory as [P*256][TM] (one entry's TM
+/// tokens adjacent, rows past in_features zero), so every in-panel offset reads inside the stage, even one past
+/// in_features in the last panel, without a per-entry check; otherwise it is gathered from global memory
+/// (token-major, so still one sector) and an entry past in_features is skipped.
 template <typename T, int TM, bool kSmem>
 __global__ void __launch_bounds__(kCsrThreads)
     csr_mm_kernel(const T* __restrict__ a_t, const int M, const int64_t in_features, const int32_t* __restrict__ ptr,
-                  const int32_t* __restrict__ idx, const int32_t* __restrict__ perm, const T* __restrict__ values,
-                  const T* __restrict__ bias, const int64_t out_features, T* __restrict__ out) {
+                  const int64_t panels, const uint8_t* __restrict__ idx, const int32_t* __restrict__ perm,
+                  const T* __restrict__ values, const T* __restrict__ bias, const int64_t out_features,
+                  T* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char csr_smem[];
   T* xs = reinterpret_cast<T*>(csr_smem);
   const int warp = threadIdx.x / 32;
@@ -75,10 +127,10 @@ __global__ void __launch_bounds__(kCsrThreads)
     const int tm = min(TM, M - m0);
     if (kSmem) {
       __syncthreads();  // the previous chunk's readers are done
-      for (int64_t q = threadIdx.x; q < in_features * TM; q += kCsrThreads) {
+      for (int64_t q = threadIdx.x; q < panels * kCsrPanel * TM; q += kCsrThreads) {
         const int64_t i = q / TM;
         const int t = static_cast<int>(q % TM);
-        xs[q] = t < tm ? a_t[i * M + m0 + t] : from_f32<T>(0.f);
+        xs[q] = t < tm && i < in_features ? a_t[i * M + m0 + t] : from_f32<T>(0.f);
       }
       __syncthreads();
     }
@@ -87,10 +139,13 @@ __global__ void __launch_bounds__(kCsrThreads)
       float acc[TM];
 #pragma unroll
       for (int t = 0; t < TM; ++t) acc[t] = 0.f;
-      const int end = __ldg(ptr + o + 1);
-      for (int e = __ldg(ptr + o) + lane; e < end; e += 32) {
+      const int32_t* row_ptr = ptr + o * panels;
+      const int64_t end = __ldg(row_ptr + panels);
+      PanelCursor cursor(row_ptr, panels);
+      for (int64_t e = __ldg(row_ptr) + lane; e < end; e += 32) {
+        const int64_t i = cursor.panel_of(e) * kCsrPanel + __ldg(idx + e);
+        if (!kSmem && i >= in_features) continue;
         const float v = load_f32(values + (perm != nullptr ? __ldg(perm + e) : e));
-        const int64_t i = __ldg(idx + e);
 #pragma unroll
         for (int t = 0; t < TM; ++t) {
           float xv;
@@ -113,14 +168,16 @@ __global__ void __launch_bounds__(kCsrThreads)
 }
 
 template <typename T, int TM>
-cudaError_t launch_csr_mm(const T* a_t, int64_t M, int64_t in_features, const int32_t* ptr, const int32_t* idx,
+cudaError_t launch_csr_mm(const T* a_t, int64_t M, int64_t in_features, const int32_t* ptr, const uint8_t* idx,
                           const int32_t* perm, const T* values, const T* bias, int64_t out_features, T* out,
                           cudaStream_t stream) {
-  const int64_t smem = in_features * TM * static_cast<int64_t>(sizeof(T));
+  // The stage spans whole panels (P*256 rows, not in_features): csr_mm_kernel.
+  const int64_t panels = csr_panels(in_features);
+  const int64_t smem = panels * kCsrPanel * TM * static_cast<int64_t>(sizeof(T));
   const int sms = sm_count();
   const int chunks = static_cast<int>(std::min<int64_t>(ceil_div(M, TM), 65535));
-  // Staging costs every block a read of the chunk (in_features*TM elements from L2): a few blocks per SM,
-  // each sweeping many rows, amortise it; without staging one block per 8 rows is simplest.
+  // Staging costs every block a read of the chunk (P*256*TM elements from L2): a few blocks per SM, each
+  // sweeping many rows, amortise it; without staging one block per 8 rows is simplest.
   const int64_t row_blocks = ceil_div(out_features, kCsrWarps);
   if (smem <= kCsrMaxSmem) {
     auto kernel = csr_mm_kernel<T, TM, true>;
@@ -130,22 +187,24 @@ cudaError_t launch_csr_mm(const T* a_t, int64_t M, int64_t in_features, const in
     }
     const int gx = static_cast<int>(std::min<int64_t>(row_blocks, std::max<int64_t>(1, 2 * sms / chunks)));
     kernel<<<dim3(std::max(gx, 1), chunks), kCsrThreads, static_cast<size_t>(smem), stream>>>(
-        a_t, static_cast<int>(M), in_features, ptr, idx, perm, values, bias, out_features, out);
+        a_t, static_cast<int>(M), in_features, ptr, panels, idx, perm, values, bias, out_features, out);
   } else {
     const int gx = static_cast<int>(std::min<int64_t>(row_blocks, INT_MAX));
     csr_mm_kernel<T, TM, false><<<dim3(gx, chunks), kCsrThreads, 0, stream>>>(
-        a_t, static_cast<int>(M), in_features, ptr, idx, perm, values, bias, out_features, out);
+        a_t, static_cast<int>(M), in_features, ptr, panels, idx, perm, values, bias, out_features, out);
   }
   return cudaGetLastError();
 }
 
 /// One group of G lanes per entry (G = tokens rounded up to a power of two, at most 32): the group's lanes
-/// stride over the tokens (contiguous in the token-major inputs), then reduce.
+/// stride over the tokens (contiguous in the token-major inputs), then reduce. An entry is located from its
+/// own segment (row[e]) and offset, so entries need no order and no walk; one outside [N, K] (never in a
+/// well-formed weight) gets 0 rather than a read outside gy or x.
 template <typename T>
 __global__ void __launch_bounds__(kCsrThreads)
-    csr_sddmm_kernel(const T* __restrict__ gy_t, const T* __restrict__ x_t, const int64_t M,
-                     const int32_t* __restrict__ row, const int32_t* __restrict__ col, const int64_t nnz, const int G,
-                     T* __restrict__ out) {
+    csr_sddmm_kernel(const T* __restrict__ gy_t, const T* __restrict__ x_t, const int64_t M, const int64_t N,
+                     const int64_t K, const uint32_t panels, const int32_t* __restrict__ row,
+                     const uint8_t* __restrict__ col, const int64_t nnz, const int G, T* __restrict__ out) {
   const int groups_per_block = kCsrThreads / G;
   const int g = threadIdx.x / G;
   const int lane = threadIdx.x % G;
@@ -154,9 +213,10 @@ __global__ void __launch_bounds__(kCsrThreads)
        base += static_cast<int64_t>(gridDim.x) * groups_per_block) {
     const int64_t e = base + g;
     float acc = 0.f;
-    if (e < nnz) {
-      const T* gy = gy_t + static_cast<int64_t>(__ldg(row + e)) * M;
-      const T* xv = x_t + static_cast<int64_t>(__ldg(col + e)) * M;
+    int64_t r = 0, c = 0;
+    if (e < nnz && segment_entry(__ldg(row + e), __ldg(col + e), panels, N, K, &r, &c)) {
+      const T* gy = gy_t + r * M;
+      const T* xv = x_t + c * M;
       for (int64_t m = lane; m < M; m += G) acc = fmaf(load_f32(gy + m), load_f32(xv + m), acc);
     }
     acc = group_sum(acc, G);
@@ -430,7 +490,7 @@ unsigned grid_for(int64_t tiles) { return static_cast<unsigned>(std::max<int64_t
 }  // namespace
 
 cudaError_t csr_mm(DType dtype, const void* a_t, int64_t M, int64_t in_features, const int32_t* ptr,
-                   const int32_t* idx, const int32_t* perm, const void* values, const void* bias,
+                   const uint8_t* idx, const int32_t* perm, const void* values, const void* bias,
                    int64_t out_features, void* out, cudaStream_t stream) {
   if (M <= 0 || out_features <= 0) return cudaSuccess;
   if (M > INT_MAX) return cudaErrorInvalidValue;
@@ -449,16 +509,20 @@ cudaError_t csr_mm(DType dtype, const void* a_t, int64_t M, int64_t in_features,
   });
 }
 
-cudaError_t csr_sddmm(DType dtype, const void* gy_t, const void* x_t, int64_t M, const int32_t* row,
-                      const int32_t* col, int64_t nnz, void* out, cudaStream_t stream) {
+cudaError_t csr_sddmm(DType dtype, const void* gy_t, const void* x_t, int64_t M, int64_t out_features,
+                      int64_t in_features, const int32_t* row, const uint8_t* col, int64_t nnz, void* out,
+                      cudaStream_t stream) {
   if (nnz <= 0) return cudaSuccess;
+  // segment_entry divides in 32 bits: a larger P exceeds every int32 segment, which UINT32_MAX does too.
+  const auto panels = static_cast<uint32_t>(std::min<int64_t>(csr_panels(in_features), UINT32_MAX));
   int G = 1;
   while (G < 32 && G < M) G *= 2;
   const int64_t blocks = ceil_div(nnz, kCsrThreads / G);
   return dispatch(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     csr_sddmm_kernel<T><<<grid_for(blocks), kCsrThreads, 0, stream>>>(
-        static_cast<const T*>(gy_t), static_cast<const T*>(x_t), M, row, col, nnz, G, static_cast<T*>(out));
+        static_cast<const T*>(gy_t), static_cast<const T*>(x_t), M, out_features, in_features, panels, row, col,
+        nnz, G, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
