@@ -148,7 +148,7 @@ def test_opcheck(fmt):
     torch.library.opcheck(torch.ops.effikern.sparse_linear, args)
     gy = torch.randn(3, 12)
     torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_input,
-                          (gy, sw.values, sw.t_crow, sw.t_row, sw.t_perm, fmt, 12, 16))
+                          (gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row, sw.t_perm, fmt, 12, 16))
     torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_values,
                           (gy, x.detach(), sw.row, sw.col, sw.value_mask, list(sw.values.shape), fmt))
 
@@ -235,8 +235,8 @@ for fmt, block in (("unstructured", None), ("block", (8, 16)), ("block", (5, 3))
         for backend in ("torch", "cpp"):
             with effikern.set_backend(backend):
                 y = effikern.functional.sparse_linear(x, sw, b)
-                gx = torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.t_crow, sw.t_row, sw.t_perm,
-                                                                 fmt, 37, 45)
+                gx = torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row,
+                                                                 sw.t_perm, fmt, 37, 45)
                 gv = torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.row, sw.col, sw.value_mask,
                                                                   list(sw.values.shape), fmt)
             out[backend] = (y, gx, gv)

@@ -300,6 +300,73 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
   parallel_run(k, ceil_div(M, k.T) * O, 16);
 }
 
+// grad_input from the row-major arrays: gx[m, p*256 + c] = sum over the rows o of sum over the entries j of segment
+// o*P + p with idx[j] == c of values[j] * gy[m, o]. One task owns a (token chunk, column panel) pair and scatters
+// into an L1-resident accumulator tile acc[256][T], so no two tasks write the same output and every value is read
+// in order. Why not the transposed view (CsrRows over t_crow/t_row with values through t_perm): that reads each
+// value through a random permutation, one cache miss per nonzero (measured 0.5x torch CSR at 16 tokens).
+template <typename S>
+struct CsrScatterPanels {
+  using A = at::opmath_type<S>;
+  static constexpr bool kVectorize = !std::is_same_v<A, double>;
+  const A* Pg;  // gy packed [chunks][N][T]
+  int64_t M, N, K, T, P;
+  const int32_t* crow;  // [N*P + 1]
+  const uint8_t* idx;
+  const S* values;
+  S* out;  // [M, K]
+  int64_t begin = 0, end = 0;  // (chunk, panel) pairs
+
+  template <int B, int NV>
+  EK_INLINE void panels_of() const {
+    using W = Simd<A, B>;
+    constexpr int64_t L = W::kLanes, TT = NV * L;
+    alignas(64) A acc[kPanel * TT];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / P, p = i % P;
+      std::fill(acc, acc + kPanel * TT, A(0));
+      const A* g = Pg + c * N * TT;
+      for (int64_t o = 0; o < N; ++o) {
+        const int64_t j0 = crow[o * P + p], j1 = crow[o * P + p + 1];
+        if (j0 == j1) continue;
+        typename W::V gv[NV];
+        for (int q = 0; q < NV; ++q) gv[q] = W::load(g + o * TT + q * L);
+        for (int64_t j = j0; j < j1; ++j) {
+          const typename W::V v = W::splat(static_cast<A>(values[j]));
+          A* a = acc + static_cast<int64_t>(idx[j]) * TT;
+          for (int q = 0; q < NV; ++q) W::store(a + q * L, W::load(a + q * L) + v * gv[q]);
+        }
+      }
+      const int64_t tokens = std::min<int64_t>(TT, M - c * TT), cols = std::min<int64_t>(kPanel, K - p * kPanel);
+      for (int64_t t = 0; t < tokens; ++t) {
+        S* dst = out + (c * TT + t) * K + p * kPanel;
+        for (int64_t col = 0; col < cols; ++col) dst[col] = static_cast<S>(acc[col * TT + t]);
+      }
+    }
+  }
+
+  template <int B>
+  EK_INLINE void run() const {
+    switch (T / Simd<A, B>::kLanes) {
+      case 1: return panels_of<B, 1>();
+      case 2: return panels_of<B, 2>();
+      case 3: return panels_of<B, 3>();
+      default: return panels_of<B, 4>();
+    }
+  }
+};
+
+template <typename S>
+void csr_scatter_grad_input(const S* gy, int64_t M, int64_t N, int64_t K, const int32_t* crow, const uint8_t* idx,
+                            const S* values, S* out) {
+  using A = at::opmath_type<S>;
+  const int64_t L = vector_bytes<CsrScatterPanels<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
+  const int64_t T = chunk_vectors<A>(M, L, N) * L, chunks = ceil_div(M, T), P = panels(K);
+  auto Pg = buffer<A>(chunks * N * T);
+  pack_tokens(gy, M, N, N, T, Pg.get());
+  parallel_run(CsrScatterPanels<S>{Pg.get(), M, N, K, T, P, crow, idx, values, out}, chunks * P, 1);
+}
+
 // The (row, first column of the panel) of segment s = row * P + panel, decoded only when s changes: the entries
 // come sorted by segment (~26 per segment at 90% sparsity), and a division per entry would cost more than the dot.
 struct SegmentCursor {
@@ -568,6 +635,18 @@ at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_c
     csr_rows(gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<uint8_t>(),
              t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
              gx.data_ptr<scalar_t>(), K);
+  });
+  return gx;
+}
+
+at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Tensor& crow, const at::Tensor& col,
+                                             const at::Tensor& values, int64_t N, int64_t K) {
+  const int64_t M = gy.size(0);
+  at::Tensor gx = at::empty({M, K}, gy.options());
+  if (M == 0 || K == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_rowwise_cpu", [&] {
+    csr_scatter_grad_input(gy.data_ptr<scalar_t>(), M, N, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(),
+                           values.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
   });
   return gx;
 }

@@ -21,6 +21,11 @@ at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
 at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
                                      const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K);
 
+// The same grad_x from the forward arrays (crow [N*P+1], col, values): scattered per column panel, no transposed
+// view; what the op layer uses on the CPU.
+at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Tensor& crow, const at::Tensor& col,
+                                             const at::Tensor& values, int64_t N, int64_t K);
+
 // grad_values [nnz] (gy's dtype): entry i is gy[:, n] . x[:, k] (a sampled dense-dense product), where row[i] is the
 // entry's segment s (int32): n = s / P, k = (s % P)*256 + col[i], P = ceil(K/256).
 at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,

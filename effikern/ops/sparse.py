@@ -33,6 +33,10 @@ OP = "sparse_linear"
 _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
 KERNELS = ("csr_fwd", "csr_grad_input", "csr_grad_values", "bsr_fwd", "bsr_grad_input", "bsr_grad_values")
+# Optional: csr_grad_input_rowwise(gy, crow, col, values, N, K), grad_input from the forward arrays (no transposed
+# view). A backend that has it gets it for CSR grad_input (cpp: a per-panel scatter; the transposed view reads the
+# values through a random permutation, one cache miss per nonzero on a CPU).
+ROWWISE = "csr_grad_input_rowwise"
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def _load_torch():
 
 def _load_cpp():
     ext = _ext.require("cpu")
-    return types.SimpleNamespace(**{name: getattr(ext, f"sparse_{name}_cpu") for name in KERNELS})
+    return types.SimpleNamespace(**{name: getattr(ext, f"sparse_{name}_cpu") for name in KERNELS + (ROWWISE,)})
 
 
 def _load_triton():
@@ -281,29 +285,33 @@ def _(x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, format
 
 
 @torch.library.custom_op("effikern::sparse_linear_grad_input", mutates_args=())
-def sparse_linear_grad_input(grad_y: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_row: torch.Tensor,
-                             t_perm: torch.Tensor, format: str, out_features: int, in_features: int) -> torch.Tensor:
-    """grad_x [..., K] = grad_y [..., N] W."""
-    _check_grad_input(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features)
+def sparse_linear_grad_input(grad_y: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                             t_crow: torch.Tensor, t_row: torch.Tensor, t_perm: torch.Tensor, format: str,
+                             out_features: int, in_features: int) -> torch.Tensor:
+    """grad_x [..., K] = grad_y [..., N] W: through the transposed view, or from the forward arrays (crow, col) on a
+    backend with ``csr_grad_input_rowwise``."""
+    _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features)
     lead = grad_y.shape[:-1]
     gy = _flat(grad_y, out_features)
     if gy.shape[0] == 0:
         return grad_y.new_empty(*lead, in_features)
     _, kernels = backends.resolve(OP, grad_y)
-    fn = getattr(kernels, _kernel_prefix(format) + "_grad_input")
-    return fn(gy, t_crow, t_row, t_perm, values.contiguous(), out_features, in_features).reshape(*lead, in_features)
+    if format != "block" and hasattr(kernels, ROWWISE):
+        gx = getattr(kernels, ROWWISE)(gy, crow, col, values.contiguous(), out_features, in_features)
+    else:
+        fn = getattr(kernels, _kernel_prefix(format) + "_grad_input")
+        gx = fn(gy, t_crow, t_row, t_perm, values.contiguous(), out_features, in_features)
+    return gx.reshape(*lead, in_features)
 
 
-def _check_grad_input(grad_y, values, t_crow, t_row, t_perm, fmt, out_features, in_features):
+def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out_features, in_features):
     _checks.tensor(grad_y, "grad_y")
     _checks.floating(grad_y, "grad_y", _ALL_FLOAT)
     _checks.tensor(values, "values")
     _checks.same_dtype_device(grad_y, "grad_y", values=values)
     if grad_y.dim() < 1 or grad_y.shape[-1] != out_features:
         raise ValueError(f"grad_y must have shape [..., {out_features}], got {tuple(grad_y.shape)}")
-    block = (values.shape[1], values.shape[2]) if fmt == "block" and values.dim() == 3 else None
-    if fmt == "block" and block is None:
-        raise ValueError(f"values of the block format must be [nnzb, BR, BC], got shape {tuple(values.shape)}")
+    block = check_weight(values, crow, col, fmt, out_features, in_features, grad_y.device)
     # Block: one pointer per block column; CSR: one per (column, panel of 256 rows).
     segments = math.ceil(in_features / block[1]) if block else in_features * n_panels(out_features)
     _check_index(t_crow, "t_crow", grad_y.device, segments + 1)
@@ -312,8 +320,8 @@ def _check_grad_input(grad_y, values, t_crow, t_row, t_perm, fmt, out_features, 
 
 
 @sparse_linear_grad_input.register_fake
-def _(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features):
-    _check_grad_input(grad_y, values, t_crow, t_row, t_perm, format, out_features, in_features)
+def _(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features):
+    _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features)
     return grad_y.new_empty(*grad_y.shape[:-1], in_features)
 
 
@@ -366,11 +374,11 @@ def _setup_context(ctx, inputs, output):
     x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, fmt, n, k = inputs
     ctx.fmt, ctx.n, ctx.k = fmt, n, k
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, values, row, t_crow, t_row, t_perm, col, value_mask)
+    ctx.save_for_backward(x, values, crow, row, t_crow, t_row, t_perm, col, value_mask)
 
 
 def _backward(ctx, grad_y):
-    x, values, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
+    x, values, crow, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
     need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[9]
     if (need_x or need_values) and t_perm.numel() != values.shape[0]:
         raise RuntimeError("this sparse weight was built without its training arrays (row, t_crow, t_row, t_perm); "
@@ -378,8 +386,8 @@ def _backward(ctx, grad_y):
     grad_y = grad_y.contiguous()
     grad_x = grad_values = grad_bias = None
     if need_x:
-        grad_x = torch.ops.effikern.sparse_linear_grad_input(grad_y, values, t_crow, t_row, t_perm, ctx.fmt,
-                                                             ctx.n, ctx.k)
+        grad_x = torch.ops.effikern.sparse_linear_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm,
+                                                             ctx.fmt, ctx.n, ctx.k)
     if need_values:
         grad_values = torch.ops.effikern.sparse_linear_grad_values(grad_y, x, row, col, value_mask,
                                                                    list(values.shape), ctx.fmt)
