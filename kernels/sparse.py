@@ -4,7 +4,10 @@ The interface (array names, shapes, padding) is docs/sparse_kernels.md; in short
 
   BSR, block (BR, BC): crow [Np/BR + 1], col [nnzb], row [nnzb], values [nnzb, BR, BC]; the transposed view
        t_crow [Kp/BC + 1], t_row [nnzb], t_perm [nnzb] lists the blocks of each block column.
-  CSR: crow [N + 1], col [nnz], row [nnz], values [nnz]; CSC view t_crow [K + 1], t_row [nnz], t_perm [nnz].
+  CSR (panelled): columns cut into panels of 256, row n split into P = ceil(K/256) segments s = n*P + p;
+       crow [N*P + 1] int32 segment pointers, col [nnz] uint8 (column - 256*p), row [nnz] int32 (segment s),
+       values [nnz]; the transposed view t_crow [K*Pn + 1] (Pn = ceil(N/256)), t_row [nnz] uint8, t_perm [nnz]
+       int32 is the same layout over W^T.
 
 Two kernel shapes serve the four products:
 
@@ -16,17 +19,20 @@ Two kernel shapes serve the four products:
   block 32 at 90% -> 2*M*nnz = 13.7 GFLOP (~14 us) and x + y + values = 70 MB (~23 us), so ~23 us against
   ~139 us for the dense matmul at peak. Not yet measured on a GPU.
 * ``_csr_mm_kernel``: the same product for single entries, built for few tokens (decode, M <= 64): a program
-  owns ROWS output columns and BLOCK_M tokens, reads each stored value once and gathers the matching x
-  column for all its tokens. That is memory-bound: the floor is the compulsory bytes
-  nnz * (value + 4-byte index) + M*K + M*N elements over ~3 TB/s (4096x4096 at 90%, fp16: 10 MB of values and
-  indices, ~3.4 us), against 33.5 MB (~11 us) for the dense weight. x is passed token-contiguous
-  (``_token_major``) so one entry's gather of BLOCK_M tokens reads consecutive addresses.
+  owns ROWS output columns and BLOCK_M tokens, walks their rows' segments (several panels per step) and reads
+  each stored value once, gathering the matching x column (panel * 256 + uint8 offset) for all its tokens.
+  That is memory-bound: the floor is the compulsory bytes nnz * (value + 1-byte offset) + 4 bytes per segment
+  + M*K + M*N elements over ~3 TB/s (4096x4096 at 90%, fp16: 1.68M * 3 B + 65k * 4 B = 5.3 MB, ~1.8 us),
+  against 33.5 MB (~11 us) for the dense weight. x is passed token-contiguous (``_token_major``) so one
+  entry's gather of BLOCK_M tokens reads consecutive addresses. Checked in the interpreter and compiled for
+  sm_90 without spills; its speed on a GPU is not yet measured.
 
 and two for the sampled gradient of the stored values (an SDDMM, grad_W = gy^T @ x only where W is kept):
 
 * ``_bsr_sddmm_kernel``: one program per (stored block, M split): gy[:, rows]^T @ x[:, cols] over its M range;
   fp32 partials per split are summed by the launcher (deterministic, no atomics).
-* ``_csr_sddmm_kernel``: BLOCK_NZ entries per program, each the dot of a gy column with an x column over M.
+* ``_csr_sddmm_kernel``: BLOCK_NZ entries per program, each the dot of a gy column with an x column over M
+  (row and column recovered from the entry's segment and uint8 offset).
 
 Block sizes: any BR, BC >= 1. tl.dot and tl.arange need powers of two >= 16, so tiles are padded to
 BRP = max(16, next_pow2(BR)) (likewise BCP) and the padding masked: 16/32/64 blocks waste nothing.
@@ -44,6 +50,9 @@ import triton.language as tl
 
 from ._matmul import dot_args, interpreting, mma
 
+# Columns per panel of the CSR format (docs/sparse_kernels.md): an entry stores only its column's offset
+# within its panel, one uint8. A constexpr so the kernels can read it.
+PANEL = tl.constexpr(256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,38 +141,52 @@ def _bsr_sddmm_kernel(
 @triton.jit
 def _csr_mm_kernel(
     a_ptr, ptr_ptr, idx_ptr, perm_ptr, v_ptr, bias_ptr, out_ptr,
-    M, OUT, sam, sai, som, soo,
+    M, OUT, P, sam, sai, som, soo,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, PANELS: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """out[m, o] = sum_{e in ptr[o]..ptr[o+1]} V[perm[e] if HAS_PERM else e] * a[m, idx[e]] (+ bias[o]) for
-    ROWS consecutive o and BLOCK_M tokens per program. The ROWS rows advance together, BLOCK_NZ entries of each
-    per step, as one [ROWS, BLOCK_NZ, BLOCK_M] tile: every row's gathers are in flight at once (a loop over the
-    rows would chain their latencies). Products accumulate elementwise; one reduction after the loop."""
+    """out[m, o] = sum_p sum_{e in ptr[s]..ptr[s+1], s = o*P + p} V[perm[e] if HAS_PERM else e] *
+    a[m, p*PANEL + idx[e]] (+ bias[o]) for ROWS consecutive o and BLOCK_M tokens per program: a panelled
+    CSR (ptr [OUT*P + 1] int32, idx [nnz] uint8) whose row o is split into P segments, one per PANEL columns.
+
+    Each step takes BLOCK_NZ entries from each of PANELS consecutive segments of each of the ROWS rows, as one
+    [ROWS, PANELS*BLOCK_NZ, BLOCK_M] tile (lane t: entry slot t % BLOCK_NZ of panel t // BLOCK_NZ): all those
+    gathers are in flight at once, where a loop over the segments would chain their latencies (a 4096-column
+    row has 16 segments of ~26 entries at 90% sparsity). Products accumulate elementwise; one reduction after
+    the loops."""
     pid_o = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    offs_nz = tl.arange(0, BLOCK_NZ)
     o = pid_o * ROWS + tl.arange(0, ROWS)
     o_mask = o < OUT
-    # A row past the end reads an empty range (start = end = 0), never past ptr.
-    start = tl.load(ptr_ptr + o, mask=o_mask, other=0)
-    length = tl.load(ptr_ptr + o + 1, mask=o_mask, other=0) - start
+    lane = tl.arange(0, PANELS * BLOCK_NZ)
+    lane_panel = lane // BLOCK_NZ
+    lane_slot = lane % BLOCK_NZ
     a_tok = a_ptr + offs_m.to(tl.int64)[None, None, :] * sam
-    acc = tl.zeros([ROWS, BLOCK_NZ, BLOCK_M], dtype=tl.float32)
-    for j in range(0, tl.max(length, 0), BLOCK_NZ):
-        e_mask = (j + offs_nz)[None, :] < length[:, None]  # [ROWS, BLOCK_NZ]
-        e = start[:, None] + j + offs_nz[None, :]
-        i = tl.load(idx_ptr + e, mask=e_mask, other=0)
-        if HAS_PERM:
-            vi = tl.load(perm_ptr + e, mask=e_mask, other=0)
-        else:
-            vi = e
-        v = tl.load(v_ptr + vi, mask=e_mask, other=0.0).to(tl.float32)
-        xa = tl.load(a_tok + i.to(tl.int64)[:, :, None] * sai, mask=e_mask[:, :, None] & m_mask[None, None, :],
-                     other=0.0)
-        acc += v[:, :, None] * xa.to(tl.float32)
+    acc = tl.zeros([ROWS, PANELS * BLOCK_NZ, BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, P, PANELS):
+        p = p0 + lane_panel
+        # A segment of a row past OUT or of a panel past P reads an empty range (start = end = 0), never past
+        # the end of ptr.
+        seg_mask = o_mask[:, None] & (p < P)[None, :]  # [ROWS, PANELS*BLOCK_NZ]
+        seg = o[:, None] * P + p[None, :]
+        start = tl.load(ptr_ptr + seg, mask=seg_mask, other=0)
+        length = tl.load(ptr_ptr + seg + 1, mask=seg_mask, other=0) - start
+        panel_col = (p * PANEL)[None, :]
+        for j in range(0, tl.max(tl.max(length, 1), 0), BLOCK_NZ):
+            e_mask = (j + lane_slot)[None, :] < length
+            e = start + j + lane_slot[None, :]
+            # uint8 offsets widen before the add: 8-bit arithmetic would wrap at the panel's end.
+            i = panel_col + tl.load(idx_ptr + e, mask=e_mask, other=0).to(tl.int32)
+            if HAS_PERM:
+                vi = tl.load(perm_ptr + e, mask=e_mask, other=0)
+            else:
+                vi = e
+            v = tl.load(v_ptr + vi, mask=e_mask, other=0.0).to(tl.float32)
+            xa = tl.load(a_tok + i.to(tl.int64)[:, :, None] * sai,
+                         mask=e_mask[:, :, None] & m_mask[None, None, :], other=0.0)
+            acc += v[:, :, None] * xa.to(tl.float32)
     out = tl.sum(acc, 1)  # [ROWS, BLOCK_M]
     if HAS_BIAS:
         out += tl.load(bias_ptr + o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
@@ -174,14 +197,16 @@ def _csr_mm_kernel(
 @triton.jit
 def _csr_sddmm_kernel(
     gy_ptr, x_ptr, row_ptr, col_ptr, out_ptr,
-    nnz, M, sgm, sgn, sxm, sxk,
+    nnz, M, P, sgm, sgn, sxm, sxk,
     BLOCK_NZ: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """out[e] = sum_m gy[m, row[e]] * x[m, col[e]] for BLOCK_NZ entries per program."""
+    """out[e] = sum_m gy[m, s // P] * x[m, (s % P)*PANEL + col[e]] with s = row[e] (int32, the segment of
+    entry e) and col [nnz] uint8, for BLOCK_NZ entries per program."""
     e = tl.program_id(0) * BLOCK_NZ + tl.arange(0, BLOCK_NZ)
     e_mask = e < nnz
-    n = tl.load(row_ptr + e, mask=e_mask, other=0)
-    k = tl.load(col_ptr + e, mask=e_mask, other=0)
+    s = tl.load(row_ptr + e, mask=e_mask, other=0)
+    n = s // P
+    k = (s - n * P) * PANEL + tl.load(col_ptr + e, mask=e_mask, other=0).to(tl.int32)
     gy_cols = gy_ptr + n.to(tl.int64)[:, None] * sgn
     x_cols = x_ptr + k.to(tl.int64)[:, None] * sxk
     offs_m = tl.arange(0, BLOCK_M)
@@ -231,13 +256,26 @@ def _mm_block_m(M, inner, outer, dtype):
     return dict(BLOCK_M=block_m, num_warps=8 if block_m * max(inner, outer) >= 4096 else 4)
 
 
-def _csr_config(M):
-    """Tiles of _csr_mm_kernel: BLOCK_M = all tokens up to 64; ROWS x BLOCK_NZ x BLOCK_M = 2048 fp32 partials
-    (16 a thread over 4 warps): 8 rows x 256 entries at one token (a 4096-row weight: 512 programs, each with
-    2048 gathers in flight), 4 x 32 at 16 tokens, 2 x 16 at 64."""
+def _n_panels(width):
+    """Panels of PANEL columns covering ``width`` columns, at least 1 (the spec's P and Pn)."""
+    return max(1, triton.cdiv(width, PANEL.value))
+
+
+def _csr_config(M, P):
+    """Tiles of _csr_mm_kernel for M tokens and rows of P segments. BLOCK_M = all tokens up to 64; a step
+    holds 2048 fp32 partials (16 a thread over 4 warps) = ROWS x PANELS x BLOCK_NZ entry slots x BLOCK_M.
+    Entry chunks of 32 cover a whole segment at 90% sparsity (~26 entries in 256 columns; ~128 at 50% take 4
+    steps); the other slots go first to more segments of the same row (PANELS, up to all P, never fewer than
+    2 rows), so one step gathers from a row's whole width, then to rows, at most 8 of them (a 4096-row weight
+    still spreads over 512+ programs); what that cap leaves over widens BLOCK_NZ. At one token: 4 rows x 16
+    panels x 32 entries for 4096 columns, 8 x 1 x 256 for up to 256; at 16 tokens 2 x 2 x 32; at 64 tokens
+    2 x 1 x 16. Chosen by this reasoning, not yet timed on a GPU."""
     block_m = _pow2_clamp(M, 1, 64)
-    rows = 8 if block_m == 1 else (4 if block_m <= 16 else 2)
-    return dict(BLOCK_M=block_m, ROWS=rows, BLOCK_NZ=max(16, 2048 // (rows * block_m)), num_warps=4)
+    slots = 2048 // block_m
+    segments = slots // min(32, slots // 2)
+    panels = min(triton.next_power_of_2(P), segments // 2)
+    rows = min(8, segments // panels)
+    return dict(BLOCK_M=block_m, ROWS=rows, PANELS=panels, BLOCK_NZ=slots // (rows * panels), num_warps=4)
 
 
 def _token_major(t):
@@ -317,50 +355,59 @@ def bsr_grad_values(gy, x, row, col, values_shape):
 
 
 def _csr_mm(a, ptr, idx, perm, values, bias, out_features):
-    M = a.shape[0]
+    """out [M, out_features] = a [M, IN] times the panelled CSR (ptr, idx, values through perm) whose rows are
+    the outputs and whose columns are a's."""
+    M, IN = a.shape
+    P = _n_panels(IN)
+    assert ptr.dtype == torch.int32 and ptr.numel() == out_features * P + 1 and idx.dtype == torch.uint8
     out = torch.empty((M, out_features), dtype=a.dtype, device=a.device)
     if M == 0 or out_features == 0:
         return out
     a = _token_major(a)
-    cfg = _csr_config(M)
+    cfg = _csr_config(M, P)
     grid = (triton.cdiv(out_features, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _csr_mm_kernel[grid](
         a, ptr, idx, perm if perm is not None else idx, values, bias if bias is not None else values, out,
-        M, out_features, *a.stride(), *out.stride(),
+        M, out_features, P, *a.stride(), *out.stride(),
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, **cfg,
     )
     return out
 
 
 def csr_fwd(x, crow, col, values, bias, N, K):
-    """y = x @ W^T + bias for W [N, K] in CSR (built for M <= 64, correct for any M). x [M, K]; crow [N + 1],
-    col [nnz] int32; values [nnz]; bias [N] or None. Returns y [M, N] in x's dtype."""
-    assert x.dim() == 2 and x.shape[1] == K and crow.numel() == N + 1
+    """y = x @ W^T + bias for W [N, K] in panelled CSR (built for M <= 64, correct for any M). x [M, K];
+    crow [N*P + 1] int32 segment pointers (P = ceil(K/256), at least 1); col [nnz] uint8 offsets within the
+    panel; values [nnz]; bias [N] or None. Returns y [M, N] in x's dtype."""
+    assert x.dim() == 2 and x.shape[1] == K
     return _csr_mm(x, crow, col, None, values, bias, N)
 
 
 def csr_grad_input(gy, t_crow, t_row, t_perm, values, N, K):
-    """gx = gy @ W for W [N, K] in CSR, through the CSC view. gy [M, N]; t_crow [K + 1], t_row, t_perm [nnz]
-    int32; values [nnz]. Returns gx [M, K] in gy's dtype."""
-    assert gy.dim() == 2 and gy.shape[1] == N and t_crow.numel() == K + 1
+    """gx = gy @ W for W [N, K] in panelled CSR, through the transposed view (the same layout over
+    W^T [K, N]). gy [M, N]; t_crow [K*Pn + 1] int32 (Pn = ceil(N/256), at least 1); t_row [nnz] uint8 row
+    offsets within the row panel; t_perm [nnz] int32 index into values; values [nnz]. Returns gx [M, K] in
+    gy's dtype."""
+    assert gy.dim() == 2 and gy.shape[1] == N
     return _csr_mm(gy, t_crow, t_row, t_perm, values, None, K)
 
 
 def csr_grad_values(gy, x, row, col):
-    """g[e] = gy[:, row[e]] . x[:, col[e]] (the dense gradient gy^T @ x at the stored entries). gy [M, N],
-    x [M, K]; row, col [nnz] int32. Returns [nnz] in x's dtype."""
+    """g[e] = gy[:, s // P] . x[:, (s % P)*256 + col[e]] with s = row[e] (the dense gradient gy^T @ x at the
+    stored entries). gy [M, N], x [M, K]; row [nnz] int32 segment of each entry, P = ceil(K/256) (at least 1);
+    col [nnz] uint8. Returns [nnz] in x's dtype."""
     M = gy.shape[0]
     nnz = row.numel()
-    assert x.shape[0] == M and col.numel() == nnz
+    assert x.shape[0] == M and col.numel() == nnz and col.dtype == torch.uint8
     if nnz == 0 or M == 0:
         return torch.zeros(nnz, dtype=x.dtype, device=x.device)
     out = torch.empty(nnz, dtype=x.dtype, device=x.device)
+    P = _n_panels(x.shape[1])
     gy, x = _token_major(gy), _token_major(x)
     # 2048 fp32 partials a program (16 a thread): at 4096, 16+ tokens took 136-142 registers a thread on sm_90.
     block_m = _pow2_clamp(M, 1, 64)
     block_nz = max(16, min(256, 2048 // block_m))
     _csr_sddmm_kernel[(triton.cdiv(nnz, block_nz),)](
-        gy, x, row, col, out, nnz, M, *gy.stride(), *x.stride(),
+        gy, x, row, col, out, nnz, M, P, *gy.stride(), *x.stride(),
         BLOCK_NZ=block_nz, BLOCK_M=block_m, num_warps=4,
     )
     return out

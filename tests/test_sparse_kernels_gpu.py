@@ -47,13 +47,32 @@ def make_bsr(weight, block_mask, BR, BC):
                 t_crow=_ptr(block_mask.sum(0)), t_row=_i32(row[by_col]), t_perm=_i32(by_col))
 
 
+PANEL = 256  # columns per panel of the CSR format (docs/sparse_kernels.md)
+
+
+def _panelled(mask):
+    """mask [A, B] bool -> the panelled layout of its nonzeros in row-major order: (ptr [A*P + 1] int32 over
+    the segments s = a*P + b // 256, offsets [nnz] uint8 = b % 256, segment [nnz] int32 of each entry),
+    P = ceil(B / 256) (at least 1)."""
+    A, B = mask.shape
+    P = max(1, -(-B // PANEL))
+    padded = mask.new_zeros(A, P * PANEL)
+    padded[:, :B] = mask
+    a, b = mask.nonzero(as_tuple=True)
+    return (_ptr(padded.reshape(A * P, PANEL).sum(1)), (b % PANEL).to(torch.uint8).contiguous(),
+            _i32(a * P + b // PANEL))
+
+
 def make_csr(weight, mask):
-    """weight [N, K], mask [N, K] bool -> dict of the spec's CSR arrays (an entry per mask position)."""
-    N, K = mask.shape
+    """weight [N, K], mask [N, K] bool -> dict of the spec's panelled CSR arrays (an entry per mask position,
+    values in row-major order); the transposed view is the same layout built from mask^T, whose row-major
+    order is the (column, row) order t_perm lists."""
+    N, _ = mask.shape
     row, col = mask.nonzero(as_tuple=True)
-    by_col = torch.argsort(col * N + row)
-    return dict(crow=_ptr(mask.sum(1)), col=_i32(col), row=_i32(row), values=weight[row, col].contiguous(),
-                t_crow=_ptr(mask.sum(0)), t_row=_i32(row[by_col]), t_perm=_i32(by_col))
+    crow, col_offset, segment = _panelled(mask)
+    t_crow, t_row_offset, _ = _panelled(mask.t())
+    return dict(crow=crow, col=col_offset, row=segment, values=weight[row, col].contiguous(),
+                t_crow=t_crow, t_row=t_row_offset, t_perm=_i32(torch.argsort(col * N + row)))
 
 
 def random_block_problem(N, K, BR, BC, density, dtype, empty=True):
@@ -70,10 +89,16 @@ def random_block_problem(N, K, BR, BC, density, dtype, empty=True):
 
 
 def random_csr_problem(N, K, density, dtype, empty=True):
+    """A random mask and the weight kept by it. With `empty`: row 2 and column 1 are empty, and where there
+    are several panels the first half of the rows lose their second column panel (an empty segment between
+    or after stored ones) and the first half of the columns their second row panel (the same in the
+    transposed view)."""
     mask = torch.rand(N, K) < density
     if empty and N > 2 and K > 2:
         mask[2] = False
         mask[:, 1] = False
+        mask[:N // 2, PANEL:2 * PANEL] = False
+        mask[PANEL:2 * PANEL, :K // 2] = False
     weight = (torch.randn(N, K) * mask).to(dtype)
     return weight, mask, make_csr(weight, mask)
 
@@ -117,9 +142,10 @@ def check_block_grad_values(name, gv, gy, x, arrays, BR, BC, shape):
         assert_matches(name, gv.cpu(), truth.cpu(), torch_out.cpu())
 
 
-def check_csr_grad_values(name, gv, gy, x, arrays):
-    truth, torch_out = dense_grad_at(gy, x, lambda g: g[arrays["row"].long(), arrays["col"].long()])
-    assert gv.shape == arrays["values"].shape and gv.dtype == x.dtype
+def check_csr_grad_values(name, gv, gy, x, mask):
+    """gv holds the gradient of the entries in row-major order of mask (make_csr's values order)."""
+    truth, torch_out = dense_grad_at(gy, x, lambda g: g[mask.to(g.device)])
+    assert gv.shape == (int(mask.sum()),) and gv.dtype == x.dtype
     if gv.numel():
         assert_matches(name, gv.cpu(), truth.cpu(), torch_out.cpu())
 
@@ -150,7 +176,7 @@ def run_csr_case(M, N, K, dtype, with_bias, density=0.3, empty=True):
     gx = ks.csr_grad_input(gy, a["t_crow"], a["t_row"], a["t_perm"], a["values"], N, K)
     check_grad_input("csr_grad_input", gx, gy, weight)
     gv = ks.csr_grad_values(gy, x, a["row"], a["col"])
-    check_csr_grad_values("csr_grad_values", gv, gy, x, a)
+    check_csr_grad_values("csr_grad_values", gv, gy, x, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +244,26 @@ def test_csr_kernels_match_dense(M, N, K, dtype, with_bias):
     run_csr_case(M, N, K, dtype, with_bias)
 
 
+# (M, N, K, dtype, bias, density): several 256-wide panels along K (forward) and N (grad_input), each shape
+# but one ending in a partial panel, with random_csr_problem's empty segments. Small: under the interpreter
+# every program of grad_input (one per ROWS of the K columns) costs milliseconds.
+CSR_PANEL_CASES = [
+    (1, 300, 600, torch.float32, True, 0.1),  # P = 3 (88 columns in the last), Pn = 2 (44 rows): a step each
+    (5, 257, 300, torch.float16, False, 0.1),  # last panels of 1 row and 44 columns
+    (17, 300, 40, torch.bfloat16, True, 0.1),  # 32-token tile, a panel a step: grad_input loops Pn = 2 times
+    (2, 260, 256, torch.float32, False, 0.2),  # K exactly one panel, N just over one
+    (16, 3, 600, torch.float32, True, 0.1),  # 16 tokens: 2 panels a step, P = 3 needs a second, half-masked one
+]
+
+
+@pytest.mark.triton
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("M, N, K, dtype, with_bias, density", CSR_PANEL_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_csr_kernels_several_panels(M, N, K, dtype, with_bias, density):
+    run_csr_case(M, N, K, dtype, with_bias, density)
+
+
 @pytest.mark.triton
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -228,7 +274,8 @@ def test_csr_all_zero_weight(with_bias):
 @pytest.mark.triton
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_csr_long_rows_span_several_chunks():
-    """Rows longer than one BLOCK_NZ step (256 entries at M = 1) take the entry loop more than once."""
+    """Segments longer than one BLOCK_NZ chunk (64 entries at one token and 3 panels): at 90% density each
+    panel holds ~230 entries, so the entry loop runs several times per step."""
     run_csr_case(1, 5, 700, torch.float32, True, density=0.9, empty=False)
 
 
@@ -248,7 +295,8 @@ def test_kernels_read_strided_inputs():
     c, wc = to_dev(c), wc.to(DEV)
     check_grad_input("csr_grad_input strided", ks.csr_grad_input(gy, c["t_crow"], c["t_row"], c["t_perm"],
                                                                   c["values"], N, K), gy, wc)
-    check_csr_grad_values("csr_grad_values strided", ks.csr_grad_values(gy, x, c["row"], c["col"]), gy, x, c)
+    check_csr_grad_values("csr_grad_values strided", ks.csr_grad_values(gy, x, c["row"], c["col"]), gy, x,
+                          mask)
 
 
 def test_oracle_catches_a_misplaced_block():
@@ -314,7 +362,7 @@ def test_cuda_csr_kernels(M, dtype):
     gx = C.sparse_csr_grad_input_cuda(gy, a["t_crow"], a["t_row"], a["t_perm"], a["values"], N, K, stream)
     check_grad_input("cuda csr_grad_input", gx, gy, weight)
     gv = C.sparse_csr_grad_values_cuda(gy, x, a["row"], a["col"], stream)
-    check_csr_grad_values("cuda csr_grad_values", gv, gy, x, a)
+    check_csr_grad_values("cuda csr_grad_values", gv, gy, x, mask)
 
 
 @pytest.mark.gpu

@@ -76,7 +76,7 @@ def compile_sparse_kernels(arch=90):
     """Compile every sparse kernel (kernels/sparse.py) as its launcher launches it, for sm_<arch>: BSR
     forward, grad_input and grad_values for blocks 8 (padded to 16) /16/32/64 in fp16 and a 32 block in bf16
     and fp32 (300 tokens: the 128-token tiles); CSR forward, grad_input and grad_values at 1, 16 and 64 tokens
-    (each tile shape) in each dtype.
+    (each tile shape) in each dtype, on a 1000 x 4096 weight (16 column panels, 4 row panels).
     Fails on a register spill. Run in a subprocess by the test below (needs TRITON_INTERPRET unset).
     Returns the number of launches compiled."""
     import torch
@@ -100,15 +100,23 @@ def compile_sparse_kernels(arch=90):
                 ks.bsr_fwd(x, crow, col, vals, torch.randn(N, dtype=dtype), N, K)
                 ks.bsr_grad_input(gy, t_crow, row, row, vals, N, K)
                 ks.bsr_grad_values(gy, x, row, col, tuple(vals.shape))
-            crow, col = torch.arange(N + 1, **i32), torch.zeros(N, **i32)
-            t_crow = torch.full((K + 1,), N, **i32)
-            t_crow[0] = 0
-            vals = torch.randn(N, dtype=dtype)
+            # Panelled CSR with one entry per row, in column 0: segment n*P holds row n's, and in the
+            # transposed view segment q of column 0 holds rows q*256 .. q*256+255. Several panels each way,
+            # as real weights have (P = 1 would compile a kernel specialised for an argument equal to 1);
+            # P = 16 gives the one-token forward its widest step, 16 panels of 4 rows.
+            Nc, Kc = 1000, 4096
+            P, Pn = -(-Kc // 256), -(-Nc // 256)
+            seg = torch.arange(Nc, **i32) * P
+            crow = torch.searchsorted(seg, torch.arange(Nc * P + 1, **i32)).to(torch.int32)
+            col, t_row = torch.zeros(Nc, dtype=torch.uint8), (torch.arange(Nc) % 256).to(torch.uint8)
+            t_crow = torch.full((Kc * Pn + 1,), Nc, **i32)
+            t_crow[:Pn + 1] = torch.arange(Pn + 1, **i32).mul(256).clamp(max=Nc)
+            vals, perm = torch.randn(Nc, dtype=dtype), torch.arange(Nc, **i32)
             for M in (1, 16, 64):
-                x, gy = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype)
-                ks.csr_fwd(x, crow, col, vals, torch.randn(N, dtype=dtype) if M == 1 else None, N, K)
-                ks.csr_grad_input(gy, t_crow, crow[:-1], crow[:-1], vals, N, K)
-                ks.csr_grad_values(gy, x, crow[:-1], col)
+                x, gy = torch.randn(M, Kc, dtype=dtype), torch.randn(M, Nc, dtype=dtype)
+                ks.csr_fwd(x, crow, col, vals, torch.randn(Nc, dtype=dtype) if M == 1 else None, Nc, Kc)
+                ks.csr_grad_input(gy, t_crow, t_row, perm, vals, Nc, Kc)
+                ks.csr_grad_values(gy, x, seg, col)
     for name, kernel in _report(compiled, verbose=True):
         usage = resource_usage(kernel)  # None where cuobjdump is missing: nothing to check then
         assert usage is None or "STACK:0" in usage, f"{name}: spills registers ({usage})"
