@@ -98,6 +98,14 @@ def test_csr_panels(backend, fmt, dtype, lead):
     _run(backend, fmt, dtype, 300, 520, lead, 0.9)
 
 
+@pytest.mark.triton
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("fmt", ["unstructured", "2:4"])
+@pytest.mark.parametrize("lead", [(1,), (3,)])
+def test_triton_csr_panels(fmt, lead):
+    _run("triton", fmt, torch.float32, 300, 520, lead, 0.9)
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("fmt", ["unstructured", "block"])
 def test_odd_shapes(backend, fmt):
