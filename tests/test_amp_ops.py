@@ -340,3 +340,24 @@ def test_scaled_step_compiles_without_graph_breaks():
     torch.testing.assert_close(norm, eager_norm)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p, e)
+
+
+def test_eager_entry_points_match_the_op_and_bump_versions():
+    """GradScaler and effikern.optim call the ops' eager entry points (no dispatcher): same results as the
+    registered op, and the written tensors' version counters move, as for any in-place op."""
+    grads = [torch.randn(37), torch.randn(5, 3).to(torch.bfloat16)]
+    copies = [g.clone() for g in grads]
+    inv, found_a, found_b = torch.full((), 0.5), torch.zeros(()), torch.zeros(())
+    versions = [g._version for g in grads]
+    norm_a = amp_ops.unscale_check_norm_eager(grads, inv, found_a, 2.0, True)
+    norm_b = torch.ops.effikern.unscale_check_norm(copies, inv, found_b, 2.0, True)
+    assert torch.equal(norm_a, norm_b) and torch.equal(found_a, found_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads, copies))
+    assert all(g._version > v for g, v in zip(grads, versions))
+
+    param = torch.nn.Parameter(torch.randn(6))
+    param.grad = torch.randn(6)
+    opt = effikern.optim.AdamW([param], lr=0.1)
+    before = param._version
+    opt.step()
+    assert param._version > before

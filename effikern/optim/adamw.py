@@ -2,7 +2,7 @@
 
 import torch
 
-from ..ops import amp as _amp_ops  # noqa: F401  (registers torch.ops.effikern.fused_*)
+from ..ops import amp as _amp_ops
 from . import _fused
 
 
@@ -37,7 +37,7 @@ class AdamW(_fused.FusedOptimizer):
     def _update(self, group, params, grad_factor, found_inf):
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
-        torch.ops.effikern.fused_adamw_(
+        _amp_ops.fused_adamw_eager(
             [p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], states[0]["step"], float(group["lr"]), float(beta1), float(beta2),
             float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)

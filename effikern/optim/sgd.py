@@ -2,7 +2,7 @@
 
 import torch
 
-from ..ops import amp as _amp_ops  # noqa: F401  (registers torch.ops.effikern.fused_*)
+from ..ops import amp as _amp_ops
 from . import _fused
 
 
@@ -39,7 +39,7 @@ class SGD(_fused.FusedOptimizer):
     def _update(self, group, params, grad_factor, found_inf):
         momentum = float(group["momentum"])
         bufs = [] if momentum == 0.0 else [self._buffer(p) for p in params]
-        torch.ops.effikern.fused_sgd_(
+        _amp_ops.fused_sgd_eager(
             [p.detach() for p in params], [p.grad for p in params], bufs, self.state[params[0]]["step"],
             float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
             float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)
