@@ -223,15 +223,64 @@ def decision_table(threads=1, calls=15, weights=((4096, 4096), (768, 3072)), tok
     return rows
 
 
+def backend_table(threads=1, calls=5, weights=((4096, 4096), (768, 3072)), tokens=(1, 16, 64),
+                  dtypes=("bf16", "fp16")):
+    """CPU times of the cpp and torch (reference: densify + dense matmul) backends in half precision, forward and
+    forward + backward, as the minimum over ``calls`` calls: the data behind ``effikern/_auto.py``'s half-precision
+    sparse_linear entries (the decision table above compares cpp with dense ``F.linear`` instead)."""
+    import time
+
+    torch.set_num_threads(threads)
+
+    def best_ms(fn):
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    rows = []
+    for n, k in weights:
+        for fmt, block, sparsity in (("unstructured", None, 0.5), ("unstructured", None, 0.9),
+                                     ("block", (32, 32), 0.5), ("block", (32, 32), 0.9)):
+            for dtype_name in dtypes:
+                torch.manual_seed(0)
+                mask = random_pattern(n, k, fmt, block, sparsity, "cpu")
+                w = (torch.randn(n, k) * mask).to(DTYPES[dtype_name])
+                sw = from_dense(w, mask, fmt, block)
+                sw.values.requires_grad_(True)
+                for m in tokens:
+                    x = torch.randn(m, k).to(w.dtype).requires_grad_(True)
+                    row = {"weight": f"{n}x{k}", "layout": _layout(fmt, block, sparsity), "dtype": dtype_name,
+                           "tokens": m}
+                    for backend in ("cpp", "torch"):
+                        with effikern.set_backend(backend):
+                            with torch.no_grad():
+                                row[f"{backend}_fwd_ms"] = best_ms(lambda: effikern.functional.sparse_linear(x, sw))
+                            row[f"{backend}_fwd_bwd_ms"] = best_ms(
+                                lambda: effikern.functional.sparse_linear(x, sw).sum().backward())
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    out = sys.argv[1] if len(sys.argv) > 1 else "sparse-decision-table.json"
+    # python -m benchmarks.bench_sparse OUT.json            the decision table (cpp vs dense, forward)
+    # python -m benchmarks.bench_sparse --backends OUT.json the half-precision backend table (cpp vs torch)
+    backends_mode = "--backends" in sys.argv[1:]
+    paths = [a for a in sys.argv[1:] if a != "--backends"]
+    out = paths[0] if paths else ("sparse-backends.json" if backends_mode else "sparse-decision-table.json")
     from .runner import environment
 
-    table = decision_table(dtypes=("fp32", "bf16"))
+    if backends_mode:
+        table, stat = backend_table(), "min of 5 calls, 1 thread, forward (no_grad) and forward + backward"
+    else:
+        table, stat = decision_table(dtypes=("fp32", "bf16")), "min of 15 calls, 1 thread, forward"
     with open(out, "w") as f:
-        json.dump({**environment(torch.device("cpu")), "stat": "min of 15 calls, 1 thread, forward",
-                   "rows": table}, f, indent=1)
+        json.dump({**environment(torch.device("cpu")), "stat": stat, "rows": table}, f, indent=1)
     print(f"wrote {out}")
