@@ -17,7 +17,7 @@ import platform
 import re
 import subprocess
 import sys
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -235,8 +235,9 @@ def plot(rows: List[Row], path: str, title: str) -> Optional[str]:
 
 
 def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = True,
-        out_dir: Optional[str] = None) -> str:
-    """Runs the suite; returns the JSON path."""
+        out_dir: Optional[str] = None, dtypes: Optional[Sequence[str]] = None) -> str:
+    """Runs the suite; returns the JSON path. ``dtypes``: only the cases in these dtypes, taken from each family's
+    full matrix (the quick one holds one dtype per device); timing stays quick or full as ``quick`` says."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = out_dir or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
@@ -251,7 +252,8 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
         module = importlib.import_module(f"{__package__}.bench_{family}")
         if hasattr(module, "report"):
             reports[family] = module.report(quick)
-        cases = module.cases(device, quick)
+        cases = module.cases(device, quick) if not dtypes else [
+            c for c in module.cases(device, False) if c.dtype in dtypes]
         for i, case in enumerate(cases, 1):
             case_rows = _rows_for_case(family, case, device, quick, copy_gbps)
             rows += case_rows
@@ -265,7 +267,8 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
     slug = device_slug(device)
     path = os.path.join(out_dir, f"{slug}.json")
     with open(path, "w") as f:
-        json.dump({**meta, "mode": "quick" if quick else "full", "copy_bandwidth_gbps": copy_gbps,
+        json.dump({**meta, "mode": "quick" if quick else "full", "dtypes": list(dtypes or []),
+                   "copy_bandwidth_gbps": copy_gbps,
                    "summary": summary, "reports": reports,
                    "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     png = plot(rows, os.path.join(out_dir, f"{slug}.png"), f"effikern on {meta['device']}, {meta['date']}")

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     bench.add_argument("--family", action="append", help="only these families (repeatable), e.g. dwsep")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--out", help="results folder (default: benchmarks/results in a checkout)")
+    bench.add_argument("--dtype", action="append",
+                       help="only cases in these dtypes (repeatable: fp32, fp16, bf16), taken from the full matrix")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     from effikern.benchmarks import runner
 
     device = torch.device(args.device) if args.device else None
-    runner.run(tuple(args.family or runner.FAMILIES), device=device, quick=args.quick, out_dir=args.out)
+    runner.run(tuple(args.family or runner.FAMILIES), device=device, quick=args.quick, out_dir=args.out,
+               dtypes=args.dtype)
     return 0
 
 
