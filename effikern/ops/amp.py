@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _ext, backends
+from . import _eager
 
 OPS = ("unscale_check_norm", "fused_adamw", "fused_sgd")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -469,30 +470,15 @@ def _(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, 
 
 
 # --- eager entry points ---------------------------------------------------------------------------------------
-# GradScaler and effikern.optim call these once per step. In eager mode they run the op's implementation directly:
-# the dispatcher's bookkeeping for mutated tensor lists (a Python version bump per tensor, autograd and
-# ADInplaceOrView layers) cost 0.9 ms per call for 1000 gradients on CPU, more than the 0.6 ms kernel. They bump
-# the version counters themselves, in one call. Under torch.compile, a dispatch mode (FakeTensor,
-# functionalization, export), for tensor subclasses, or when autograd would record the call, they go through the
-# op as before.
+# GradScaler and effikern.optim call these once per step. In eager mode they run the op's implementation directly
+# (effikern/ops/_eager.py: the dispatcher's bookkeeping for mutated tensor lists cost 0.9 ms per call for 1000
+# gradients on CPU, more than the 0.6 ms kernel) and bump the version counters themselves, in one call.
 
-_PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}
-
-
-def _must_dispatch(lists) -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return True
-    if not {type(t) for lst in lists for t in lst} <= _PLAIN_TENSORS:
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for lst in lists for t in lst)
-
-
-def _eager(op, impl, mutated: Tuple[int, ...]):
+def _eager_entry(op, impl, mutated: Tuple[int, ...]):
     def run(*args):
-        tensors = [[a] if isinstance(a, torch.Tensor) else a for a in args if isinstance(a, (torch.Tensor, list))]
-        if _must_dispatch(tensors):
+        tensors = [t for a in args if isinstance(a, (torch.Tensor, list))
+                   for t in ([a] if isinstance(a, torch.Tensor) else a)]
+        if _eager.must_dispatch(tensors):
             return op(*args)
         out = impl(*args)
         bumped = []
@@ -505,6 +491,6 @@ def _eager(op, impl, mutated: Tuple[int, ...]):
     return run
 
 
-unscale_check_norm_eager = _eager(torch.ops.effikern.unscale_check_norm.default, _unscale_check_norm, (0, 2))
-fused_adamw_eager = _eager(torch.ops.effikern.fused_adamw_.default, _fused_adamw, (0, 2, 3, 4))
-fused_sgd_eager = _eager(torch.ops.effikern.fused_sgd_.default, _fused_sgd, (0, 2, 3))
+unscale_check_norm_eager = _eager_entry(torch.ops.effikern.unscale_check_norm.default, _unscale_check_norm, (0, 2))
+fused_adamw_eager = _eager_entry(torch.ops.effikern.fused_adamw_.default, _fused_adamw, (0, 2, 3, 4))
+fused_sgd_eager = _eager_entry(torch.ops.effikern.fused_sgd_.default, _fused_sgd, (0, 2, 3))
