@@ -74,7 +74,7 @@ def _effikern_pass(sw, mode, x, gy):
     if mode == "grad_input":
         return lambda: torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row,
                                                                    sw.t_perm, sw.format, *sw.shape)
-    return lambda: torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.row, sw.col, sw.value_mask,
+    return lambda: torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.crow, sw.row, sw.col, sw.value_mask,
                                                                 list(sw.values.shape), sw.format)
 
 

@@ -48,9 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amp_fused_adamw_cpu", &effikern::amp_fused_adamw_cpu, release());
   m.def("amp_fused_sgd_cpu", &effikern::amp_fused_sgd_cpu, release());
   m.def("sparse_csr_fwd_cpu", &effikern::sparse_csr_fwd_cpu, release());
-  m.def("sparse_csr_grad_input_cpu", &effikern::sparse_csr_grad_input_cpu, release());
   m.def("sparse_csr_grad_input_rowwise_cpu", &effikern::sparse_csr_grad_input_rowwise_cpu, release());
-  m.def("sparse_csr_grad_values_cpu", &effikern::sparse_csr_grad_values_cpu, release());
+  m.def("sparse_csr_grad_values_rowwise_cpu", &effikern::sparse_csr_grad_values_rowwise_cpu, release());
   m.def("sparse_bsr_fwd_cpu", &effikern::sparse_bsr_fwd_cpu, release());
   m.def("sparse_bsr_grad_input_cpu", &effikern::sparse_bsr_grad_input_cpu, release());
   m.def("sparse_bsr_grad_values_cpu", &effikern::sparse_bsr_grad_values_cpu, release());

@@ -158,7 +158,19 @@ def test_opcheck(fmt):
     torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_input,
                           (gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row, sw.t_perm, fmt, 12, 16))
     torch.library.opcheck(torch.ops.effikern.sparse_linear_grad_values,
-                          (gy, x.detach(), sw.row, sw.col, sw.value_mask, list(sw.values.shape), fmt))
+                          (gy, x.detach(), sw.crow, sw.row, sw.col, sw.value_mask, list(sw.values.shape), fmt))
+
+
+@pytest.mark.parametrize("fmt", ["unstructured", "2:4"])
+def test_cpp_csr_trains_without_the_training_arrays(fmt):
+    """cpp computes the CSR gradients from the forward arrays alone: a weight whose training arrays were dropped
+    (inference memory) still trains on the CPU, with the same gradients."""
+    device = device_for("cpp")
+    skip_unavailable("cpp", device)
+    sw, dense = random_weight(fmt, 300, 520, 0.9, torch.float32, device)
+    sw.drop_training_arrays()
+    assert sw.t_perm.numel() == sw.row.numel() == 0
+    _check_all("cpp", sw, dense, torch.randn(2, 35, 520), torch.randn(300), torch.randn(2, 35, 300))
 
 
 def test_training_arrays_dropped_fail_clearly():
@@ -245,7 +257,7 @@ for fmt, block in (("unstructured", None), ("block", (8, 16)), ("block", (5, 3))
                 y = effikern.functional.sparse_linear(x, sw, b)
                 gx = torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row,
                                                                  sw.t_perm, fmt, 37, 45)
-                gv = torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.row, sw.col, sw.value_mask,
+                gv = torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.crow, sw.row, sw.col, sw.value_mask,
                                                                   list(sw.values.shape), fmt)
             out[backend] = (y, gx, gv)
         for a, b_ in zip(out["torch"], out["cpp"]):

@@ -4,8 +4,8 @@
 // memory-bound on the sparse weight: each stored value (4 B fp32) and its column offset (1 B: CSR is panelled, see
 // docs/sparse_kernels.md) are read once and used for M multiply-adds. A row is walked panel by panel: segment
 // s = row * P + panel holds the row's entries in columns panel*256 .. panel*256+255, so the source pointer moves
-// once per segment and every entry adds its one-byte offset. So every kernel visits each nonzero ONCE for all the tokens of a chunk: the dense operand is
-// first packed "token-innermost", P[chunk][k][t] (T = up to 64 tokens, one to four SIMD vectors, fp32), and a
+// once per segment and every entry adds its one-byte offset. Every kernel visits each nonzero ONCE for all the tokens
+// of a chunk: the dense operand is first packed "token-innermost", P[chunk][k][t] (T = up to 64 tokens, one to four SIMD vectors, fp32), and a
 // nonzero (n, k, v) becomes one broadcast of v and NV vector FMAs into the register accumulators of row n,
 // reading the contiguous run P[chunk][k][0:T] (a whole cache line per vector). The packed operand of one chunk is
 // K x T x 4 bytes (256 KiB at K = 4096, 16 tokens): it stays in L2 while the values stream from DRAM.
@@ -16,8 +16,8 @@
 //   csr_fwd:        nnz * (4 + 1) + N*P*4 + M*K*4 + M*N*4 bytes; at 4096 x 4096, 90% sparse (1.68M nnz), 1-64
 //                   tokens the values + offsets + segment pointers are 8.7 MB (int32 columns: 13.4 MB): ~0.5 ms at
 //                   ~17 GB/s (what dense F.linear streams on 2 cores), against 67 MB for dense F.linear.
-//   csr_grad_input: the same bytes plus t_perm (4 B a nonzero), the values read through it (a gather over 6.7 MB).
-//   csr_grad_values: nnz * (1 + 4 + 4) + M*(N+K)*4; compute 2*M*nnz flops.
+//   csr_grad_input: the same bytes (scattered per column panel, the values read in order) + M*(N+K)*4.
+//   csr_grad_values: nnz * (1 + 4 + 4) + M*(N+K)*4 (offsets read, gradient written); compute 2*M*nnz flops.
 //   bsr_*:          nnzb*BR*BC*4 + nnzb*4 (+ x, y); a block is a small dense GEMM, so at >= 16 tokens these are
 //                   compute-bound: 2*M*nnzb*BR*BC flops at ~1 512-bit FMA per cycle per core.
 //
@@ -135,9 +135,8 @@ int64_t panels(int64_t width) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Panelled CSR rows: out[m, o] = bias[o] + sum over the segments s = o*P + p and j in crow[s]..crow[s+1] of
-// value(j) * src[m, p*256 + idx[j]], value(j) = values[perm[j]] (transposed view, grad_input) or values[j]
-// (forward). P = panels(R).
+// Panelled CSR rows (the forward): out[m, o] = bias[o] + sum over the segments s = o*P + p and j in
+// crow[s]..crow[s+1] of values[j] * src[m, p*256 + idx[j]]. P = panels(R).
 
 template <typename S>
 struct CsrRows {
@@ -147,22 +146,17 @@ struct CsrRows {
   int64_t M, R, T, P;
   const int32_t* crow;  // [O*P + 1] segment pointers
   const uint8_t* idx;   // offsets within the segment's panel
-  const int32_t* perm;  // nullptr: entries in order
   const S* values;
   const S* bias;  // [O] or nullptr
   S* out;         // [M, O]
   int64_t O;
   int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
 
-  // kPerm is a template flag, not a test of perm per entry: the forward's inner loop has no branch to predict.
-  template <bool kPerm>
-  EK_INLINE A value(int64_t j) const { return static_cast<A>(values[kPerm ? perm[j] : j]); }
-  // The gather path keeps the run-time test: without it GCC turned the 4 partial sums into one AVX-512 gather per
-  // 4 entries, and the 1-token forward ran 2x slower (0.63 vs 0.30 ms at 4096x4096, 90%, 2 threads).
-  EK_INLINE A gathered_value(int64_t j) const { return static_cast<A>(values[perm != nullptr ? perm[j] : j]); }
+  EK_INLINE A value(int64_t j) const { return static_cast<A>(values[j]); }
 
-  // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency.
-  template <int MM, bool kPerm>
+  // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency. (On AVX-512 with
+  // fp32 accumulation the explicit gather path of sparse_gather_avx512.h runs instead.)
+  template <int MM>
   EK_INLINE void gather_rows() const {
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
@@ -172,13 +166,13 @@ struct CsrRows {
         const int64_t j1 = crow[o * P + p + 1];
         for (; j + 4 <= j1; j += 4) {
           for (int u = 0; u < 4; ++u) {
-            const A v = gathered_value(j + u);
+            const A v = value(j + u);
             const int64_t k = idx[j + u];
             for (int m = 0; m < MM; ++m) acc[m][u] += v * base[m * R + k];
           }
         }
         for (; j < j1; ++j) {
-          const A v = gathered_value(j);
+          const A v = value(j);
           for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + idx[j]];
         }
       }
@@ -189,7 +183,7 @@ struct CsrRows {
     }
   }
 
-  template <int B, int NV, bool kPerm>
+  template <int B, int NV>
   EK_INLINE void packed_rows() const {
     using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
@@ -206,13 +200,13 @@ struct CsrRows {
         const int64_t j1 = crow[s + 1];
         for (; j + U <= j1; j += U) {
           for (int u = 0; u < U; ++u) {
-            const typename W::V v = W::splat(value<kPerm>(j + u));
+            const typename W::V v = W::splat(value(j + u));
             const A* p = panel + static_cast<int64_t>(idx[j + u]) * TT;
             for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
           }
         }
         for (; j < j1; ++j) {
-          const typename W::V v = W::splat(value<kPerm>(j));
+          const typename W::V v = W::splat(value(j));
           const A* p = panel + static_cast<int64_t>(idx[j]) * TT;
           for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
         }
@@ -229,33 +223,15 @@ struct CsrRows {
     }
   }
 
-  template <int B, bool kPerm>
-  EK_INLINE void run_rows() const {
-    if (T == 0) {  // gather path
-      switch (M) {
-        case 1: return gather_rows<1, kPerm>();
-        case 2: return gather_rows<2, kPerm>();
-        case 3: return gather_rows<3, kPerm>();
-        default: return gather_rows<4, kPerm>();
-      }
-    }
-    switch (T / Simd<A, B>::kLanes) {
-      case 1: return packed_rows<B, 1, kPerm>();
-      case 2: return packed_rows<B, 2, kPerm>();
-      case 3: return packed_rows<B, 3, kPerm>();
-      default: return packed_rows<B, 4, kPerm>();
-    }
-  }
-
   // The gather path on AVX-512: csrc/cpu/sparse_gather_avx512.h (16 entries per gather instruction).
   void gather_rows_avx512() const {
 #ifdef EK_X86_DISPATCH
     if constexpr (std::is_same_v<A, float>) {
       switch (M) {
-        case 1: return sparse_avx512::gather_rows<S, 1>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
-        case 2: return sparse_avx512::gather_rows<S, 2>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
-        case 3: return sparse_avx512::gather_rows<S, 3>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
-        default: return sparse_avx512::gather_rows<S, 4>(src, R, P, crow, idx, perm, values, bias, out, O, begin, end);
+        case 1: return sparse_avx512::gather_rows<S, 1>(src, R, P, crow, idx, values, bias, out, O, begin, end);
+        case 2: return sparse_avx512::gather_rows<S, 2>(src, R, P, crow, idx, values, bias, out, O, begin, end);
+        case 3: return sparse_avx512::gather_rows<S, 3>(src, R, P, crow, idx, values, bias, out, O, begin, end);
+        default: return sparse_avx512::gather_rows<S, 4>(src, R, P, crow, idx, values, bias, out, O, begin, end);
       }
     }
 #endif
@@ -263,23 +239,33 @@ struct CsrRows {
 
   template <int B>
   EK_INLINE void run() const {
-    if constexpr (B == 64 && std::is_same_v<A, float>) {
-      if (T == 0) return gather_rows_avx512();
+    if (T == 0) {  // gather path
+      if constexpr (B == 64 && std::is_same_v<A, float>) {
+        return gather_rows_avx512();
+      } else {
+        switch (M) {
+          case 1: return gather_rows<1>();
+          case 2: return gather_rows<2>();
+          case 3: return gather_rows<3>();
+          default: return gather_rows<4>();
+        }
+      }
     }
-    if (perm != nullptr) {
-      run_rows<B, true>();
-    } else {
-      run_rows<B, false>();
+    switch (T / Simd<A, B>::kLanes) {
+      case 1: return packed_rows<B, 1>();
+      case 2: return packed_rows<B, 2>();
+      case 3: return packed_rows<B, 3>();
+      default: return packed_rows<B, 4>();
     }
   }
 };
 
-// Runs CsrRows over src [M, R] (x for the forward, grad_y for grad_input).
+// Runs CsrRows over x [M, K]: the forward.
 template <typename S>
-void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uint8_t* idx, const int32_t* perm,
-              const S* values, const S* bias, S* out, int64_t O) {
+void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uint8_t* idx, const S* values,
+              const S* bias, S* out, int64_t O) {
   using A = at::opmath_type<S>;
-  CsrRows<S> k{nullptr, M, R, 0, panels(R), crow, idx, perm, values, bias, out, O};
+  CsrRows<S> k{nullptr, M, R, 0, panels(R), crow, idx, values, bias, out, O};
   if (M <= kGatherTokens) {
     std::unique_ptr<A[]> own;
     if constexpr (std::is_same_v<S, A>) {
@@ -303,8 +289,9 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
 // grad_input from the row-major arrays: gx[m, p*256 + c] = sum over the rows o of sum over the entries j of segment
 // o*P + p with idx[j] == c of values[j] * gy[m, o]. One task owns a (token chunk, column panel) pair and scatters
 // into an L1-resident accumulator tile acc[256][T], so no two tasks write the same output and every value is read
-// in order. Why not the transposed view (CsrRows over t_crow/t_row with values through t_perm): that reads each
-// value through a random permutation, one cache miss per nonzero (measured 0.5x torch CSR at 16 tokens).
+// in order. Why not the transposed view (the forward's row walk over t_crow/t_row, values through t_perm, as the
+// GPU backends do): that reads each value through a random permutation, one cache miss per nonzero (measured 0.5x
+// torch CSR at 16 tokens).
 template <typename S>
 struct CsrScatterPanels {
   using A = at::opmath_type<S>;
@@ -367,73 +354,69 @@ void csr_scatter_grad_input(const S* gy, int64_t M, int64_t N, int64_t K, const 
   parallel_run(CsrScatterPanels<S>{Pg.get(), M, N, K, T, P, crow, idx, values, out}, chunks * P, 1);
 }
 
-// The (row, first column of the panel) of segment s = row * P + panel, decoded only when s changes: the entries
-// come sorted by segment (~26 per segment at 90% sparsity), and a division per entry would cost more than the dot.
-struct SegmentCursor {
-  int64_t P, seg = -1, row = 0, col0 = 0;
-  EK_INLINE void move_to(int64_t s) {
-    if (s != seg) {
-      seg = s;
-      row = s / P;
-      col0 = (s - row * P) * kPanel;
-    }
-  }
-};
-
-// CSR value gradient: g[i] = sum_m gy[m, n] * x[m, k] with n = seg[i] / P, k = (seg[i] % P)*256 + col[i].
+// CSR value gradient from the forward arrays: g[j] = sum_m gy[m, o] * x[m, p*256 + idx[j]] for every entry j of
+// segment o*P + p. A task owns a range of rows (so it needs no per-entry row index, which the transposed-view
+// interface of the GPU backends keeps in row[]); each row's gy column is loaded once for all its entries.
 template <typename S>
 struct CsrGradValues {
   using A = at::opmath_type<S>;
   static constexpr bool kVectorize = !std::is_same_v<A, double>;
   const A* Pg;  // [chunks][N][T]
   const A* Px;  // [chunks][K][T]
-  int64_t N, K, T, c;  // c: the chunk this pass adds
-  const int32_t* seg;
-  const uint8_t* col;
+  int64_t N, K, T, P, c;  // c: the chunk this pass adds
+  const int32_t* crow;
+  const uint8_t* idx;
   A* acc;  // [nnz]
-  int64_t begin = 0, end = 0;
+  int64_t begin = 0, end = 0;  // rows
 
   template <int B, int NV>
-  EK_INLINE void entries() const {
+  EK_INLINE void rows() const {
     using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
     const A* g = Pg + c * N * TT;
-    const A* p = Px + c * K * TT;
-    SegmentCursor at{panels(K)};
-    for (int64_t i = begin; i < end; ++i) {
-      at.move_to(seg[i]);
-      const A* a = g + at.row * TT;
-      const A* b = p + (at.col0 + col[i]) * TT;
-      typename W::V s = W::load(a) * W::load(b);
-      for (int q = 1; q < NV; ++q) s += W::load(a + q * L) * W::load(b + q * L);
-      acc[i] = (c == 0 ? A(0) : acc[i]) + W::sum(s);
+    const A* x = Px + c * K * TT;
+    for (int64_t o = begin; o < end; ++o) {
+      typename W::V gv[NV];
+      for (int q = 0; q < NV; ++q) gv[q] = W::load(g + o * TT + q * L);
+      for (int64_t p = 0; p < P; ++p) {
+        const A* panel = x + p * kPanel * TT;
+        for (int64_t j = crow[o * P + p], j1 = crow[o * P + p + 1]; j < j1; ++j) {
+          const A* b = panel + static_cast<int64_t>(idx[j]) * TT;
+          typename W::V s = gv[0] * W::load(b);
+          for (int q = 1; q < NV; ++q) s += gv[q] * W::load(b + q * L);
+          acc[j] = (c == 0 ? A(0) : acc[j]) + W::sum(s);
+        }
+      }
     }
   }
 
   template <int B>
   EK_INLINE void run() const {
     switch (T / Simd<A, B>::kLanes) {
-      case 1: return entries<B, 1>();
-      case 2: return entries<B, 2>();
-      case 3: return entries<B, 3>();
-      default: return entries<B, 4>();
+      case 1: return rows<B, 1>();
+      case 2: return rows<B, 2>();
+      case 3: return rows<B, 3>();
+      default: return rows<B, 4>();
     }
   }
 };
 
 template <typename S>
-void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, int64_t nnz, const int32_t* seg,
-                     const uint8_t* col, S* out) {
+void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, const int32_t* crow,
+                     const uint8_t* idx, S* out) {
   using A = at::opmath_type<S>;
+  const int64_t P = panels(K), nnz = crow[N * P];
   if (M <= kGatherTokens) {  // a few tokens: a plain dot product per entry, no packing
-    at::parallel_for(0, nnz, 4096, [&](int64_t i0, int64_t i1) {
-      SegmentCursor at{panels(K)};
-      for (int64_t i = i0; i < i1; ++i) {
-        at.move_to(seg[i]);
-        const int64_t k = at.col0 + col[i];
-        A s = 0;
-        for (int64_t m = 0; m < M; ++m) s += static_cast<A>(gy[m * N + at.row]) * static_cast<A>(x[m * K + k]);
-        out[i] = static_cast<S>(s);
+    at::parallel_for(0, N, 16, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t p = 0; p < P; ++p) {
+          for (int64_t j = crow[o * P + p], j1 = crow[o * P + p + 1]; j < j1; ++j) {
+            const int64_t k = p * kPanel + idx[j];
+            A s = 0;
+            for (int64_t m = 0; m < M; ++m) s += static_cast<A>(gy[m * N + o]) * static_cast<A>(x[m * K + k]);
+            out[j] = static_cast<S>(s);
+          }
+        }
       }
     });
     return;
@@ -447,7 +430,7 @@ void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, i
   pack_tokens(x, M, K, K, T, Px.get());
   // Chunk-outer: one chunk of the packed operands stays in L2 while every entry visits it.
   for (int64_t c = 0; c < chunks; ++c) {
-    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, c, seg, col, acc.get()}, nnz, 4096);
+    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, P, c, crow, idx, acc.get()}, N, 16);
   }
   at::parallel_for(0, nnz, 16384, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<S>(acc[i]);
@@ -620,23 +603,10 @@ at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_csr_fwd_cpu", [&] {
-    csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), nullptr,
+    csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(),
              values.data_ptr<scalar_t>(), bias_ptr<scalar_t>(bias), y.data_ptr<scalar_t>(), N);
   });
   return y;
-}
-
-at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
-                                     const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K) {
-  const int64_t M = gy.size(0);
-  at::Tensor gx = at::empty({M, K}, gy.options());
-  if (M == 0 || K == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_cpu", [&] {
-    csr_rows(gy.data_ptr<scalar_t>(), M, N, t_crow.data_ptr<int32_t>(), t_row.data_ptr<uint8_t>(),
-             t_perm.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
-             gx.data_ptr<scalar_t>(), K);
-  });
-  return gx;
 }
 
 at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Tensor& crow, const at::Tensor& col,
@@ -644,22 +614,22 @@ at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Ten
   const int64_t M = gy.size(0);
   at::Tensor gx = at::empty({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_rowwise_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_cpu", [&] {
     csr_scatter_grad_input(gy.data_ptr<scalar_t>(), M, N, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(),
                            values.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
   });
   return gx;
 }
 
-at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
-                                      const at::Tensor& col) {
-  const int64_t M = gy.size(0), nnz = row.numel();
+at::Tensor sparse_csr_grad_values_rowwise_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& crow,
+                                              const at::Tensor& col) {
+  const int64_t M = gy.size(0), nnz = col.numel();
   at::Tensor g = at::empty({nnz}, gy.options());
   if (nnz == 0) return g;
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_values_cpu", [&] {
-    csr_grad_values(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1), nnz,
-                    row.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), g.data_ptr<scalar_t>());
+    csr_grad_values(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, gy.size(1), x.size(1),
+                    crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(), g.data_ptr<scalar_t>());
   });
   return g;
 }

@@ -16,20 +16,16 @@ namespace effikern {
 at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t N, int64_t K);
 
-// grad_x [M, K] = gy [M, N] W, through the transposed view (the same layout over W^T, Pn = ceil(N/256)): t_crow
-// [K*Pn+1] int32, t_row [nnz] uint8 row offsets, t_perm [nnz] int32 index into values.
-at::Tensor sparse_csr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
-                                     const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K);
-
-// The same grad_x from the forward arrays (crow [N*P+1], col, values): scattered per column panel, no transposed
-// view; what the op layer uses on the CPU.
+// The CSR gradients are computed from the forward arrays alone (no transposed view, no per-entry row index: the
+// GPU backends' interface keeps those, the CPU kernels walk rows and panels instead).
+// grad_x [M, K] = gy [M, N] W, scattered per column panel.
 at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Tensor& crow, const at::Tensor& col,
                                              const at::Tensor& values, int64_t N, int64_t K);
 
-// grad_values [nnz] (gy's dtype): entry i is gy[:, n] . x[:, k] (a sampled dense-dense product), where row[i] is the
-// entry's segment s (int32): n = s / P, k = (s % P)*256 + col[i], P = ceil(K/256).
-at::Tensor sparse_csr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
-                                      const at::Tensor& col);
+// grad_values [nnz] (gy's dtype): entry j of segment o*P + p is gy[:, o] . x[:, p*256 + col[j]] (a sampled
+// dense-dense product).
+at::Tensor sparse_csr_grad_values_rowwise_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& crow,
+                                              const at::Tensor& col);
 
 // BSR, blocks (BR, BC), W zero-padded to [Np, Kp]: crow [Np/BR + 1], col [nnzb], values [nnzb, BR, BC].
 at::Tensor sparse_bsr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,

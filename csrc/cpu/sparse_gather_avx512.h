@@ -1,4 +1,4 @@
-// The few-token forward (and grad_input) of the panelled CSR with AVX-512 gathers: 16 entries of a segment per
+// The few-token forward of the panelled CSR with AVX-512 gathers: 16 entries of a segment per
 // instruction instead of one scalar load each.
 //
 // Why a separate path: with 1-4 tokens each nonzero feeds 1-4 FMAs, so the scalar loop is bound by its loads and
@@ -40,28 +40,11 @@ EK_AVX512 inline __m512 load_values(const S* p, __mmask16 mask) {
   }
 }
 
-// 16 values through a permutation (the transposed view of grad_input): values[perm[j .. j+15]].
-template <typename S>
-EK_AVX512 inline __m512 gather_values(const S* values, const int32_t* perm, __mmask16 mask) {
-  const __m512i at = _mm512_maskz_loadu_epi32(mask, perm);
-  if constexpr (std::is_same_v<S, float>) {
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, at, values, 4);
-  } else {
-    // 2-byte values: gather the 4-byte word at an even-aligned address holding it is not safe at the array's end,
-    // so read them one by one (grad_input in half precision is not the path this file is for).
-    alignas(64) float v[16];
-    for (int i = 0; i < 16; ++i) v[i] = (mask >> i) & 1 ? static_cast<float>(values[perm[i]]) : 0.f;
-    return _mm512_load_ps(v);
-  }
-}
-
 /// out[m, o] = bias[o] + sum over the segments s = o*P + p of values(j) * src[m, p*256 + idx[j]] for the output rows
-/// o in [o0, o1) and MM tokens. src [MM, R] fp32 (row stride R); crow [O*P + 1]; idx uint8; perm nullptr (forward)
-/// or the transposed view's value permutation; out [MM, O] in S.
+/// o in [o0, o1) and MM tokens. src [MM, R] fp32 (row stride R); crow [O*P + 1]; idx uint8; out [MM, O] in S.
 template <typename S, int MM>
 EK_AVX512 void gather_rows(const float* src, int64_t R, int64_t P, const int32_t* crow, const uint8_t* idx,
-                           const int32_t* perm, const S* values, const S* bias, S* out, int64_t O, int64_t o0,
-                           int64_t o1) {
+                           const S* values, const S* bias, S* out, int64_t O, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
     // Two accumulator sets (full groups, segment tails) so consecutive FMAs of a row do not wait on each other.
     __m512 acc[2][MM];
@@ -72,13 +55,15 @@ EK_AVX512 void gather_rows(const float* src, int64_t R, int64_t P, const int32_t
       const int64_t j1 = crow[o * P + p + 1];
       for (; j + 16 <= j1; j += 16) {
         const __m512i col = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j)));
-        const __m512 v = perm != nullptr ? gather_values(values, perm + j, 0xFFFF) : load_values(values + j, 0xFFFF);
-        for (int m = 0; m < MM; ++m) acc[0][m] = _mm512_fmadd_ps(v, _mm512_i32gather_ps(col, base + m * R, 4), acc[0][m]);
+        const __m512 v = load_values(values + j, 0xFFFF);
+        for (int m = 0; m < MM; ++m) {
+          acc[0][m] = _mm512_fmadd_ps(v, _mm512_i32gather_ps(col, base + m * R, 4), acc[0][m]);
+        }
       }
       if (j < j1) {  // the segment's last 1-15 entries: masked loads never touch the lanes past j1
         const __mmask16 mask = static_cast<__mmask16>((1u << (j1 - j)) - 1u);
         const __m512i col = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, idx + j));
-        const __m512 v = perm != nullptr ? gather_values(values, perm + j, mask) : load_values(values + j, mask);
+        const __m512 v = load_values(values + j, mask);
         for (int m = 0; m < MM; ++m) {
           const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, col, base + m * R, 4);
           acc[1][m] = _mm512_fmadd_ps(v, xv, acc[1][m]);

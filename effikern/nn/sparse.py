@@ -80,7 +80,8 @@ class _SparseMatmul(nn.Module):
         return self.sparse_weight.memory_report()
 
     def for_inference(self):
-        """Frees the arrays only backward needs (row, transposed view); returns self."""
+        """Frees the arrays only backward needs (row, transposed view); returns self. The cpp backend's CSR
+        (unstructured, 2:4) backward does not need them, so such a layer still fine-tunes on the CPU."""
         for name in formats.TRAINING_ARRAYS:
             setattr(self, name, getattr(self, name).new_empty(0))
         return self

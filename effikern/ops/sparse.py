@@ -33,10 +33,12 @@ OP = "sparse_linear"
 _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
 KERNELS = ("csr_fwd", "csr_grad_input", "csr_grad_values", "bsr_fwd", "bsr_grad_input", "bsr_grad_values")
-# Optional: csr_grad_input_rowwise(gy, crow, col, values, N, K), grad_input from the forward arrays (no transposed
-# view). A backend that has it gets it for CSR grad_input (cpp: a per-panel scatter; the transposed view reads the
-# values through a random permutation, one cache miss per nonzero on a CPU).
+# Optional: csr_grad_input_rowwise(gy, crow, col, values, N, K) and csr_grad_values_rowwise(gy, x, crow, col), the
+# CSR gradients from the forward arrays alone. A backend that has them gets them for CSR (cpp: a per-panel scatter
+# and a row walk; the transposed view reads the values through a random permutation, one cache miss per nonzero on
+# a CPU), and then needs none of the training arrays (row, t_crow, t_row, t_perm).
 ROWWISE = "csr_grad_input_rowwise"
+ROWWISE_VALUES = "csr_grad_values_rowwise"
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -184,7 +186,10 @@ def _load_torch():
 
 def _load_cpp():
     ext = _ext.require("cpu")
-    return types.SimpleNamespace(**{name: getattr(ext, f"sparse_{name}_cpu") for name in KERNELS + (ROWWISE,)})
+    names = KERNELS + (ROWWISE, ROWWISE_VALUES)
+    found = {n: getattr(ext, f"sparse_{n}_cpu") for n in names if hasattr(ext, f"sparse_{n}_cpu")}
+    # cpp has only the row-wise CSR gradients (the op layer prefers them); the transposed-view ones do not exist.
+    return _partial_namespace("cpp", found, [n for n in KERNELS if n not in found])
 
 
 def _load_triton():
@@ -295,13 +300,22 @@ def sparse_linear_grad_input(grad_y: torch.Tensor, values: torch.Tensor, crow: t
     gy = _flat(grad_y, out_features)
     if gy.shape[0] == 0:
         return grad_y.new_empty(*lead, in_features)
-    _, kernels = backends.resolve(OP, grad_y)
+    name, kernels = backends.resolve(OP, grad_y)
     if format != "block" and hasattr(kernels, ROWWISE):
         gx = getattr(kernels, ROWWISE)(gy, crow, col, values.contiguous(), out_features, in_features)
     else:
+        _require_training_arrays(name, format, t_perm, values.shape[0])
         fn = getattr(kernels, _kernel_prefix(format) + "_grad_input")
         gx = fn(gy, t_crow, t_row, t_perm, values.contiguous(), out_features, in_features)
     return gx.reshape(*lead, in_features)
+
+
+def _require_training_arrays(backend, fmt, arr, nnz):
+    """RuntimeError unless ``arr`` (a per-entry training array) is present: nnz entries."""
+    if arr.numel() != nnz:
+        raise RuntimeError(f"this sparse weight was built without its training arrays (row, t_crow, t_row, t_perm), "
+                           f"which the {backend} backend's {fmt} backward needs (the cpp backend's CSR backward does "
+                           f"not); build it again with effikern.sparse.from_dense or SparseLinear.from_linear")
 
 
 def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out_features, in_features):
@@ -312,11 +326,13 @@ def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out
     if grad_y.dim() < 1 or grad_y.shape[-1] != out_features:
         raise ValueError(f"grad_y must have shape [..., {out_features}], got {tuple(grad_y.shape)}")
     block = check_weight(values, crow, col, fmt, out_features, in_features, grad_y.device)
+    # The transposed view, or nothing (all three empty: dropped; the row-wise kernels do not need it).
+    dropped = t_crow.numel() == t_row.numel() == t_perm.numel() == 0
     # Block: one pointer per block column; CSR: one per (column, panel of 256 rows).
     segments = math.ceil(in_features / block[1]) if block else in_features * n_panels(out_features)
-    _check_index(t_crow, "t_crow", grad_y.device, segments + 1)
-    _check_index(t_row, "t_row", grad_y.device, values.shape[0], _offset_dtype(fmt))
-    _check_index(t_perm, "t_perm", grad_y.device, values.shape[0])
+    _check_index(t_crow, "t_crow", grad_y.device, None if dropped else segments + 1)
+    _check_index(t_row, "t_row", grad_y.device, None if dropped else values.shape[0], _offset_dtype(fmt))
+    _check_index(t_perm, "t_perm", grad_y.device, None if dropped else values.shape[0])
 
 
 @sparse_linear_grad_input.register_fake
@@ -326,22 +342,27 @@ def _(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in
 
 
 @torch.library.custom_op("effikern::sparse_linear_grad_values", mutates_args=())
-def sparse_linear_grad_values(grad_y: torch.Tensor, x: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                              value_mask: Optional[torch.Tensor], values_shape: List[int],
+def sparse_linear_grad_values(grad_y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, row: torch.Tensor,
+                              col: torch.Tensor, value_mask: Optional[torch.Tensor], values_shape: List[int],
                               format: str) -> torch.Tensor:
-    """grad_values (values_shape) = (grad_y^T x) at the stored positions, times value_mask when given."""
-    _check_grad_values(grad_y, x, row, col, value_mask, values_shape, format)
+    """grad_values (values_shape) = (grad_y^T x) at the stored positions, times value_mask when given; from row
+    (the per-entry index of the training arrays), or from crow on a backend with ``csr_grad_values_rowwise``."""
+    _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, format)
     gy = _flat(grad_y, grad_y.shape[-1])
     x2 = _flat(x, x.shape[-1])
-    _, kernels = backends.resolve(OP, grad_y)
-    if format == "block":
-        g = kernels.bsr_grad_values(gy, x2, row, col, list(values_shape))
+    name, kernels = backends.resolve(OP, grad_y)
+    if format != "block" and hasattr(kernels, ROWWISE_VALUES):
+        g = getattr(kernels, ROWWISE_VALUES)(gy, x2, crow, col)
     else:
-        g = kernels.csr_grad_values(gy, x2, row, col)
+        _require_training_arrays(name, format, row, values_shape[0])
+        if format == "block":
+            g = kernels.bsr_grad_values(gy, x2, row, col, list(values_shape))
+        else:
+            g = kernels.csr_grad_values(gy, x2, row, col)
     return g if value_mask is None else g.masked_fill(~value_mask, 0)
 
 
-def _check_grad_values(grad_y, x, row, col, value_mask, values_shape, fmt):
+def _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, fmt):
     _checks.tensor(grad_y, "grad_y")
     _checks.tensor(x, "x")
     _checks.floating(grad_y, "grad_y", _ALL_FLOAT)
@@ -351,7 +372,10 @@ def _check_grad_values(grad_y, x, row, col, value_mask, values_shape, fmt):
                          f"and {tuple(x.shape)}")
     if len(values_shape) != (3 if fmt == "block" else 1):
         raise ValueError(f"values_shape {list(values_shape)} does not fit the {fmt} format")
-    _check_index(row, "row", x.device, values_shape[0])
+    n, k = grad_y.shape[-1], x.shape[-1]
+    segments = math.ceil(n / values_shape[1]) if fmt == "block" else n * n_panels(k)
+    _check_index(crow, "crow", x.device, segments + 1)
+    _check_index(row, "row", x.device, values_shape[0] if row.numel() else None)  # empty: dropped
     _check_index(col, "col", x.device, values_shape[0], _offset_dtype(fmt))
     if value_mask is not None:
         _check_value_mask(value_mask, values_shape, x.device)
@@ -365,8 +389,8 @@ def _check_value_mask(value_mask, values_shape, device):
 
 
 @sparse_linear_grad_values.register_fake
-def _(grad_y, x, row, col, value_mask, values_shape, format):
-    _check_grad_values(grad_y, x, row, col, value_mask, values_shape, format)
+def _(grad_y, x, crow, row, col, value_mask, values_shape, format):
+    _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, format)
     return grad_y.new_empty(values_shape)
 
 
@@ -380,16 +404,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, values, crow, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
     need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[9]
-    if (need_x or need_values) and t_perm.numel() != values.shape[0]:
-        raise RuntimeError("this sparse weight was built without its training arrays (row, t_crow, t_row, t_perm); "
-                           "build it with effikern.sparse.from_dense or call SparseLinear.train() before backward")
     grad_y = grad_y.contiguous()
     grad_x = grad_values = grad_bias = None
     if need_x:
         grad_x = torch.ops.effikern.sparse_linear_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm,
                                                              ctx.fmt, ctx.n, ctx.k)
     if need_values:
-        grad_values = torch.ops.effikern.sparse_linear_grad_values(grad_y, x, row, col, value_mask,
+        grad_values = torch.ops.effikern.sparse_linear_grad_values(grad_y, x, crow, row, col, value_mask,
                                                                    list(values.shape), ctx.fmt)
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(-1, ctx.n).sum(0, dtype=_math_dtype(grad_y)).to(grad_y.dtype)

@@ -7,7 +7,8 @@ interface shared by every backend (cpp, triton, cuda; docs/sparse_kernels.md); e
   within its panel fits one byte. With P = ``n_panels(K)`` panels, a row's entries are grouped into P segments,
   segment s = row * P + panel: ``values [nnz]``, ``crow [N*P + 1]`` (int32, entries of segment s are
   crow[s]..crow[s+1]; row n is crow[n*P]..crow[(n+1)*P]), ``col [nnz]`` (uint8, the column minus panel * 256,
-  sorted in each row). For training: ``row [nnz]`` (int32, the segment s of each entry, so row = s // P and
+  sorted in each row). For training on the torch, triton and cuda backends (cpp's CSR backward needs only the
+  forward arrays): ``row [nnz]`` (int32, the segment s of each entry, so row = s // P and
   column = (s % P) * 256 + col) and the same layout transposed, ``t_crow [K*Pn + 1]`` (Pn = ``n_panels(N)``),
   ``t_row [nnz]`` (uint8, the row minus its panel * 256), ``t_perm [nnz]`` (int32, index into values).
   Why: a 4-byte column index cost as much as an fp32 value (and twice an fp16 one), so CSR held as many bytes
@@ -35,7 +36,8 @@ import torch
 FORMATS = ("unstructured", "block", "2:4")
 # Columns per panel of the CSR formats: an entry's offset within its panel is one uint8.
 PANEL = 256
-# Arrays needed by backward only; inference may leave them empty (see SparseWeight.has_training_arrays).
+# Arrays needed by backward only, and not by cpp's CSR backward; inference may leave them empty
+# (see SparseWeight.drop_training_arrays).
 TRAINING_ARRAYS = ("row", "t_crow", "t_row", "t_perm")
 INDEX_ARRAYS = ("crow", "col") + TRAINING_ARRAYS
 
@@ -130,7 +132,8 @@ class SparseWeight:
                             block_size=self.block_size)
 
     def drop_training_arrays(self) -> "SparseWeight":
-        """Frees row and the transposed view (inference needs only values, crow, col); backward then raises."""
+        """Frees row and the transposed view: inference, and the cpp backend's CSR backward, need only values, crow
+        and col. A backward that needs them (the torch, triton and cuda backends; block on any) then raises."""
         for name in TRAINING_ARRAYS:
             setattr(self, name, getattr(self, name).new_empty(0))
         return self
