@@ -5,6 +5,7 @@ from typing import Optional, Union
 import torch
 
 from .ops import _autocast, _checks
+from .ops import dwsep as _dwsep_ops
 from .ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.effikern.sparse_linear*)
 from .ops.activation import activation_name
 
@@ -45,11 +46,13 @@ def dwsep_conv2d(
         x, dw_weight, dw_bias, pw_weight, pw_bias, residual = _autocast.cast(
             [x, dw_weight, dw_bias, pw_weight, pw_bias, residual], dtype)
     with _autocast.off_if(dtype, x):
-        return torch.ops.effikern.dwsep_conv2d(
-            x, dw_weight, dw_bias, pw_weight, pw_bias,
-            list(_checks.pair(stride, "stride", 1)), list(_checks.pair(padding, "padding", 0)),
-            list(_checks.pair(dilation, "dilation", 1)), activation_name(activation), residual,
-        )
+        args = (x, dw_weight, dw_bias, pw_weight, pw_bias, list(_checks.pair(stride, "stride", 1)),
+                list(_checks.pair(padding, "padding", 0)), list(_checks.pair(dilation, "dilation", 1)),
+                activation_name(activation), residual)
+        if isinstance(x, torch.Tensor) and _dwsep_ops.auto_runs_eager(x):
+            _dwsep_ops.check_args(*args)  # the op's errors, then PyTorch's own autograd (see auto_runs_eager)
+            return _dwsep_ops.reference(*args)
+        return torch.ops.effikern.dwsep_conv2d(*args)
 
 
 def distillation_loss(

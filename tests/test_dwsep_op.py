@@ -260,3 +260,25 @@ def test_compile_fullgraph(backend):
     with effikern.set_backend(backend):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_auto_on_pytorch_runs_eager_autograd():
+    """Where auto picks PyTorch for both passes (bf16 on CPU), the call is plain eager PyTorch: the same result as
+    the reference, autograd's own convolution backward (no recomputation of the depthwise output), and the op's
+    argument errors."""
+    import effikern
+    from effikern.ops import dwsep as dwsep_ops
+
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16, requires_grad=True)
+    dw, pw = torch.randn(8, 1, 3, 3, dtype=torch.bfloat16), torch.randn(16, 8, 1, 1, dtype=torch.bfloat16)
+    with effikern.set_backend("auto"):
+        assert dwsep_ops.auto_runs_eager(x)
+        y = effikern.functional.dwsep_conv2d(x, dw, None, pw, None, padding=1, activation="relu6")
+        assert "Convolution" in type(y.grad_fn).__name__
+        with pytest.raises(ValueError, match="pw_weight"):
+            effikern.functional.dwsep_conv2d(x, dw, None, pw[:, :4], None, padding=1)
+    ref = dwsep_ops.reference(x, dw, None, pw, None, [1, 1], [1, 1], [1, 1], "relu6", None)
+    assert torch.equal(y, ref)
+    with effikern.set_backend("torch"):  # an explicit backend always goes through the op
+        assert not dwsep_ops.auto_runs_eager(x)
+    assert not dwsep_ops.auto_runs_eager(x.detach().float())  # fp32 CPU: auto picks cpp
