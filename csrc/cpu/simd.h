@@ -33,6 +33,12 @@ struct Simd {
     }
   }
 
+  // Lane K of v in every lane (a register shuffle, no load).
+  template <int64_t K>
+  static EK_INLINE V lane(V v) {
+    return lane_impl<K>(v, std::make_integer_sequence<int64_t, kLanes>{});
+  }
+
   // Horizontal sum by halving: log2(lanes) vector adds, not a lane-by-lane scalar chain (20+ cycles at 16 lanes,
   // paid per tap and channel in the planar weight gradient).
   static EK_INLINE T sum(V v) {
@@ -50,6 +56,11 @@ struct Simd {
   }
 
  private:
+  template <int64_t K, int64_t... I>
+  static EK_INLINE V lane_impl(V v, std::integer_sequence<int64_t, I...>) {
+    return __builtin_shufflevector(v, v, ((void)I, K)...);
+  }
+
   static constexpr int64_t kHalf = kLanes / 2, kQuarter = kLanes / 4;
   // Level 1, lane i of [x.lo + x.hi | y.lo + y.hi] (from shuffle(x, y)): its two addends.
   static constexpr int64_t pair_lo(int64_t i) { return i < kHalf ? i : kLanes + i - kHalf; }

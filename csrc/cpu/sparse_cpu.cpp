@@ -183,6 +183,17 @@ struct CsrRows {
     }
   }
 
+  // L consecutive entries of one segment, one token vector each (NV == 1): their values come in one vector load and
+  // each is broadcast from a register, instead of one scalar load + broadcast per entry (the 16-token forward is
+  // bound by its loads: the packed x vector, the offset and the value of every nonzero). Measured: 1.51 -> 1.45 ms
+  // at 4096x4096, 90%, 16 tokens, 1 thread (four alternating A/B runs, every pair the same way).
+  template <class W, size_t... U>
+  EK_INLINE void group_of_lanes(const A* panel, int64_t j, typename W::V (*acc)[1], std::index_sequence<U...>) const {
+    constexpr int64_t TT = W::kLanes, kSets = sizeof...(U) >= 4 ? 4 : 1;
+    const typename W::V vals = W::load(values + j);
+    ((acc[U % kSets][0] += W::template lane<U>(vals) * W::load(panel + static_cast<int64_t>(idx[j + U]) * TT)), ...);
+  }
+
   template <int B, int NV>
   EK_INLINE void packed_rows() const {
     using W = Simd<A, B>;
@@ -198,6 +209,9 @@ struct CsrRows {
         const A* panel = Pc + (s - o * P) * kPanel * TT;
         int64_t j = crow[s];
         const int64_t j1 = crow[s + 1];
+        if constexpr (std::is_same_v<S, A> && NV == 1 && L >= 8) {
+          for (; j + L <= j1; j += L) group_of_lanes<W>(panel, j, acc, std::make_index_sequence<L>{});
+        }
         for (; j + U <= j1; j += U) {
           for (int u = 0; u < U; ++u) {
             const typename W::V v = W::splat(value(j + u));
