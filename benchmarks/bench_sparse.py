@@ -20,6 +20,7 @@ import effikern
 from effikern.sparse import from_dense
 
 from .runner import Case
+from .timing import min_ms
 
 FAMILY = "sparse"
 
@@ -187,18 +188,10 @@ def decision_table(threads=1, calls=15, weights=((4096, 4096), (768, 3072)), tok
     because the machine these were taken on is shared: a median (what the runner reports) there measures the
     other jobs, and with 2 threads a call waits whenever its partner thread is descheduled (4 ms ticks).
     """
-    import time
-
     torch.set_num_threads(threads)
 
     def best_ms(fn):
-        fn()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * min(times)
+        return min_ms(fn, calls)
 
     patterns = [p for p in PATTERNS if p[0] != "2:4"]
     rows = []
@@ -228,18 +221,10 @@ def backend_table(threads=1, calls=5, weights=((4096, 4096), (768, 3072)), token
     """CPU times of the cpp and torch (reference: densify + dense matmul) backends in half precision, forward and
     forward + backward, as the minimum over ``calls`` calls: the data behind ``effikern/_auto.py``'s half-precision
     sparse_linear entries (the decision table above compares cpp with dense ``F.linear`` instead)."""
-    import time
-
     torch.set_num_threads(threads)
 
     def best_ms(fn):
-        fn()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * min(times)
+        return min_ms(fn, calls)
 
     rows = []
     for n, k in weights:

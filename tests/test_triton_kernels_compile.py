@@ -11,16 +11,21 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.triton
-def test_triton_kernels_compile_for_sm90():
+def _compile_in_subprocess(args):
+    """Runs ``python *args`` with the real compiler (TRITON_INTERPRET unset, FP fusion on as on a GPU run); skips
+    without triton, fails on a non-zero exit. Returns its stdout."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py"), "90"], capture_output=True,
-                         text=True, timeout=1200, env=env)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=1200, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "OK:" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.triton
+def test_triton_kernels_compile_for_sm90():
+    assert "OK:" in _compile_in_subprocess([os.path.join(HERE, "triton_compile.py"), "90"])
 
 
 # The fused GradScaler / optimizer kernels (kernels/amp.py), compiled as their launchers launch them with the
@@ -62,14 +67,7 @@ print(f"OK: {len(compiled)} amp launches compiled to cubin")
 
 @pytest.mark.triton
 def test_amp_triton_kernels_compile_for_sm90():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-c", _AMP_COMPILE, HERE], capture_output=True, text=True,
-                         timeout=1200, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "OK:" in out.stdout
+    assert "OK:" in _compile_in_subprocess(["-c", _AMP_COMPILE, HERE])
 
 
 def compile_sparse_kernels(arch=90):
@@ -125,13 +123,6 @@ def compile_sparse_kernels(arch=90):
 
 @pytest.mark.triton
 def test_sparse_triton_kernels_compile_for_sm90():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_triton_kernels_compile as t; "
             "print('OK:', t.compile_sparse_kernels(90), 'launches')")
-    out = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, timeout=1200,
-                         env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "OK: 45 launches" in out.stdout
+    assert "OK: 45 launches" in _compile_in_subprocess(["-c", code, HERE])
