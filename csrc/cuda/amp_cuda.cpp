@@ -17,18 +17,19 @@
 
 #include "amp_cuda.h"
 #include "amp_kernels.h"
+#include "torch_glue.h"
 
 namespace effikern {
 namespace {
 
 namespace ka = effikern::cuda::amp;
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "effikern amp CUDA kernel failed: ", cudaGetErrorString(err),
-              " (the multi-tensor kernels pass ~27 KB kernel arguments: they need CUDA 12.1+ driver and toolkit)");
-}
+using glue::as_stream;
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+void check_launch(cudaError_t err) {
+  glue::check_launch(err, "amp", " (the multi-tensor kernels pass ~27 KB kernel arguments: they need CUDA 12.1+"
+                                 " driver and toolkit)");
+}
 
 constexpr int kNumDTypes = 3;
 

@@ -12,26 +12,18 @@
 
 #include "dwsep_cuda.h"
 #include "dwsep_kernels.h"
+#include "torch_glue.h"
 
 namespace effikern {
 namespace {
 
 namespace ek = effikern::cuda;
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "effikern dwsep CUDA kernel failed: ", cudaGetErrorString(err));
-}
+using glue::as_stream;
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+void check_launch(cudaError_t err) { glue::check_launch(err, "dwsep"); }
 
-ek::DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ek::DType::kFloat32;
-    case at::kHalf: return ek::DType::kFloat16;
-    case at::kBFloat16: return ek::DType::kBFloat16;
-    default: TORCH_CHECK(false, "effikern dwsep CUDA: dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
+ek::DType kernel_dtype(const at::Tensor& t) { return glue::kernel_dtype(t, "dwsep"); }
 
 ek::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 

@@ -13,26 +13,18 @@
 
 #include "sparse_cuda.h"
 #include "sparse_kernels.h"
+#include "torch_glue.h"
 
 namespace effikern {
 namespace {
 
 namespace sk = effikern::cuda::sparse;
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "effikern sparse CUDA kernel failed: ", cudaGetErrorString(err));
-}
+using glue::as_stream;
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+void check_launch(cudaError_t err) { glue::check_launch(err, "sparse"); }
 
-sk::DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return sk::DType::kFloat32;
-    case at::kHalf: return sk::DType::kFloat16;
-    case at::kBFloat16: return sk::DType::kBFloat16;
-    default: TORCH_CHECK(false, "effikern sparse CUDA: dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
+sk::DType kernel_dtype(const at::Tensor& t) { return glue::kernel_dtype(t, "sparse"); }
 
 /// x (or gy) is a 2-d CUDA tensor on the current device with the expected number of columns.
 void check_activation(const at::Tensor& t, int64_t cols, const char* name) {
