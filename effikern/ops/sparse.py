@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, backends
-from ..sparse.formats import FORMATS, PANEL, csr_coordinates, n_panels
+from ..sparse.formats import FORMATS, csr_coordinates, n_panels, segment_coordinates
 from . import _checks
 
 OP = "sparse_linear"
@@ -54,6 +54,12 @@ def _check_index(t, name, device, length=None, dtype=torch.int32):
         raise ValueError(f"{name} must have {length} entries, got {t.numel()}")
 
 
+def _segments(fmt, major, minor, block_major=None):
+    """Compressed rows of W [major, minor] (or of W^T, swapping them): block rows of ``block_major``, or for CSR
+    one segment per (row, panel of 256 columns). A pointer array has this many entries plus one."""
+    return math.ceil(major / block_major) if fmt == "block" else major * n_panels(minor)
+
+
 def check_weight(values, crow, col, fmt, out_features, in_features, device):
     """Validates the forward arrays of the sparse weight; returns the block size (BR, BC) or None."""
     if fmt not in FORMATS:
@@ -69,14 +75,12 @@ def check_weight(values, crow, col, fmt, out_features, in_features, device):
         block = (values.shape[1], values.shape[2])
         if min(block) < 1:
             raise ValueError(f"the block size must be >= 1, got {block}")
-        rows = math.ceil(out_features / block[0]) + 1
     else:
         if values.dim() != 1:
             raise ValueError(f"values of the {fmt} format must be 1-D [nnz], got shape {tuple(values.shape)}")
-        rows = out_features * n_panels(in_features) + 1  # one segment per (row, panel of 256 columns)
         if fmt == "2:4" and in_features % 4:
             raise ValueError(f"the 2:4 format needs in_features divisible by 4, got {in_features}")
-    _check_index(crow, "crow", device, rows)
+    _check_index(crow, "crow", device, _segments(fmt, out_features, in_features, block and block[0]) + 1)
     _check_index(col, "col", device, values.shape[0], _offset_dtype(fmt))
     return block
 
@@ -162,8 +166,7 @@ def _reference_kernels():
 
     def csr_grad_values(gy, x, seg, col):
         full = gy.to(_math_dtype(gy)).t() @ x.to(_math_dtype(x))
-        p, seg = n_panels(x.shape[1]), seg.long()  # seg = row * p + panel (formats.py)
-        return full[torch.div(seg, p, rounding_mode="floor"), (seg % p) * PANEL + col.long()].to(gy.dtype)
+        return full[segment_coordinates(seg, col, x.shape[1])].to(gy.dtype)
 
     def bsr_grad_values(gy, x, row, col, values_shape):
         nnzb, br, bc = values_shape
@@ -328,8 +331,7 @@ def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out
     block = check_weight(values, crow, col, fmt, out_features, in_features, grad_y.device)
     # The transposed view, or nothing (all three empty: dropped; the row-wise kernels do not need it).
     dropped = t_crow.numel() == t_row.numel() == t_perm.numel() == 0
-    # Block: one pointer per block column; CSR: one per (column, panel of 256 rows).
-    segments = math.ceil(in_features / block[1]) if block else in_features * n_panels(out_features)
+    segments = _segments(fmt, in_features, out_features, block and block[1])  # over W^T
     _check_index(t_crow, "t_crow", grad_y.device, None if dropped else segments + 1)
     _check_index(t_row, "t_row", grad_y.device, None if dropped else values.shape[0], _offset_dtype(fmt))
     _check_index(t_perm, "t_perm", grad_y.device, None if dropped else values.shape[0])
@@ -373,8 +375,7 @@ def _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, fmt)
     if len(values_shape) != (3 if fmt == "block" else 1):
         raise ValueError(f"values_shape {list(values_shape)} does not fit the {fmt} format")
     n, k = grad_y.shape[-1], x.shape[-1]
-    segments = math.ceil(n / values_shape[1]) if fmt == "block" else n * n_panels(k)
-    _check_index(crow, "crow", x.device, segments + 1)
+    _check_index(crow, "crow", x.device, _segments(fmt, n, k, fmt == "block" and values_shape[1]) + 1)
     _check_index(row, "row", x.device, values_shape[0] if row.numel() else None)  # empty: dropped
     _check_index(col, "col", x.device, values_shape[0], _offset_dtype(fmt))
     if value_mask is not None:

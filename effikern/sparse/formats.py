@@ -67,11 +67,17 @@ def _panelled(major: torch.Tensor, minor: torch.Tensor, n_major: int, n_minor: i
     return ptr, (minor.long() % PANEL).to(torch.uint8).contiguous(), _int32(seg)
 
 
+def segment_coordinates(seg: torch.Tensor, offset: torch.Tensor, n_minor: int):
+    """(major, minor) int64 index of entries given their segment s = major * P + panel and their offset in the
+    panel (P = n_panels(n_minor)): the decoding of the ``row`` training array."""
+    p, seg = n_panels(n_minor), seg.long()
+    return torch.div(seg, p, rounding_mode="floor"), (seg % p) * PANEL + offset.long()
+
+
 def csr_coordinates(ptr: torch.Tensor, offset: torch.Tensor, n_major: int, n_minor: int):
     """(major, minor) int64 index of every entry of a panelled CSR (ptr [n_major * P + 1], offset [nnz] uint8)."""
-    p = n_panels(n_minor)
-    seg = torch.repeat_interleave(torch.arange(n_major * p, device=ptr.device), (ptr[1:] - ptr[:-1]).long())
-    return torch.div(seg, p, rounding_mode="floor"), (seg % p) * PANEL + offset.long()
+    segments = torch.arange(n_major * n_panels(n_minor), device=ptr.device)
+    return segment_coordinates(torch.repeat_interleave(segments, (ptr[1:] - ptr[:-1]).long()), offset, n_minor)
 
 
 def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple[torch.Tensor, ...]:
@@ -121,7 +127,8 @@ class SparseWeight:
         return kept / max(1, self.shape[0] * self.shape[1])
 
     def has_training_arrays(self) -> bool:
-        """Whether row and the transposed view are present (backward needs them)."""
+        """Whether row and the transposed view are present (the torch, triton and cuda backends' backward needs
+        them, and every backend's block backward; the cpp CSR backward does not)."""
         return self.values.numel() == 0 or self.t_perm.numel() == self.col.numel()
 
     def to(self, device=None, dtype=None) -> "SparseWeight":
