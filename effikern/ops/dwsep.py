@@ -192,8 +192,8 @@ def auto_runs_eager(x: torch.Tensor) -> bool:
     ``torch`` backend (a device and dtype where no kernel was measured faster: bf16 on CPU, any GPU for now), and
     not while tracing. The op's ``torch`` backend recomputes dw(x) in backward, as the fused kernels do to save
     memory; autograd over the two convolutions saves it instead, which is what the unfused nn.Conv2d pair costs.
-    Measured on the bf16 MobileNet example (CPU, 2 threads, three runs each): through the op 730-850 images/s,
-    eager 880-960, the PyTorch baseline 900-1050."""
+    Hand runs of the bf16 MobileNet example (CPU, 2 threads, three each; not in a results file): through the op
+    730-850 images/s, eager 880-960, the PyTorch baseline 900-1050."""
     if backends.get_backend() != "auto" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(backends.choose(OP, x.device.type, x.dtype, case) == "torch" for case in (None, "forward_small_image"))
