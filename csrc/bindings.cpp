@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/amp_cpu.h"
+#include "cpu/bf16_gemm.h"
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
 #include "cpu/sparse_cpu.h"
@@ -30,14 +31,34 @@ py::dict build_info() {
   info["openmp"] = py::none();
 #endif
   info["compiler"] = __VERSION__;
+  info["cpu_bf16_dot"] = effikern::bf16_gemm::available();
   return info;
+}
+
+// For tests only: C = bf16(A) bf16(B) in fp32 through bf16_gemm's rounding, packing and GEMM, on one thread.
+// A [M, K] and B [K, N] are contiguous fp32.
+at::Tensor bf16_gemm_for_test(const at::Tensor& A, const at::Tensor& B) {
+  namespace bg = effikern::bf16_gemm;
+  TORCH_CHECK(bg::available(), "bf16_gemm: this CPU has no AVX512-BF16 (or EFFIKERN_CPU_ISA caps it)");
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(0), "bf16_gemm: A [M, K] and B [K, N] expected");
+  TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat, "bf16_gemm: fp32 A and B expected");
+  const at::Tensor a = A.contiguous(), b = B.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1), K_even = K + K % 2;
+  std::vector<uint16_t> a16(M * K_even), b16(K_even / 2 * bg::packed_cols(N) * 2);
+  bg::round_rows(a.data_ptr<float>(), M, K, K, K_even, a16.data(), K_even);
+  bg::pack_b_rows(b.data_ptr<float>(), K, N, N, b16.data());
+  at::Tensor c = at::empty({M, N}, a.options());
+  bg::gemm(M, N, K, a16.data(), K_even, b16.data(), c.data_ptr<float>(), N);
+  return c;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "effikern compiled kernels (C++ CPU, and CUDA when built with it)";
-  m.def("build_info", &build_info, "What this extension was compiled with: {'cuda', 'openmp', 'compiler'}");
+  m.def("build_info", &build_info,
+        "What this extension was compiled with and can use: {'cuda', 'openmp', 'compiler', 'cpu_bf16_dot'}");
+  m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N]");
 
   // Kernels release the GIL: they are long-running and thread-safe, so Python threads may overlap them.
   using release = py::call_guard<py::gil_scoped_release>;

@@ -39,6 +39,7 @@
 // grad_x is accumulated in two phases, even tiles then odd tiles: a tile is at least (kh-1)*dh/sh rows tall, so two
 // tiles of one phase never touch the same input row, and no atomics or locks are needed.
 #include "dwsep_cpu.h"
+#include "bf16_gemm.h"
 #include "isa_dispatch.h"
 #include "simd.h"
 
@@ -260,6 +261,9 @@ struct Problem {
   // (grad_A = W^T G) and the channels_last forward (Y = A W^T).
   const T* w_pw;
   const T* b_pw;  // [Cout]
+  // bf16 inputs on a CPU with AVX512-BF16: the forward GEMM multiplies bf16 (bf16_gemm.h) instead of fp32, at
+  // 1.5x the rate, with this operand (Layout::pw_weight_bf16). nullptr: the fp32 GEMM on w_pw.
+  const uint16_t* w_pw16 = nullptr;
 
   // The pointwise weight gradient needs one GEMM operand transposed (brgemm has no transpose flag): the smaller of
   // A (P x C) and G (P x Cout).
@@ -849,6 +853,32 @@ struct Planar {
     gemm(pb.g.Cout, P, pb.g.C, pb.w_pw, pb.g.C, a, P, y, ld, /*accumulate=*/false);
   }
 
+  // The bf16 GEMM's A operand, W [Cout][C] with each row padded to an even C; its B, the tile A[C x P], is packed
+  // per tile into bf16_operand_elems().
+  static std::vector<uint16_t> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
+    const int64_t ce = round_up(g.C, 2);
+    std::vector<uint16_t> w(g.Cout * ce, 0);
+    const auto* src = reinterpret_cast<const uint16_t*>(pw_weight.data_ptr<at::BFloat16>());
+    for (int64_t co = 0; co < g.Cout; ++co) std::copy_n(src + co * g.C, g.C, w.data() + co * ce);
+    return w;
+  }
+  template <typename scalar_t, typename T>
+  static int64_t bf16_operand_elems(const Problem<scalar_t, T>& pb) {
+    return ceil_div(pb.g.C, 2) * bf16_gemm::packed_cols(pb.max_pixels()) * 2;
+  }
+  // y[co][p0 + p] = bf16(W[Cout x C] * A[C x P] + b[co] (+ res[co][p0 + p])), A rounded to bf16 first (the
+  // reference's depthwise output is bf16 too); the GEMM's epilogue stores y.
+  template <typename scalar_t, typename T>
+  static void pointwise_bf16(const Problem<scalar_t, T>& pb, const float* a, int64_t P, uint16_t* a16,
+                             const uint16_t* res_img, uint16_t* y_img, int64_t p0) {
+    const int64_t HWo = pb.g.Ho * pb.g.Wo;
+    bf16_gemm::pack_b_rows(a, pb.g.C, P, P, a16);
+    bf16_gemm::Epilogue ep{y_img + p0, HWo};
+    ep.row_bias = pb.b_pw;
+    if (res_img != nullptr) ep.res = res_img + p0, ep.ld_res = HWo;
+    bf16_gemm::gemm(pb.g.Cout, P, pb.g.C, pb.w_pw16, round_up(pb.g.C, 2), a16, ep);
+  }
+
   // grad_A[C x P] = W^T[C x Cout] * G[Cout x P], and either dW[Cout x C] += G * A^T or dW^T[C x Cout] += A * G^T.
   template <typename scalar_t, typename T>
   static EK_INLINE void pointwise_backward(const Problem<scalar_t, T>& pb, const T* a, MatrixView<T> G, int64_t P,
@@ -1059,6 +1089,31 @@ struct Interleaved {
     gemm(P, pb.g.Cout, pb.g.C, a, pb.cp, pb.w_pw, pb.g.Cout, y, ld, /*accumulate=*/false);
   }
 
+  // The bf16 GEMM's B operand, W^T [C x Cout] packed (bf16_gemm.h); its A, the tile A[P x C], is rounded per tile
+  // into bf16_operand_elems().
+  static std::vector<uint16_t> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
+    std::vector<uint16_t> w(ceil_div(g.C, 2) * bf16_gemm::packed_cols(g.Cout) * 2);
+    const auto* src = reinterpret_cast<const uint16_t*>(pw_weight.data_ptr<at::BFloat16>());
+    bf16_gemm::pack_b(src, /*K=*/g.C, /*N=*/g.Cout, /*ld_k=*/1, /*ld_n=*/g.C, w.data());
+    return w;
+  }
+  template <typename scalar_t, typename T>
+  static int64_t bf16_operand_elems(const Problem<scalar_t, T>& pb) {
+    return pb.max_pixels() * round_up(pb.g.C, 2);
+  }
+  // y[p0 + p][co] = bf16(A[P x C] * W^T[C x Cout] + b[co] (+ res[p0 + p][co])), A rounded to bf16 first (the
+  // reference's depthwise output is bf16 too); the GEMM's epilogue stores y.
+  template <typename scalar_t, typename T>
+  static void pointwise_bf16(const Problem<scalar_t, T>& pb, const float* a, int64_t P, uint16_t* a16,
+                             const uint16_t* res_img, uint16_t* y_img, int64_t p0) {
+    const int64_t ce = round_up(pb.g.C, 2), Cout = pb.g.Cout;
+    bf16_gemm::round_rows(a, P, pb.g.C, pb.cp, ce, a16, ce);
+    bf16_gemm::Epilogue ep{y_img + p0 * Cout, Cout};
+    ep.col_bias = pb.b_pw;
+    if (res_img != nullptr) ep.res = res_img + p0 * Cout, ep.ld_res = Cout;
+    bf16_gemm::gemm(P, Cout, pb.g.C, a16, ce, pb.w_pw16, ep);
+  }
+
   // grad_A[P x C] = G[P x Cout] * W[Cout x C], and either dW^T[C x Cout] += A^T * G or dW[Cout x C] += G^T * A.
   template <typename scalar_t, typename T>
   static EK_INLINE void pointwise_backward(const Problem<scalar_t, T>& pb, const T* a, MatrixView<T> G, int64_t P,
@@ -1142,7 +1197,10 @@ struct ForwardTiles {
     const Geometry& g = pb.g;
     const auto win = scratch<T>(L::window_elems(pb)), vbuf = scratch<T>(L::fwd_scratch_elems(pb));
     constexpr bool in_place = L::kGemmIntoY && std::is_same_v<scalar_t, T>;
-    const auto z = scratch<T>(pb.tile_elems()), ytile = scratch<T>(in_place ? 0 : pb.max_pixels() * g.Cout);
+    const bool bf16_dot = pb.w_pw16 != nullptr;
+    const auto z = scratch<T>(pb.tile_elems());
+    const auto ytile = scratch<T>(in_place || bf16_dot ? 0 : pb.max_pixels() * g.Cout);
+    const auto a16 = scratch<uint16_t>(bf16_dot ? L::bf16_operand_elems(pb) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const Tile tile = pb.plan.tile(task / pb.plan.per_image, task % pb.plan.per_image, g);
       const int64_t P = tile.rows * g.Wo;
@@ -1150,11 +1208,18 @@ struct ForwardTiles {
       L::template depthwise<B>(pb, win.get(), tile.rows, vbuf.get(), z.get());
       activation_forward<B>(pb.act, z.get(), P * pb.cp);
       scalar_t* y_img = y + tile.n * pb.image_out();
+      const scalar_t* res_img = res != nullptr ? res + tile.n * pb.image_out() : nullptr;
       const int64_t p0 = tile.oh0 * g.Wo, ld = L::out_ld(pb, P);
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (bf16_dot) {
+          L::pointwise_bf16(pb, z.get(), P, a16.get(), reinterpret_cast<const uint16_t*>(res_img),
+                            reinterpret_cast<uint16_t*>(y_img), p0);
+          continue;
+        }
+      }
       T* out = ytile.get();
       if constexpr (in_place) out = L::out_in_place(y_img, p0, g.Cout);
       L::pointwise(pb, z.get(), P, out, ld);
-      const scalar_t* res_img = res != nullptr ? res + tile.n * pb.image_out() : nullptr;
       L::store(pb, out, ld, res_img, y_img, p0, P);
     }
   }
@@ -1241,7 +1306,7 @@ struct PreparedWeights {
 };
 
 template <typename scalar_t, typename T>
-void prepare_weights(const Geometry& g, const Window& win, bool channels_last, bool backward, int64_t cp,
+void prepare_weights(const Geometry& g, const Window& win, bool channels_last, bool backward, bool pw_in_T, int64_t cp,
                      const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
                      const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias, PreparedWeights<T>& p) {
   TORCH_INTERNAL_ASSERT(dw_weight.is_contiguous() && pw_weight.is_contiguous());
@@ -1265,7 +1330,9 @@ void prepare_weights(const Geometry& g, const Window& win, bool channels_last, b
   if (dw_bias.has_value()) load_converted(dw_bias->data_ptr<scalar_t>(), g.C, p.b_dw);
 
   const scalar_t* wp = pw_weight.data_ptr<scalar_t>();  // [Cout][C]
-  if (channels_last != backward) {  // [C][Cout]; a large weight (1536 x 384) takes ~0.5 ms on one core
+  if (!pw_in_T) {  // the bf16 GEMM takes its own copy (Layout::pw_weight_bf16)
+    p.w_pw = nullptr;
+  } else if (channels_last != backward) {  // [C][Cout]; a large weight (1536 x 384) takes ~0.5 ms on one core
     constexpr int64_t kRowsPerTask = 64;
     at::parallel_for(0, ceil_div(g.Cout, kRowsPerTask), 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -1285,12 +1352,12 @@ template <class L, typename scalar_t, typename T>
 Problem<scalar_t, T> make_problem(const Geometry& g, bool backward, int64_t act, const at::Tensor& x,
                                   const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
                                   const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias,
-                                  PreparedWeights<T>& w) {
+                                  PreparedWeights<T>& w, bool pw_in_T = true) {
   constexpr bool cl = std::is_same_v<L, Interleaved>;
   const TilePlan plan = plan_tiles(g, backward);
   Window win = make_window(g, plan.rows);
   const int64_t cp = cl ? round_up(g.C, kMaxLanes) : g.C;
-  prepare_weights<scalar_t, T>(g, win, cl, backward, cp, dw_weight, dw_bias, pw_weight, pw_bias, w);
+  prepare_weights<scalar_t, T>(g, win, cl, backward, pw_in_T, cp, dw_weight, dw_bias, pw_weight, pw_bias, w);
   return Problem<scalar_t, T>{g,
                               plan,
                               std::move(win),
@@ -1309,8 +1376,18 @@ void forward_impl(const Geometry& g, const at::Tensor& x, const at::Tensor& dw_w
                   const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
                   const c10::optional<at::Tensor>& pw_bias, int64_t act, const at::Tensor& res, at::Tensor& y) {
   using T = at::opmath_type<scalar_t>;
+  bool bf16_dot = false;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) bf16_dot = bf16_gemm::available();
   PreparedWeights<T> w;
-  const auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/false, act, x, dw_weight, dw_bias, pw_weight, pw_bias, w);
+  auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/false, act, x, dw_weight, dw_bias, pw_weight, pw_bias, w,
+                                         /*pw_in_T=*/!bf16_dot);
+  std::vector<uint16_t> w16;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bf16_dot) {
+      w16 = L::pw_weight_bf16(g, pw_weight);
+      pb.w_pw16 = w16.data();
+    }
+  }
   const scalar_t* res_ptr = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
   scalar_t* y_ptr = y.data_ptr<scalar_t>();
   at::parallel_for(0, g.N * pb.plan.per_image, 1, [&](int64_t begin, int64_t end) {

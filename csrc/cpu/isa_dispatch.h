@@ -12,7 +12,7 @@
 // run_best_isa per thread.
 //
 // EFFIKERN_CPU_ISA=avx2 or =baseline caps the choice (like ATEN_CPU_CAPABILITY), to test or time the other builds
-// on one machine.
+// on one machine; =avx512 keeps AVX-512 but turns off the AVX512-BF16 GEMM (bf16_gemm.h).
 #pragma once
 
 #include <algorithm>
