@@ -10,6 +10,9 @@
 //      (at::native::cpublas::brgemm, JIT-compiled once per shape and cached): 106-117 GFLOP/s per core on these tile
 //      shapes, against 87-101 for MKL sgemm through at::mm on the same tiles (and ~95 per core for the reference's
 //      oneDNN 1x1 convolution, so GEMM-bound shapes can only gain what the depthwise part saves);
+//      bf16 forward on a CPU with AVX512-BF16: the tile is rounded to bf16 (as the reference's depthwise output is)
+//      and multiplied by our vdpbf16ps GEMM (bf16_gemm.h: ~1.9x the fp32 brgemm's rate per core), whose epilogue
+//      does step 4;
 //   4. adds the pointwise bias (and the residual) in fp32, rounds once to the output dtype and stores y.
 // Z never leaves the cache: the DRAM traffic is x in and y (and the residual) out.
 //
