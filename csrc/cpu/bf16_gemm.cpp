@@ -46,25 +46,27 @@ uint16_t round_to_bf16(float f) {
 uint16_t to_bf16(uint16_t bits) { return bits; }
 uint16_t to_bf16(float f) { return round_to_bf16(f); }
 
+// Packs columns [n0, n1) of B, and zero-fills their padding (the last range also the columns [N, ldb)).
 template <typename S>
-void pack_b_generic(const S* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst) {
-  const int64_t ldb = packed_cols(N), K2 = ceil_div(K, 2);
-  std::memset(dst, 0, sizeof(uint16_t) * 2 * K2 * ldb);
+void pack_b_generic(const S* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst, int64_t n0,
+                    int64_t n1) {
+  const int64_t ldb = packed_cols(N), K2 = ceil_div(K, 2), n_zero_end = n1 == N ? ldb : n1;
+  for (int64_t q = 0; q < K2; ++q) std::memset(dst + (q * ldb + n0) * 2, 0, sizeof(uint16_t) * 2 * (n_zero_end - n0));
   if constexpr (std::is_same_v<S, uint16_t>) {
     if (ld_k == 1) {  // B^T given row-major (a weight [N][K]): each K pair is already adjacent, copy it whole,
-      // in 16 x 16 blocks of (n, pair) so that neither the reads nor the writes stride across the whole matrix (the
-      // plain loop took 7% of a 384 -> 1536 forward).
+      // in 16 x 16 blocks of (n, pair) so that neither the reads nor the writes stride across the whole matrix.
       constexpr int64_t kB = 16;
-      for (int64_t n0 = 0; n0 < N; n0 += kB) {
-        for (int64_t q0 = 0; q0 < K / 2; q0 += kB) {
-          for (int64_t n = n0; n < std::min(N, n0 + kB); ++n) {
-            for (int64_t q = q0; q < std::min(K / 2, q0 + kB); ++q) {
+      for (int64_t nb = n0; nb < n1; nb += kB) {
+        const int64_t ne = std::min(n1, nb + kB);
+        for (int64_t qb = 0; qb < K / 2; qb += kB) {
+          for (int64_t n = nb; n < ne; ++n) {
+            for (int64_t q = qb; q < std::min(K / 2, qb + kB); ++q) {
               std::memcpy(dst + (q * ldb + n) * 2, src + n * ld_n + 2 * q, 4);
             }
           }
         }
         if (K % 2 != 0) {
-          for (int64_t n = n0; n < std::min(N, n0 + kB); ++n) dst[((K / 2) * ldb + n) * 2] = src[n * ld_n + K - 1];
+          for (int64_t n = nb; n < ne; ++n) dst[((K / 2) * ldb + n) * 2] = src[n * ld_n + K - 1];
         }
       }
       return;
@@ -72,7 +74,7 @@ void pack_b_generic(const S* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld
   }
   for (int64_t k = 0; k < K; ++k) {
     uint16_t* row = dst + (k / 2) * ldb * 2 + (k % 2);
-    for (int64_t n = 0; n < N; ++n) row[2 * n] = to_bf16(src[k * ld_k + n * ld_n]);
+    for (int64_t n = n0; n < n1; ++n) row[2 * n] = to_bf16(src[k * ld_k + n * ld_n]);
   }
 }
 
@@ -258,11 +260,13 @@ bool available() {
 
 int64_t packed_cols(int64_t N) { return ceil_div(N, kLanes) * kLanes; }
 
-void pack_b(const uint16_t* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst) {
-  pack_b_generic(src, K, N, ld_k, ld_n, dst);
+void pack_b(const uint16_t* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst, int64_t n0,
+            int64_t n1) {
+  pack_b_generic(src, K, N, ld_k, ld_n, dst, n0, n1 < 0 ? N : n1);
 }
-void pack_b(const float* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst) {
-  pack_b_generic(src, K, N, ld_k, ld_n, dst);
+void pack_b(const float* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst, int64_t n0,
+            int64_t n1) {
+  pack_b_generic(src, K, N, ld_k, ld_n, dst, n0, n1 < 0 ? N : n1);
 }
 
 #ifdef EK_HAVE_BF16_GEMM
