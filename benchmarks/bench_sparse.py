@@ -162,21 +162,23 @@ def cases(device, quick=True):
     return [_make_case(device, *spec) for spec in _matrix(device, quick)]
 
 
-def report(quick=True):
-    """Bytes each format holds for a 4096 x 4096 fp32 weight: inference (values + crow + col) and training (adds
-    row and the transposed view), against the dense weight."""
+def report(quick=True, dtypes=("fp32", "fp16")):
+    """Bytes each format holds for a 4096 x 4096 weight in each dtype: inference (values + crow + col) and training
+    (adds row and the transposed view), against the dense weight in the same dtype. bf16 holds what fp16 does."""
     rows = []
     patterns = PATTERNS if not quick else [("unstructured", None, 0.5), ("unstructured", None, 0.9),
                                            ("block", (32, 32), 0.5), ("2:4", None, 0.5)]
     for fmt, block, sparsity in patterns:
         torch.manual_seed(0)
         mask = random_pattern(4096, 4096, fmt, block, sparsity, "cpu")
-        sw = from_dense(torch.randn(4096, 4096) * mask, mask, fmt, block)
-        training = sw.memory_report()
-        inference = sw.drop_training_arrays().memory_report()
-        rows.append({"weight": "4096x4096", "dtype": "fp32", "layout": _layout(fmt, block, sparsity),
-                     "dense_bytes": training["dense"], "inference_bytes": inference["total"],
-                     "training_bytes": training["total"]})
+        weight = torch.randn(4096, 4096) * mask
+        for dtype_name in dtypes:
+            sw = from_dense(weight.to(DTYPES[dtype_name]), mask, fmt, block)
+            training = sw.memory_report()
+            inference = sw.drop_training_arrays().memory_report()
+            rows.append({"weight": "4096x4096", "dtype": dtype_name, "layout": _layout(fmt, block, sparsity),
+                         "dense_bytes": training["dense"], "inference_bytes": inference["total"],
+                         "training_bytes": training["total"]})
     return rows
 
 

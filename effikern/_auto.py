@@ -15,8 +15,8 @@ _PREFERENCE = {
     # shapes (listed in the README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
     # bf16 stays on torch: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2 threads, the 12 shapes at N=1 and
-    # N=8) has cpp at 0.66-0.72x torch for channels_last forwards (slower on 23 of 24) and 0.99-1.35x elsewhere,
-    # slower on 4-8 of 12 shapes per group (not profiled yet). fp16 untimed.
+    # N=8, with the AVX512-BF16 pointwise GEMM) has cpp at 0.78x torch for channels_last forwards (slower on 23 of
+    # 24) and 1.14-1.23x geomean elsewhere, but slower on 9-11 of 24 shapes in every group. fp16 untimed.
     # Same file: 5.3x eager over 256 x {32000, 50257} fp32, forward + backward.
     ("distillation_loss", "cpu", torch.float32): ("cpp", "torch"),
     # benchmarks/results/amp/cpu-AMD-EPYC-1t.json (1 thread: the shared 2-core machine gave unrepeatable
