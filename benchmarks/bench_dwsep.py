@@ -31,7 +31,7 @@ def _matrix(device, quick):
     """(batch, dtype, layout, mode) combinations to run on this device."""
     modes = ("fwd", "fwd+bwd")
     if device.type == "cpu":
-        batches, dtypes = ((8,), ("fp32",)) if quick else ((1, 8), ("fp32", "bf16"))
+        batches, dtypes = ((8,), ("fp32",)) if quick else ((1, 8), ("fp32", "bf16", "fp16"))
         layouts = ("nchw", "nhwc")
     else:
         batches = (64,) if quick else (1, 64)
