@@ -15,8 +15,11 @@ _PREFERENCE = {
     # shapes (listed in the README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
     # bf16 stays on torch: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2 threads, the 12 shapes at N=1 and
-    # N=8, with the AVX512-BF16 pointwise GEMM) has cpp at 0.78x torch for channels_last forwards (slower on 23 of
-    # 24) and 1.14-1.23x geomean elsewhere, but slower on 9-11 of 24 shapes in every group. fp16 untimed.
+    # N=8, with the AVX512-BF16 pointwise GEMM) has cpp at 0.87-0.91x torch for channels_last forwards (slower on 22
+    # of 24) and 1.18-1.37x geomean elsewhere, but slower on 9-12 of 24 shapes in every group.
+    # fp16: benchmarks/results/dwsep-fp16/cpu-AMD-EPYC-2t.json (same shapes and batches): PyTorch has no fast fp16
+    # convolution on this CPU (no AVX512-FP16), and cpp ran 4.2-81x faster in all 96 cases, small images included.
+    ("dwsep_conv2d", "cpu", torch.float16): ("cpp", "torch"),
     # Same file: 5.3x eager over 256 x {32000, 50257} fp32, forward + backward.
     ("distillation_loss", "cpu", torch.float32): ("cpp", "torch"),
     # benchmarks/results/amp/cpu-AMD-EPYC-1t.json (1 thread: the shared 2-core machine gave unrepeatable
