@@ -75,3 +75,27 @@ def test_bf16_dwsep_without_the_dot_product():
     done = subprocess.run([sys.executable, "-c", _FP32_PATH_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_bf16_dwsep_forward_wide_pointwise(layout):
+    """A pointwise weight packed by several threads in 64-column ranges (Cout = 200: four ranges, the last partial),
+    with an odd C (a zero-padded K pair) and a residual through the GEMM's epilogue, against float64."""
+    _bf16_dot_available()
+    import effikern
+    from effikern.ops import dwsep as dwsep_op
+
+    x = torch.randn(2, 37, 17, 17).contiguous(memory_format=layout)
+    dw, db = torch.randn(37, 1, 3, 3) / 3, torch.randn(37)
+    pw, pb = torch.randn(200, 37, 1, 1) / 37**0.5, torch.randn(200)
+    res = torch.randn(2, 200, 17, 17).contiguous(memory_format=layout)
+    low = [t.bfloat16().contiguous(memory_format=layout) if t.dim() == 4 else t.bfloat16()
+           for t in (x, dw, db, pw, pb, res)]
+    truth = dwsep_op.reference(*[t.double() for t in low[:5]], 1, 1, 1, "silu", low[5].double())
+    torch_bf16 = dwsep_op.reference(*low[:5], 1, 1, 1, "silu", low[5]).double()
+    with effikern.set_backend("cpp"):
+        y = effikern.functional.dwsep_conv2d(*low[:5], padding=1, activation="silu", residual=low[5])
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=layout)
+    # No worse than twice PyTorch's own bf16 error against the same float64 truth.
+    err, budget = (y.double() - truth).norm(), (torch_bf16 - truth).norm()
+    assert err <= 2 * budget + 1e-6, (err.item(), budget.item())
