@@ -1,10 +1,10 @@
 // A bf16 x bf16 -> fp32 GEMM on AVX512-BF16 (vdpbf16ps), for the pointwise step of the bf16 CPU kernels.
 //
-// Why our own: at::native::cpublas::brgemm only JIT-compiles bf16 for AMX; on CPUs with AVX512-BF16 but no AMX
-// (AMD Zen 4, Intel Cooper Lake) it falls back to a threaded oneDNN matmul that is slower than the fp32 brgemm
-// inside a parallel region (78-90 vs ~105 GFLOP/s per core on dwsep tiles), while PyTorch's own bf16 1x1
-// convolution reaches 130-160 GFLOP/s there with the dot-product instruction. So bf16 tiles were converted to
-// fp32 and multiplied at the fp32 rate, and every GEMM-bound bf16 dwsep shape ran at about half PyTorch's speed.
+// Why our own: on the Zen 4 CI machine (AVX512-BF16, no AMX) at::native::cpublas::brgemm cannot pack bf16
+// (could_pack(kBFloat16) is false, the VNNI call throws), and its non-VNNI bf16 call ran at 78-90 GFLOP/s per core
+// on one thread, below the fp32 brgemm's ~105 (measured on dwsep tile shapes, 2026-11-24), while PyTorch's own
+// bf16 1x1 convolution reaches 130-160 there. So bf16 tiles were converted to fp32 and multiplied at the fp32
+// rate, and every GEMM-bound bf16 dwsep shape ran at about half PyTorch's speed.
 //
 // Operands. vdpbf16ps multiplies pairs of bf16 along K, so both operands hold K in pairs:
 //   A: row-major bf16 [M][lda], row m's pair p at A[m*lda + 2p], 2p+1; the caller zero-fills column K when K is odd.
