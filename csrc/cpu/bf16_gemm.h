@@ -27,22 +27,19 @@ bool available();
 // Columns of packed B for N: N rounded up to whole 16-lane vectors.
 int64_t packed_cols(int64_t N);
 
-// Packs B[k][n] = src[k * ld_k + n * ld_n] for k < K and the columns n0 <= n < n1 (n1 < 0: N) (bf16 or float
-// source, the latter rounded to nearest even) into dst[ceil(K/2)][packed_cols(N)][2], zero-filling the padding
-// (the range ending at N also the columns past N). The strides let one routine pack B or B^T; the column range
-// lets threads pack one weight together. Plain loops: for weights, packed once per call.
-void pack_b(const uint16_t* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst, int64_t n0 = 0,
-            int64_t n1 = -1);
-void pack_b(const float* src, int64_t K, int64_t N, int64_t ld_k, int64_t ld_n, uint16_t* dst, int64_t n0 = 0,
-            int64_t n1 = -1);
+// Packs B from its transpose: bf16 B[k][n] = src[n * ld + k] (a weight [N][K], row-major), for k < K and the
+// columns n0 <= n < n1 (n1 < 0: N), into dst[ceil(K/2)][packed_cols(N)][2], zero-filling the padding (the range
+// ending at N also the columns past N). The column range lets threads pack one weight together.
+void pack_b_from_rows_of_bt(const uint16_t* src, int64_t K, int64_t N, int64_t ld, uint16_t* dst, int64_t n0 = 0,
+                            int64_t n1 = -1);
 
 // dst[m][k] = bf16(src[m][k]) for k < K and 0 for K <= k < K_out (round to nearest even): A operands from fp32
 // tiles. Rows of src at src + m * ld_src, of dst at dst + m * ld_dst. Only call when available().
 void round_rows(const float* src, int64_t M, int64_t K, int64_t ld_src, int64_t K_out, uint16_t* dst,
                 int64_t ld_dst);
 
-// B packed from an fp32 [K][N] row-major tile (ld_src between rows), rounded to nearest even: the vector version of
-// pack_b for the NCHW depthwise output. Only call when available().
+// Packs B from an fp32 [K][N] row-major tile (ld_src between rows), rounded to nearest even (the NCHW depthwise
+// output). Only call when available().
 void pack_b_rows(const float* src, int64_t K, int64_t N, int64_t ld_src, uint16_t* dst);
 
 // C[M x N] = A[M x K] * B[K x N] with the layouts above; single-threaded (call it per tile). Only call when
