@@ -43,6 +43,7 @@
 // tiles of one phase never touch the same input row, and no atomics or locks are needed.
 #include "dwsep_cpu.h"
 #include "bf16_gemm.h"
+#include "int_math.h"
 #include "isa_dispatch.h"
 #include "simd.h"
 
@@ -82,14 +83,6 @@ constexpr int64_t kPixelBlock = 4;
 constexpr int64_t kVectorBlock = 4;
 
 enum Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kGelu = 4, kHardswish = 5 };
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a > 0 ? (a + b - 1) / b : 0;
-}
-
-int64_t round_up(int64_t a, int64_t b) {
-  return ceil_div(a, b) * b;
-}
 
 // SIMD (Simd<T, B>, EK_INLINE): csrc/cpu/simd.h.
 // Run-time ISA choice (AVX-512 / AVX2 / baseline per kernel class): csrc/cpu/isa_dispatch.h.
