@@ -26,6 +26,7 @@
 // Threading: at::parallel_for over (token chunk, output row) or over stored entries; no two threads write the same
 // output element, so there are no atomics.
 #include "sparse_cpu.h"
+#include "int_math.h"
 #include "isa_dispatch.h"
 #include "simd.h"
 #include "sparse_gather_avx512.h"
@@ -60,11 +61,20 @@ constexpr int kRowGroup = 8;
 // Rows per register block of the BSR value gradient, times two vectors of columns.
 constexpr int kGradRows = 4;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a > 0 ? (a + b - 1) / b : 0;
-}
-
 // SIMD (Simd<T, B>, EK_INLINE): csrc/cpu/simd.h.
+
+// Calls f(nv) with nv = std::integral_constant for NV = vectors in 1..4 (4 for anything larger): the token-vector
+// count every packed kernel is instantiated for. f must be an always-inline lambda so that it is compiled into the
+// caller's run<B> for that ISA (isa_dispatch.h), as dwsep's with_run_bound does.
+template <class F>
+EK_INLINE void with_token_vectors(int64_t vectors, F&& f) {
+  switch (vectors) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
 
 // Run-time ISA choice: csrc/cpu/isa_dispatch.h.
 using isa::run_best_isa;
@@ -265,12 +275,9 @@ struct CsrRows {
         }
       }
     }
-    switch (T / Simd<A, B>::kLanes) {
-      case 1: return packed_rows<B, 1>();
-      case 2: return packed_rows<B, 2>();
-      case 3: return packed_rows<B, 3>();
-      default: return packed_rows<B, 4>();
-    }
+    with_token_vectors(T / Simd<A, B>::kLanes, [&](auto nv) __attribute__((always_inline)) {
+      packed_rows<B, decltype(nv)::value>();
+    });
   }
 };
 
@@ -348,12 +355,9 @@ struct CsrScatterPanels {
 
   template <int B>
   EK_INLINE void run() const {
-    switch (T / Simd<A, B>::kLanes) {
-      case 1: return panels_of<B, 1>();
-      case 2: return panels_of<B, 2>();
-      case 3: return panels_of<B, 3>();
-      default: return panels_of<B, 4>();
-    }
+    with_token_vectors(T / Simd<A, B>::kLanes, [&](auto nv) __attribute__((always_inline)) {
+      panels_of<B, decltype(nv)::value>();
+    });
   }
 };
 
@@ -419,12 +423,9 @@ struct CsrGradValues {
 
   template <int B>
   EK_INLINE void run() const {
-    switch (T / Simd<A, B>::kLanes) {
-      case 1: return rows<B, 1>();
-      case 2: return rows<B, 2>();
-      case 3: return rows<B, 3>();
-      default: return rows<B, 4>();
-    }
+    with_token_vectors(T / Simd<A, B>::kLanes, [&](auto nv) __attribute__((always_inline)) {
+      rows<B, decltype(nv)::value>();
+    });
   }
 };
 
