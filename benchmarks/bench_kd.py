@@ -19,7 +19,7 @@ from .runner import Case
 FAMILY = "kd"
 
 VOCABS = (32000, 50257, 128256)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURES = (1.0, 2.0, 4.0)
 ALPHA = 0.5
 IGNORED = 0.1  # fraction of tokens whose target is ignore_index

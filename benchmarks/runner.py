@@ -254,6 +254,9 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
             reports[family] = module.report(quick)
         cases = module.cases(device, quick) if not dtypes else [
             c for c in module.cases(device, False) if c.dtype in dtypes]
+        if not cases:
+            print(f"[{family}] no cases" + (f" in {', '.join(dtypes)}" if dtypes else "") + f" on {device.type}",
+                  flush=True)
         for i, case in enumerate(cases, 1):
             case_rows = _rows_for_case(family, case, device, quick, copy_gbps)
             rows += case_rows
@@ -262,6 +265,9 @@ def run(families=FAMILIES, device: Optional[torch.device] = None, quick: bool = 
             print(f"[{family} {i}/{len(cases)}] {case.op} {case.shape} {case.dtype} {case.layout} {case.mode}: "
                   f"{brief}", flush=True)
             gc.collect()
+    if not rows:  # a results file with no rows would read as a run that measured something
+        raise SystemExit(f"effikern bench: nothing to run for families {list(families)}"
+                         + (f" in dtypes {list(dtypes)}" if dtypes else "") + f" on {device.type}")
     summary = summarize(rows)
     print_table(rows, summary)
     slug = device_slug(device)

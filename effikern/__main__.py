@@ -44,7 +44,14 @@ def info() -> None:
                     picked = backends.choose(op, device, dtype)
                 except backends.BackendUnavailableError as err:
                     picked = f"error: {err}"
+                if picked == "torch" and backends.get_backend() == "auto" and op in _EAGER_UNDER_AUTO:
+                    picked = "eager PyTorch code (no kernel measured faster)"
                 print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9} -> runs on: {picked}")
+
+
+# Ops that, where auto keeps PyTorch, run the plain eager code instead of their torch reference backend
+# (auto_runs_eager in effikern/ops/dwsep.py and effikern/ops/distill.py).
+_EAGER_UNDER_AUTO = ("dwsep_conv2d", "distillation_loss")
 
 
 def main(argv=None) -> int:

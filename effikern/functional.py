@@ -5,6 +5,7 @@ from typing import Optional, Union
 import torch
 
 from .ops import _autocast, _checks
+from .ops import distill as _distill_ops
 from .ops import dwsep as _dwsep_ops
 from .ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.effikern.sparse_linear*)
 from .ops.activation import activation_name
@@ -96,9 +97,15 @@ def distillation_loss(
     compute_grad = torch.is_grad_enabled() and bool(getattr(student_logits, "requires_grad", False))
     if isinstance(teacher_logits, torch.Tensor):
         teacher_logits = teacher_logits.detach()  # the teacher is a fixed target, never trained by this loss
-    loss, _ = torch.ops.effikern.distillation_loss(
-        student_logits, teacher_logits, target, temperature, alpha, ignore_index, compute_grad
-    )
+    if isinstance(student_logits, torch.Tensor) and _distill_ops.auto_runs_eager(student_logits):
+        # The op's errors, then the eager formula (see auto_runs_eager): nothing faster was measured here.
+        _, vocab = _distill_ops.check_args(student_logits, teacher_logits, target, temperature, alpha, ignore_index)
+        _distill_ops.check_target_values(target, vocab, ignore_index)
+        loss = _distill_ops.eager_per_token(student_logits, teacher_logits, target, temperature, alpha, ignore_index)
+    else:
+        loss, _ = torch.ops.effikern.distillation_loss(
+            student_logits, teacher_logits, target, temperature, alpha, ignore_index, compute_grad
+        )
     if reduction == "none":
         return loss
     total = loss.sum()

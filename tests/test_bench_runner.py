@@ -28,3 +28,18 @@ def test_runner_writes_results(tmp_path, monkeypatch):
     assert rows["torch"]["speedup"] == 1.0 and rows["torch"]["ms"] > 0
     assert abs(rows["cpp"]["speedup"] - rows["torch"]["ms"] / rows["cpp"]["ms"]) < 1e-9
     assert rows["cuda"]["ms"] is None and "unavailable" in rows["cuda"]["note"]
+
+
+def test_runner_refuses_to_write_a_file_with_no_rows(tmp_path, monkeypatch):
+    """A dtype filter that leaves no case (kd had no fp16 cases once) is an error, not an empty results file."""
+    fake = types.ModuleType("effikern.benchmarks.bench_fake")
+    fake.cases = lambda device, quick: []
+    monkeypatch.setitem(sys.modules, "effikern.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(runner.timing, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    try:
+        runner.run(("fake",), device=torch.device("cpu"), quick=True, out_dir=str(tmp_path), dtypes=["fp16"])
+    except SystemExit as e:
+        assert "nothing to run" in str(e) and "fp16" in str(e)
+    else:
+        raise AssertionError("runner.run wrote a results file with no rows")
+    assert not list(tmp_path.iterdir())

@@ -284,6 +284,41 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(results[0], results[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_auto_without_a_measured_kernel_runs_the_eager_formula(monkeypatch, dtype):
+    """Where auto has no kernel measured faster (every GPU today; here every CPU dtype, with the measurements
+    hidden), the call is the eager formula under autograd, not the torch reference backend: the same oracle, and
+    the op's argument errors."""
+    from effikern import _auto
+    from effikern.ops import distill as kd_ops
+
+    monkeypatch.setattr(_auto, "_PREFERENCE", {})
+    s, t, y = _inputs((2, 3, 301), "cpu")
+    with effikern.set_backend("auto"):
+        assert kd_ops.auto_runs_eager(s.to(dtype))
+        loss = F_KD(s.to(dtype).requires_grad_(), t.to(dtype), y, 2.0, 0.5, IGNORE, "none")
+        assert "WhereBackward" in type(loss.grad_fn).__name__  # autograd over PyTorch ops, not the custom op
+        bad = y.clone()
+        bad[0, 0] = 301
+        with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 301\)"):
+            F_KD(s.to(dtype), t.to(dtype), bad, 2.0, 0.5)
+    for reduction in ("mean", "sum", "none"):
+        _check("auto", s, t, y, 2.0, 0.5, reduction, dtype)
+    _check("auto", s, t, None, 0.5, 0.3, "mean", dtype)
+    with effikern.set_backend("torch"):  # an explicit backend always goes through the op
+        assert not kd_ops.auto_runs_eager(s.to(dtype))
+
+
+def test_auto_on_a_measured_kernel_uses_the_op():
+    from effikern.ops import distill as kd_ops
+
+    skip_unavailable("cpp", "cpu")
+    with effikern.set_backend("auto"):
+        for dtype in DTYPES:  # cpp was measured faster in every dtype on CPU (effikern/_auto.py)
+            assert not kd_ops.auto_runs_eager(torch.zeros(2, 4, dtype=dtype))
+        assert kd_ops.auto_runs_eager(torch.zeros(2, 4, dtype=torch.float64))  # float64: gradcheck's dtype
+
+
 def _valid():
     return [torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))]
 

@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from .. import _ext, backends
 from . import _checks
 
@@ -78,7 +80,7 @@ def check_args(student, teacher, target, temperature, alpha, ignore_index):
     return student.numel() // vocab, vocab
 
 
-def _check_target_values(target, vocab, ignore_index):
+def check_target_values(target, vocab, ignore_index):
     # Data-dependent, so not in check_args (the fake function cannot see values); on CPU it costs one pass
     # over M ints. On CUDA it would cost a host sync every step: there the kernels write a NaN loss instead.
     if target is None or target.device.type != "cpu":
@@ -119,6 +121,34 @@ def reference(student, teacher, target, temperature, soft_weight, hard_weight, i
             -1, target.clamp(0, s.shape[-1] - 1)[:, None], s.new_full((s.shape[0], 1), -1.0))
         grad = torch.where(counted[:, None], grad + hard_weight * hard, 0.0)
     return loss, grad.to(student.dtype)
+
+
+def auto_runs_eager(student: torch.Tensor) -> bool:
+    """Whether a call on ``student`` should run as the plain eager formula (:func:`eager_per_token`), autograd
+    doing the backward: under ``auto`` where it would pick the ``torch`` backend (no kernel measured faster
+    there: float64 on CPU, any GPU until one is lent), and not while tracing. The ``torch`` backend is the
+    reference the kernels are tested against, not a fast path: it writes the gradient out in float32 and ran
+    0.21-0.53x the eager formula in bf16 on CPU (benchmarks/results/kd-bf16/cpu-AMD-EPYC-2t.json)."""
+    if backends.get_backend() != "auto" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return backends.choose(OP, student.device.type, student.dtype) == "torch"
+
+
+def eager_per_token(student, teacher, target, temperature, alpha, ignore_index):
+    """The per-token loss [...] as a user writes it today: PyTorch ops in the logits' dtype, autograd doing the
+    backward (so it flows to ``student`` as it does through the op). Arguments as the op's, already checked.
+    Returns float32 (float64 for float64 logits), as the op does; the row sums are accumulated in that dtype."""
+    soft_weight, hard_weight = weights(target, alpha)
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    p = F.softmax(teacher / temperature, dim=-1)
+    loss_dtype = _loss_dtype(student)
+    loss = (soft_weight * temperature**2) * F.kl_div(log_q, p, reduction="none").sum(-1, dtype=loss_dtype)
+    if target is not None:
+        vocab = student.shape[-1]
+        ce = F.cross_entropy(student.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
+                             reduction="none").reshape(target.shape)
+        loss = torch.where(target != ignore_index, loss + hard_weight * ce.to(loss_dtype), 0.0)
+    return loss
 
 
 # --- backends -----------------------------------------------------------------------------------------
@@ -163,7 +193,7 @@ def distillation_loss(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss and gradient (module docstring). Prefer ``effikern.functional.distillation_loss``."""
     tokens, vocab = check_args(student, teacher, target, temperature, alpha, ignore_index)
-    _check_target_values(target, vocab, ignore_index)
+    check_target_values(target, vocab, ignore_index)
     lead = student.shape[:-1]
     if tokens == 0:
         grad = student.new_empty(student.shape if compute_grad else (0,))
