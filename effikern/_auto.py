@@ -64,6 +64,15 @@ _CASES = {
     # NCHW and in channels_last: oneDNN's depthwise kernel is already fast there and the fused pointwise GEMM is
     # small per tile. The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
     ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
+    # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json at
+    # 0dc35dd (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
+    # backend: cpp 1.91x torch (geomean of the 28 cases in the class; 2.1-3.8x at stride 2, up to 10.6x at k5),
+    # slower on 5 (ConvNeXt's 384x14 k7 -> 1536 in all four, whose backward is GEMM-bound and cpp's backward GEMMs
+    # are fp32 while oneDNN's are bf16: 0.37-0.90x; N=1 1152x7 k5 NCHW: 0.65x). The other bf16 backwards (stride
+    # 1, 3x3) stay on torch: cpp was 0.67x there (slower on 18 of 20), and those calls run as eager PyTorch
+    # when the forward stays on torch too (ops/dwsep.py: auto_runs_eager). The bf16 forward stays on torch
+    # everywhere.
+    ("dwsep_conv2d", "cpu", torch.bfloat16, "backward_strided_or_large_kernel"): ("cpp", "torch"),
 }
 
 

@@ -50,7 +50,7 @@ def dwsep_conv2d(
         args = (x, dw_weight, dw_bias, pw_weight, pw_bias, list(_checks.pair(stride, "stride", 1)),
                 list(_checks.pair(padding, "padding", 0)), list(_checks.pair(dilation, "dilation", 1)),
                 activation_name(activation), residual)
-        if isinstance(x, torch.Tensor) and _dwsep_ops.auto_runs_eager(x):
+        if _dwsep_ops.auto_runs_eager(*args):
             _dwsep_ops.check_args(*args)  # the op's errors, then PyTorch's own autograd (see auto_runs_eager)
             return _dwsep_ops.reference(*args)
         return torch.ops.effikern.dwsep_conv2d(*args)

@@ -77,7 +77,8 @@ def _run(backend, low, args):
 
 def _check_forward_and_backward(backend, cfg, dtype, layout=None):
     device = device_for(backend)
-    skip_unavailable(backend, device)
+    if backend != "auto":  # auto always runs something
+        skip_unavailable(backend, device)
     tensors, low, args, fmt = _make(cfg, dtype, device, layout)
     names = ["x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "residual"]
     for group in (tensors, low):
@@ -263,22 +264,47 @@ def test_compile_fullgraph(backend):
 
 
 def test_auto_on_pytorch_runs_eager_autograd():
-    """Where auto picks PyTorch for both passes (bf16 on CPU), the call is plain eager PyTorch: the same result as
-    the reference, autograd's own convolution backward (no recomputation of the depthwise output), and the op's
-    argument errors."""
+    """Where auto picks PyTorch for both passes (bf16 on CPU at stride 1 with a 3x3 kernel), the call is plain
+    eager PyTorch: the same result as the reference, autograd's own convolution backward (no recomputation of the
+    depthwise output), and the op's argument errors."""
     import effikern
     from effikern.ops import dwsep as dwsep_ops
 
     x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16, requires_grad=True)
     dw, pw = torch.randn(8, 1, 3, 3, dtype=torch.bfloat16), torch.randn(16, 8, 1, 1, dtype=torch.bfloat16)
+    args = (x, dw, None, pw, None, [1, 1], [1, 1], [1, 1], "relu6", None)
     with effikern.set_backend("auto"):
-        assert dwsep_ops.auto_runs_eager(x)
+        assert dwsep_ops.auto_runs_eager(*args)
         y = effikern.functional.dwsep_conv2d(x, dw, None, pw, None, padding=1, activation="relu6")
         assert "Convolution" in type(y.grad_fn).__name__
         with pytest.raises(ValueError, match="pw_weight"):
             effikern.functional.dwsep_conv2d(x, dw, None, pw[:, :4], None, padding=1)
-    ref = dwsep_ops.reference(x, dw, None, pw, None, [1, 1], [1, 1], [1, 1], "relu6", None)
+    ref = dwsep_ops.reference(*args)
     assert torch.equal(y, ref)
     with effikern.set_backend("torch"):  # an explicit backend always goes through the op
-        assert not dwsep_ops.auto_runs_eager(x)
-    assert not dwsep_ops.auto_runs_eager(x.detach().float())  # fp32 CPU: auto picks cpp
+        assert not dwsep_ops.auto_runs_eager(*args)
+    as_fp32 = (x.detach().float(), dw.float(), None, pw.float(), None) + args[5:]
+    assert not dwsep_ops.auto_runs_eager(*as_fp32)  # fp32 CPU: auto picks cpp
+
+
+@pytest.mark.parametrize("cfg", ["c17_k5_s2_silu_res", "k7_hardswish_res", "rect_gelu", "c3_k3_s2"])
+def test_auto_runs_the_measured_bf16_backward_where_pytorch_is_slow(cfg):
+    """bf16 on CPU, strided or with a kernel of 5 or more: auto keeps the forward on PyTorch and runs the backward
+    in cpp (_auto._CASES: PyTorch's depthwise backward is at its slowest there), through the op, within the
+    oracle's budget."""
+    from effikern import backends
+
+    skip_unavailable("cpp", "cpu")
+    config = CONFIGS.get(cfg) or (2, 3, 8, 8, (3, 3), 2, 1, 1, 5, "relu6", True, True, False, NCHW)
+    tensors, low, args, _ = _make(config, torch.bfloat16, "cpu")
+    x, dw_w, dw_b, pw_w, pw_b, res = low
+    op_args = (x, dw_w, dw_b, pw_w, pw_b, list(_pair(args["stride"])), list(_pair(args["padding"])),
+               list(_pair(args["dilation"])), args["activation"], res)
+    case = dwsep_op._backward_case(dw_w, op_args[5])
+    with effikern.set_backend("auto"):
+        assert case == "backward_strided_or_large_kernel"
+        assert backends.choose("dwsep_conv2d", "cpu", torch.bfloat16, case) == "cpp"
+        assert not dwsep_op.auto_runs_eager(*op_args)
+        y = _run("auto", [x.detach().clone().requires_grad_(), dw_w, dw_b, pw_w, pw_b, res], args)
+        assert "effikern" in type(y.grad_fn).__name__  # through the op, not eager autograd
+    _check_forward_and_backward("auto", config, torch.bfloat16)

@@ -187,24 +187,44 @@ def dwsep_conv2d(
     return y.contiguous(memory_format=fmt)
 
 
-def auto_runs_eager(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` should run as plain eager PyTorch: under ``auto`` when both passes would pick the
-    ``torch`` backend (a device and dtype where no kernel was measured faster: bf16 on CPU, any GPU for now), and
-    not while tracing. The op's ``torch`` backend recomputes dw(x) in backward, as the fused kernels do to save
-    memory; autograd over the two convolutions saves it instead, which is what the unfused nn.Conv2d pair costs.
-    Hand runs of the bf16 MobileNet example (CPU, 2 threads, three each; not in a results file): through the op
-    730-850 images/s, eager 880-960, the PyTorch baseline 900-1050."""
-    if backends.get_backend() != "auto" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+def auto_runs_eager(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
+                    residual) -> bool:
+    """Whether this call (the op's arguments) should run as plain eager PyTorch: under ``auto`` when both passes
+    would pick the ``torch`` backend for its shape classes (a device, dtype and shape where no kernel was
+    measured faster: bf16 on CPU at stride 1 with kernels below 5x5, any GPU for now), and not while tracing. The
+    op's ``torch`` backend recomputes dw(x) in backward, as the fused kernels do to save memory; autograd over the
+    two convolutions saves it instead, which is what the unfused nn.Conv2d pair costs. Hand runs of the bf16
+    MobileNet example (CPU, 2 threads, three each; not in a results file): through the op 730-850 images/s,
+    eager 880-960, the PyTorch baseline 900-1050. Raises the op's argument errors when it has to look at shapes."""
+    if not isinstance(x, torch.Tensor) or backends.get_backend() != "auto" or torch.compiler.is_compiling() or \
+            _get_current_dispatch_mode() is not None:
         return False
-    return all(backends.choose(OP, x.device.type, x.dtype, case) == "torch" for case in (None, "forward_small_image"))
+    device, dtype = x.device.type, x.dtype
+    picks = {backends.choose(OP, device, dtype, case) for case in (None,) + SHAPE_CASES}
+    if picks != {"torch"} and "torch" in picks:  # it depends on the shape classes of this call
+        out_shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
+                               residual)
+        picks = {backends.choose(OP, device, dtype, _forward_case(out_shape)),
+                 backends.choose(OP, device, dtype, _backward_case(dw_weight, stride))}
+    return picks == {"torch"}
 
 
 # Output images this small or smaller form the "forward_small_image" class auto may route elsewhere (_auto.py).
 SMALL_IMAGE_PIXELS = 14 * 14
+# Strided calls and kernels at least this wide or tall form the "backward_strided_or_large_kernel" class: the
+# backwards where PyTorch's depthwise kernels are at their slowest (_auto.py).
+LARGE_KERNEL = 5
+# Every shape class an auto entry may name (effikern/_auto.py _CASES).
+SHAPE_CASES = ("forward_small_image", "backward_strided_or_large_kernel")
 
 
 def _forward_case(out_shape) -> Optional[str]:
     return "forward_small_image" if out_shape[2] * out_shape[3] <= SMALL_IMAGE_PIXELS else None
+
+
+def _backward_case(dw_weight, stride) -> Optional[str]:
+    large = max(dw_weight.shape[2], dw_weight.shape[3]) >= LARGE_KERNEL
+    return "backward_strided_or_large_kernel" if max(stride) > 1 or large else None
 
 
 @dwsep_conv2d.register_fake
@@ -243,7 +263,7 @@ def dwsep_conv2d_backward(
     fmt = _checks.memory_format_of(x)
     if x.shape[0] == 0:
         return _zero_grads(x, dw_weight, pw_weight, fmt)
-    _, (_, bwd) = backends.resolve(OP, x)
+    _, (_, bwd) = backends.resolve(OP, x, _backward_case(dw_weight, stride))
     grads = bwd(
         grad_y.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), dw_weight.contiguous(),
         _contig(dw_bias), pw_weight.contiguous(), list(stride), list(padding), list(dilation), CODES[activation],
