@@ -37,7 +37,7 @@ py::dict build_info() {
 
 // For tests only: C = bf16(A) bf16(B) in fp32 through bf16_gemm's rounding, packing and GEMM, on one thread.
 // A [M, K] and B [K, N] are contiguous fp32.
-at::Tensor bf16_gemm_for_test(const at::Tensor& A, const at::Tensor& B) {
+at::Tensor bf16_gemm_for_test(const at::Tensor& A, const at::Tensor& B, const c10::optional<at::Tensor>& C0) {
   namespace bg = effikern::bf16_gemm;
   TORCH_CHECK(bg::available(), "bf16_gemm: this CPU has no AVX512-BF16 (or EFFIKERN_CPU_ISA caps it)");
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(0), "bf16_gemm: A [M, K] and B [K, N] expected");
@@ -47,8 +47,9 @@ at::Tensor bf16_gemm_for_test(const at::Tensor& A, const at::Tensor& B) {
   std::vector<uint16_t> a16(M * K_even), b16(K_even / 2 * bg::packed_cols(N) * 2);
   bg::round_rows(a.data_ptr<float>(), M, K, K, K_even, a16.data(), K_even);
   bg::pack_b_rows(b.data_ptr<float>(), K, N, N, b16.data());
-  at::Tensor c = at::empty({M, N}, a.options());
-  bg::gemm(M, N, K, a16.data(), K_even, b16.data(), c.data_ptr<float>(), N);
+  at::Tensor c = C0.has_value() ? C0->to(at::kFloat).contiguous().clone() : at::empty({M, N}, a.options());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == M && c.size(1) == N, "bf16_gemm: C0 [M, N] expected");
+  bg::gemm(M, N, K, a16.data(), K_even, b16.data(), c.data_ptr<float>(), N, /*accumulate=*/C0.has_value());
   return c;
 }
 
@@ -58,7 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "effikern compiled kernels (C++ CPU, and CUDA when built with it)";
   m.def("build_info", &build_info,
         "What this extension was compiled with and can use: {'cuda', 'openmp', 'compiler', 'cpu_bf16_dot'}");
-  m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N]");
+  m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N] (+ C0 [M, N])",
+        py::arg("A"), py::arg("B"), py::arg("C0") = py::none());
 
   // Kernels release the GIL: they are long-running and thread-safe, so Python threads may overlap them.
   using release = py::call_guard<py::gil_scoped_release>;

@@ -1,4 +1,5 @@
-"""The AVX512-BF16 GEMM of the C++ kernels (csrc/cpu/bf16_gemm.h), directly and through the bf16 dwsep forward."""
+"""The AVX512-BF16 GEMM of the C++ kernels (csrc/cpu/bf16_gemm.h), directly and through the bf16 dwsep forward and
+channels_last backward."""
 
 import os
 import subprocess
@@ -37,6 +38,19 @@ def test_matches_matmul_of_rounded_operands(shape):
     truth = a16 @ b16
     budget = (a16.abs() @ b16.abs()) * max(k, 1) * 2.0**-24 + 1e-30
     assert out.shape == (m, n) and out.dtype == torch.float32
+    assert ((out.double() - truth).abs() <= budget).all()
+
+
+@pytest.mark.parametrize("shape", [(13, 33, 17), (30, 771, 70), (40, 0, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_accumulates_into_c(shape):
+    """C += A B (the dwsep backward's weight-gradient partials): every K block adds to what C held."""
+    C_ = _bf16_dot_available()
+    m, k, n = shape
+    a, b, c0 = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
+    out = C_.bf16_gemm_for_test(a, b, c0)
+    a16, b16 = a.bfloat16().double(), b.bfloat16().double()
+    truth = c0.double() + a16 @ b16
+    budget = (c0.double().abs() + a16.abs() @ b16.abs()) * (max(k, 1) + 1) * 2.0**-24 + 1e-30
     assert ((out.double() - truth).abs() <= budget).all()
 
 
@@ -99,3 +113,37 @@ def test_bf16_dwsep_forward_wide_pointwise(layout):
     # No worse than twice PyTorch's own bf16 error against the same float64 truth.
     err, budget = (y.double() - truth).norm(), (torch_bf16 - truth).norm()
     assert err <= 2 * budget + 1e-6, (err.item(), budget.item())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw_small", "nhwc"])
+def test_bf16_dwsep_backward_on_the_bf16_gemm(layout):
+    """The channels_last backward's GEMMs in bf16 (NCHW images up to 14x14 run through it too): an odd Cout (G's
+    rows padded to a K pair), 66 row pairs of W packed by three threads' ranges, an odd C and tiles of odd pixel
+    counts (K of the weight gradient padded). Every gradient within twice PyTorch's own bf16 error of float64."""
+    _bf16_dot_available()
+    import effikern
+    from effikern.ops import dwsep as dwsep_op
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 13, 13).contiguous(memory_format=layout)
+    dw, db = torch.randn(37, 1, 3, 3) / 3, torch.randn(37)
+    pw, pb = torch.randn(131, 37, 1, 1) / 37**0.5, torch.randn(131)
+    low = [t.bfloat16().contiguous(memory_format=layout) if t.dim() == 4 else t.bfloat16() for t in (x, dw, db, pw, pb)]
+    g = torch.randn(3, 131, 13, 13).bfloat16().contiguous(memory_format=layout)
+
+    def grads(tensors, backend=None):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        if backend is None:
+            y = dwsep_op.reference(*leaves, [1, 1], [1, 1], [1, 1], "relu6", None)
+            return torch.autograd.grad(y, leaves, g.to(y.dtype))
+        with effikern.set_backend(backend):  # backward too: the backend is chosen when each pass runs
+            y = effikern.functional.dwsep_conv2d(*leaves, padding=1, activation="relu6")
+            return torch.autograd.grad(y, leaves, g)
+
+    truth = grads([t.double() for t in low])
+    torch_bf16 = grads(low)
+    ours = grads(low, "cpp")
+    for name, o, t, b in zip(["x", "dw_weight", "dw_bias", "pw_weight", "pw_bias"], ours, truth, torch_bf16):
+        assert o.dtype == torch.bfloat16
+        err, budget = (o.double() - t).norm(), (b.double() - t).norm()
+        assert err <= 2 * budget + 1e-6, (name, err.item(), budget.item())

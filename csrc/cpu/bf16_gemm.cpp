@@ -150,19 +150,19 @@ EK_BF16_TARGET inline void rows_block(int64_t rows, int64_t K2, const uint16_t* 
 // sums to keep, and a strip of B of a whole K (at most ~110 KiB here) still sits in L2.
 template <int NV>
 EK_BF16_TARGET void strip(int64_t M, int64_t K2, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                          const Dest& d, __mmask16 last) {
+                          const Dest& d, __mmask16 last, bool accumulate) {
   const int64_t pair_block = d.out != nullptr ? std::max<int64_t>(K2, 1) : kPairBlock;
   for (int64_t p0 = 0; p0 == 0 || p0 < K2; p0 += pair_block) {
     const int64_t pairs = std::min(pair_block, K2 - p0);
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       rows_block<NV>(std::min(kRows, M - m0), pairs, A + m0 * lda + 2 * p0, lda, B + p0 * ldb * 2, ldb,
-                     d.at(m0, 0), last, /*accumulate=*/p0 > 0);
+                     d.at(m0, 0), last, /*accumulate=*/accumulate || p0 > 0);
     }
   }
 }
 
 EK_BF16_TARGET void gemm_avx512bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                                    const uint16_t* B, const Dest& d) {
+                                    const uint16_t* B, const Dest& d, bool accumulate) {
   const int64_t K2 = ceil_div(K, 2), ldb = packed_cols(N);
   for (int64_t n0 = 0; n0 < N; n0 += kVectors * kLanes) {
     const int64_t cols = std::min(kVectors * kLanes, N - n0);
@@ -171,13 +171,13 @@ EK_BF16_TARGET void gemm_avx512bf16(int64_t M, int64_t N, int64_t K, const uint1
     static_assert(kVectors == 3, "the switch below covers 1..3 vectors");
     switch (ceil_div(cols, kLanes)) {
       case 1:
-        strip<1>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last);
+        strip<1>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last, accumulate);
         break;
       case 2:
-        strip<2>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last);
+        strip<2>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last, accumulate);
         break;
       default:
-        strip<kVectors>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last);
+        strip<kVectors>(M, K2, A, lda, Bn, ldb, d.at(0, n0), last, accumulate);
         break;
     }
   }
@@ -252,17 +252,19 @@ void round_rows(const float* src, int64_t M, int64_t K, int64_t ld_src, int64_t 
 void pack_b_rows(const float* src, int64_t K, int64_t N, int64_t ld_src, uint16_t* dst) {
   pack_b_rows_avx512bf16(src, K, N, ld_src, dst);
 }
-void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C, int64_t ldc) {
-  gemm_avx512bf16(M, N, K, A, lda, B, Dest{C, ldc, nullptr, 0, nullptr, nullptr, nullptr, 0});
+void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C, int64_t ldc,
+          bool accumulate) {
+  gemm_avx512bf16(M, N, K, A, lda, B, Dest{C, ldc, nullptr, 0, nullptr, nullptr, nullptr, 0}, accumulate);
 }
 void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, const Epilogue& ep) {
-  gemm_avx512bf16(M, N, K, A, lda, B, Dest{nullptr, 0, ep.out, ep.ld_out, ep.col_bias, ep.row_bias, ep.res, ep.ld_res});
+  gemm_avx512bf16(M, N, K, A, lda, B, Dest{nullptr, 0, ep.out, ep.ld_out, ep.col_bias, ep.row_bias, ep.res, ep.ld_res},
+                  /*accumulate=*/false);
 }
 #else
 // Never called: available() is false on these targets.
 void round_rows(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t) { std::abort(); }
 void pack_b_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) { std::abort(); }
-void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) { std::abort(); }
+void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, bool) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, const Epilogue&) { std::abort(); }
 #endif
 

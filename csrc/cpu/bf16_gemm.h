@@ -10,7 +10,7 @@
 //   A: row-major bf16 [M][lda], row m's pair p at A[m*lda + 2p], 2p+1; the caller zero-fills column K when K is odd.
 //   B: "packed", [K2][ldb][2] bf16 with K2 = ceil(K/2): element (k, n) at ((k/2)*ldb + n)*2 + k%2, zero past K and
 //      past N up to ldb = packed_cols(N), so the kernel loads whole vectors of columns without bounds checks.
-//   C: row-major fp32 [M][ldc], written (not accumulated); only columns < N are stored.
+//   C: row-major fp32 [M][ldc], written or accumulated into; only columns < N are stored.
 // Products of two bf16 are exact in fp32 and the sums are fp32, as in PyTorch's bf16 GEMMs. The instruction
 // flushes fp32 denormals to zero (sums below 1.2e-38 in magnitude).
 #pragma once
@@ -39,12 +39,15 @@ void round_rows(const float* src, int64_t M, int64_t K, int64_t ld_src, int64_t 
                 int64_t ld_dst);
 
 // Packs B from an fp32 [K][N] row-major tile (ld_src between rows), rounded to nearest even (the NCHW depthwise
-// output). Only call when available().
+// output, the channels_last backward's activation tile and weight). To pack rows [2p0, 2p1) of a larger B (threads
+// packing one weight together), pass src + 2*p0*ld_src, K = min(2*p1, K_total) - 2*p0 and dst + p0*ldb*2.
+// Only call when available().
 void pack_b_rows(const float* src, int64_t K, int64_t N, int64_t ld_src, uint16_t* dst);
 
-// C[M x N] = A[M x K] * B[K x N] with the layouts above; single-threaded (call it per tile). Only call when
-// available().
-void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C, int64_t ldc);
+// C[M x N] = A[M x K] * B[K x N] (accumulate: C += A * B) with the layouts above; single-threaded (call it per
+// tile). Only call when available().
+void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C, int64_t ldc,
+          bool accumulate = false);
 
 // The output stage instead of fp32 C: out[m][n] = bf16(C[m][n] + col_bias[n] + row_bias[m] + res[m][n]), each
 // term only where its pointer is set, added in that order in fp32 and rounded once (nearest even). A kernel's

@@ -257,8 +257,9 @@ struct Problem {
   // (grad_A = W^T G) and the channels_last forward (Y = A W^T).
   const T* w_pw;
   const T* b_pw;  // [Cout]
-  // bf16 inputs on a CPU with AVX512-BF16: the forward GEMM multiplies bf16 (bf16_gemm.h) instead of fp32, at
-  // 1.5x the rate, with this operand (Layout::pw_weight_bf16). nullptr: the fp32 GEMM on w_pw.
+  // bf16 inputs on a CPU with AVX512-BF16: the pointwise GEMMs multiply bf16 (bf16_gemm.h) instead of fp32, at
+  // 1.5-2x the rate, with this pass's packed weight operand: W^T for the forward (Layout::pw_weight_bf16), W for
+  // the channels_last backward's grad_A = G W (Interleaved::pw_weight_bf16_backward). nullptr: the fp32 GEMMs.
   const uint16_t* w_pw16 = nullptr;
 
   // The pointwise weight gradient needs one GEMM operand transposed (brgemm has no transpose flag): the smaller of
@@ -945,6 +946,13 @@ struct Planar {
 
   // The depthwise weight-gradient partial is kept as [C][taps].
   static constexpr bool kDwGradTransposed = false;
+  // Its backward GEMMs stay fp32 (the bf16 GEMM's operands would need packing from transposed tiles): NCHW images
+  // of up to kSmallImage pixels run through Interleaved, so only larger ones take this path.
+  static constexpr bool kBf16Backward = false;
+  template <typename S, typename T>
+  static int64_t bf16_backward_elems(const Problem<S, T>&) {
+    return 0;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1140,7 +1148,54 @@ struct Interleaved {
   }
   template <typename scalar_t, typename T>
   static bool pw_grad_transposed(const Problem<scalar_t, T>& pb) {
-    return pb.transpose_a();
+    return pb.transpose_a() && pb.w_pw16 == nullptr;  // the bf16 backward accumulates dW as [Cout][C]
+  }
+
+  // The bf16 backward's operand for grad_A = G W: W [Cout x C] (fp32 here, bf16 values) packed as B, in parallel
+  // ranges of row pairs like the forward's weight.
+  static std::unique_ptr<uint16_t[]> pw_weight_bf16_backward(const Geometry& g, const float* w) {
+    const int64_t ldb = bf16_gemm::packed_cols(g.C), pairs = ceil_div(g.Cout, 2);
+    auto packed = scratch<uint16_t>(pairs * ldb * 2);
+    constexpr int64_t kPairsPerTask = 32;
+    at::parallel_for(0, ceil_div(pairs, kPairsPerTask), 1, [&](int64_t begin, int64_t end) {
+      const int64_t p0 = begin * kPairsPerTask, p1 = std::min(pairs, end * kPairsPerTask);
+      bf16_gemm::pack_b_rows(w + 2 * p0 * g.C, std::min(2 * p1, g.Cout) - 2 * p0, g.C, g.C, packed.get() + p0 * ldb * 2);
+    });
+    return packed;
+  }
+  // Scratch of the bf16 backward per thread, in uint16 elements: G^T [Cout][P rounded to pairs], A packed as B
+  // [P/2][packed C][2], and G with its K padded to a pair when Cout is odd.
+  template <typename scalar_t, typename T>
+  static int64_t bf16_backward_elems(const Problem<scalar_t, T>& pb) {
+    const int64_t P = pb.max_pixels(), Pe = round_up(P, 2);
+    return pb.g.Cout * Pe + Pe * bf16_gemm::packed_cols(pb.g.C) + (pb.g.Cout % 2 != 0 ? P * (pb.g.Cout + 1) : 0);
+  }
+  // grad_A[P x C] = G[P x Cout] * W[Cout x C] and dW[Cout x C] += G^T[Cout x P] * A[P x C] on the bf16 GEMM. G is
+  // the bf16 grad_y tile itself (exact); A, the fp32 activation tile, is rounded to bf16 as it is packed, which is
+  // what PyTorch's bf16 backward multiplies (its depthwise output is bf16). Products are exact, sums fp32.
+  template <typename scalar_t, typename T>
+  static void pointwise_backward_bf16(const Problem<scalar_t, T>& pb, const float* a, const uint16_t* gy_tile,
+                                      int64_t P, float* ga, uint16_t* buf, float* dw_pw) {
+    const int64_t C = pb.g.C, Cout = pb.g.Cout, Pe = round_up(P, 2);
+    uint16_t* gt = buf;                         // [Cout][Pe]
+    uint16_t* a_packed = gt + Cout * Pe;        // [Pe/2][packed_cols(C)][2]
+    uint16_t* g_even = a_packed + Pe * bf16_gemm::packed_cols(C);  // [P][Cout + 1] when Cout is odd
+    const uint16_t* g_rows = gy_tile;
+    int64_t ld_g = Cout;
+    if (Cout % 2 != 0) {  // K of grad_A must come in pairs: pad each row with a zero
+      for (int64_t p = 0; p < P; ++p) {
+        std::copy(gy_tile + p * Cout, gy_tile + (p + 1) * Cout, g_even + p * (Cout + 1));
+        g_even[p * (Cout + 1) + Cout] = 0;
+      }
+      g_rows = g_even, ld_g = Cout + 1;
+    }
+    bf16_gemm::gemm(P, C, Cout, g_rows, ld_g, pb.w_pw16, ga, pb.cp);
+    transpose(gy_tile, P, Cout, Cout, gt, Pe);
+    if (P % 2 != 0) {
+      for (int64_t co = 0; co < Cout; ++co) gt[co * Pe + P] = 0;
+    }
+    bf16_gemm::pack_b_rows(a, P, C, pb.cp, a_packed);
+    bf16_gemm::gemm(Cout, C, P, gt, Pe, a_packed, dw_pw, C, /*accumulate=*/true);
   }
 
   // y[p0 + p][co] = Y[p][co] + b[co] (+ res[p0 + p][co]), rounded once; Y may be y itself.
@@ -1183,6 +1238,8 @@ struct Interleaved {
 
   // The depthwise weight-gradient partial is kept as [taps][cp].
   static constexpr bool kDwGradTransposed = true;
+  // The bf16 backward's pointwise GEMMs run on the bf16 GEMM (pointwise_backward_bf16).
+  static constexpr bool kBf16Backward = true;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1261,6 +1318,8 @@ struct BackwardTiles {
     const auto z = scratch<T>(pb.tile_elems()), a = scratch<T>(pb.tile_elems());
     const auto gbuf = scratch<T>(std::is_same_v<scalar_t, T> ? 0 : pb.max_pixels() * g.Cout);
     const auto tbuf = scratch<T>(pb.max_pixels() * std::min(g.C, g.Cout));
+    const bool bf16_dot = pb.w_pw16 != nullptr;
+    const auto b16 = scratch<uint16_t>(bf16_dot ? L::bf16_backward_elems(pb) : 0);
     // Zeroed once: the GEMM never writes the padding channels of grad_A (channels_last), which must stay finite.
     std::vector<T> ga(pb.tile_elems(), T(0));
     const int64_t phase_tiles = (pb.plan.per_image - phase + 1) / 2;
@@ -1274,7 +1333,16 @@ struct BackwardTiles {
       activation_forward<B>(pb.act, a.get(), P * pb.cp);
       // Pointwise: grad_pw_w, grad_pw_b and grad_a.
       const MatrixView<T> G = L::load_grad(pb, grad_y + tile.n * pb.image_out(), tile.oh0 * g.Wo, P, gbuf.get());
-      L::pointwise_backward(pb, a.get(), G, P, ga.data(), tbuf.get(), part.pw_w.data());
+      bool bf16_done = false;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
+        if (bf16_dot) {
+          const auto* gy_img = reinterpret_cast<const uint16_t*>(grad_y + tile.n * pb.image_out());
+          L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.data(), b16.get(),
+                                     part.pw_w.data());
+          bf16_done = true;
+        }
+      }
+      if (!bf16_done) L::pointwise_backward(pb, a.get(), G, P, ga.data(), tbuf.get(), part.pw_w.data());
       // Activation, then depthwise: grad_dw_b, grad_dw_w and grad_x.
       activation_backward<B>(pb.act, ga.data(), z.get(), P * pb.cp);
       L::bias_grads(pb, G, ga.data(), P, part.pw_b.data(), part.dw_b.data());
@@ -1405,8 +1473,14 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
                                       const at::Tensor& pw_weight, int64_t act) {
   using T = at::opmath_type<scalar_t>;
   PreparedWeights<T> w;
-  const auto pb =
-      make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w);
+  auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w);
+  std::unique_ptr<uint16_t[]> w16;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
+    if (bf16_gemm::available()) {
+      w16 = L::pw_weight_bf16_backward(g, pb.w_pw);
+      pb.w_pw16 = w16.get();
+    }
+  }
   const int64_t cp = pb.cp;
   // grad_x accumulates in T: straight into the result for float/double, else into an fp32 tensor rounded at the end.
   at::Tensor gx = at::zeros_like(x, x.options().dtype(c10::CppTypeToScalarType<T>::value));
