@@ -14,9 +14,10 @@ _PREFERENCE = {
     # EfficientNet / ConvNeXt shapes is 1.05-1.93x torch in every (layout, mode) group; it is slower on some
     # shapes (listed in the README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
-    # bf16 stays on torch: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2 threads, the 12 shapes at N=1 and
-    # N=8, with the AVX512-BF16 pointwise GEMM) has cpp at 0.87-0.91x torch for channels_last forwards (slower on 22
-    # of 24) and 1.18-1.37x geomean elsewhere, but slower on 9-12 of 24 shapes in every group.
+    # bf16 stays on torch (but see _CASES for backwards): benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2
+    # threads, the 12 shapes at N=1 and N=8, bf16 GEMMs in the forward and the channels_last backward, git ff41169)
+    # has cpp at 0.85-0.87x torch for channels_last forwards (slower on 21 of 24) and 1.25-1.36x geomean elsewhere,
+    # but slower on 8-10 of 24 shapes in every group.
     # fp16: benchmarks/results/dwsep-fp16/cpu-AMD-EPYC-2t.json (same shapes and batches): PyTorch has no fast fp16
     # convolution on this CPU (no AVX512-FP16), and cpp ran 4.2-81x faster in all 96 cases, small images included.
     ("dwsep_conv2d", "cpu", torch.float16): ("cpp", "torch"),
@@ -65,13 +66,13 @@ _CASES = {
     # small per tile. The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
     ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
     # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json at
-    # 0dc35dd (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
-    # backend: cpp 1.91x torch (geomean of the 28 cases in the class; 2.1-3.8x at stride 2, up to 10.6x at k5),
-    # slower on 5 (ConvNeXt's 384x14 k7 -> 1536 in all four, whose backward is GEMM-bound and cpp's backward GEMMs
-    # are fp32 while oneDNN's are bf16: 0.37-0.90x; N=1 1152x7 k5 NCHW: 0.65x). The other bf16 backwards (stride
-    # 1, 3x3) stay on torch: cpp was 0.67x there (slower on 18 of 20), and those calls run as eager PyTorch
-    # when the forward stays on torch too (ops/dwsep.py: auto_runs_eager). The bf16 forward stays on torch
-    # everywhere.
+    # ff41169 (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
+    # backend: cpp 1.93x torch (geomean of the 28 cases in the class; 2.2-4.2x at stride 2, up to 7.6x at k5),
+    # slower on 3, all at N=1 (ConvNeXt's 384x14 k7 -> 1536: 0.51x NCHW, 0.65x channels_last; 1152x7 k5 NCHW:
+    # 0.59x). The run before the bf16 backward GEMM (earlier/, 0dc35dd) gave 1.91x and 5 slower. The other bf16
+    # backwards (stride 1, 3x3) stay on torch: cpp was 0.74x there (slower on 18 of 20), and those calls run as
+    # eager PyTorch when the forward stays on torch too (ops/dwsep.py: auto_runs_eager). The bf16 forward stays on
+    # torch everywhere.
     ("dwsep_conv2d", "cpu", torch.bfloat16, "backward_strided_or_large_kernel"): ("cpp", "torch"),
 }
 
