@@ -4,10 +4,10 @@ from typing import Optional, Union
 
 import torch
 
-from .ops import _autocast, _checks
+from .ops import _autocast, _checks, _eager
 from .ops import distill as _distill_ops
 from .ops import dwsep as _dwsep_ops
-from .ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.effikern.sparse_linear*)
+from .ops import sparse as _sparse_ops
 from .ops.activation import activation_name
 
 IntOrPair = Union[int, tuple]
@@ -143,5 +143,8 @@ def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] =
     if dtype is not None:
         x, values, bias = _autocast.cast([x, values, bias], dtype)
     with _autocast.off_if(dtype, x):
-        return torch.ops.effikern.sparse_linear(x, values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm,
-                                                w.value_mask, bias, w.format, w.out_features, w.in_features)
+        args = (x, values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm, w.value_mask, bias, w.format,
+                w.out_features, w.in_features)
+        if _eager.must_dispatch([x, values, bias], autograd=False) or torch._C._are_functorch_transforms_active():
+            return torch.ops.effikern.sparse_linear(*args)
+        return _sparse_ops.EagerSparseLinear.apply(*args)  # the op without the dispatcher's cost (see there)

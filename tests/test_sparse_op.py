@@ -146,6 +146,46 @@ def test_gradcheck_float64(backend, fmt):
         assert torch.autograd.gradcheck(f, (x, values, bias))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eager_path_is_the_op_without_the_dispatcher(backend, fmt):
+    """functional.sparse_linear in plain eager mode runs ops.sparse.EagerSparseLinear (the op's implementation and
+    gradients without the dispatcher's autograd layer): the same output and gradients as the registered op, bit for
+    bit; under a dispatch mode it goes through the op. Once differentiable, like the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    skip_unavailable(backend, "cpu")
+    sw, _ = random_weight(fmt, 12, 40, 0.5, torch.float32, "cpu", block=(4, 8), inner=0.2)
+    sw.values.requires_grad_()
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    gy = torch.randn(2, 3, 12)
+    with effikern.set_backend(backend):
+        y = effikern.functional.sparse_linear(x, sw, bias)
+        assert type(y.grad_fn).__name__ == "EagerSparseLinearBackward"
+        grads = torch.autograd.grad(y, [x, sw.values, bias], gy, retain_graph=True)
+        g_x, = torch.autograd.grad(y, [x], gy.clone().requires_grad_(), create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):  # the op: "no autograd formula"
+            g_x.sum().backward()
+        y_op = torch.ops.effikern.sparse_linear(x, sw.values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm,
+                                                sw.value_mask, bias, fmt, 12, 40)
+        grads_op = torch.autograd.grad(y_op, [x, sw.values, bias], gy)
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(grads, grads_op):
+        assert torch.equal(g, g_op)
+
+    class Seen(TorchDispatchMode):
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen(), effikern.set_backend(backend):
+        effikern.functional.sparse_linear(x, sw, bias)
+    assert any("effikern.sparse_linear" in name for name in Seen.ops), Seen.ops
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
     sw, _ = random_weight(fmt, 12, 16, 0.5, torch.float32, "cpu", block=(4, 8), inner=0.2)
