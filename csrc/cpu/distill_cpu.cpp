@@ -7,6 +7,7 @@
 // size [M, V] is allocated besides the gradient itself. Rows are independent: at::parallel_for over rows
 // (OpenMP in the torch wheel), which honours torch.set_num_threads.
 #include "distill_cpu.h"
+#include "half_bits.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -91,9 +92,24 @@ template <typename scalar_t, typename acc_t>
 EK_DISTILL_INLINE const acc_t* as_math(const scalar_t* src, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t j = 0; j < n; ++j) buf[j] = half_bits::to_float(bits[j]);
+    return buf;
   } else {
     for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
     return buf;
+  }
+}
+
+// dst[j] = scalar_t(src[j]) for j < n, rounded to nearest even.
+template <typename scalar_t, typename acc_t>
+EK_DISTILL_INLINE void store_rounded(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    auto* bits = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t j = 0; j < n; ++j) bits[j] = half_bits::from_float(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
   }
 }
 
@@ -174,7 +190,7 @@ EK_DISTILL_CLONES acc_t row_kl(const scalar_t* s, const scalar_t* t, scalar_t* g
     if constexpr (kGrad) {
       if (sub_y && y >= j0 && y < j0 + n) gv[y - j0] -= a.hard;
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t j = 0; j < n; ++j) g[j0 + j] = static_cast<scalar_t>(gv[j]);
+        store_rounded(gv, n, g + j0);
       }
     }
     kl += part;
