@@ -53,7 +53,10 @@ def dwsep_conv2d(
         if _dwsep_ops.auto_runs_eager(*args):
             _dwsep_ops.check_args(*args)  # the op's errors, then PyTorch's own autograd (see auto_runs_eager)
             return _dwsep_ops.reference(*args)
-        return torch.ops.effikern.dwsep_conv2d(*args)
+        if _eager.must_dispatch([x, dw_weight, dw_bias, pw_weight, pw_bias, residual], autograd=False) or \
+                torch._C._are_functorch_transforms_active():
+            return torch.ops.effikern.dwsep_conv2d(*args)
+        return _dwsep_ops.EagerDwsepConv2d.apply(*args)  # the op without the dispatcher's cost (see there)
 
 
 def distillation_loss(

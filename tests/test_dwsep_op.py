@@ -263,6 +263,33 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(compiled(x), f(x))
 
 
+@pytest.mark.parametrize("cfg", ["c17_k5_s2_silu_res", "rect_gelu"])
+def test_eager_path_is_the_op_without_the_dispatcher(cfg):
+    """functional.dwsep_conv2d in plain eager mode runs ops.dwsep.EagerDwsepConv2d (the op's implementation and
+    gradients without the dispatcher's autograd layer): bit for bit the registered op's output and gradients, the
+    residual's included; once differentiable, like the op."""
+    skip_unavailable("cpp", "cpu")
+    tensors, low, args, _ = _make(CONFIGS[cfg], torch.float32, "cpu")
+    leaves = [t.requires_grad_() if t is not None else None for t in low]
+    x, dw_w, dw_b, pw_w, pw_b, res = leaves
+    present = [t for t in leaves if t is not None]
+    with effikern.set_backend("cpp"):
+        y = _run("cpp", leaves, args)
+        assert type(y.grad_fn).__name__ == "EagerDwsepConv2dBackward"
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, present, g, retain_graph=True)
+        op_args = (x, dw_w, dw_b, pw_w, pw_b, list(_pair(args["stride"])), list(_pair(args["padding"])),
+                   list(_pair(args["dilation"])), args["activation"], res)
+        y_op = torch.ops.effikern.dwsep_conv2d(*op_args)
+        grads_op = torch.autograd.grad(y_op, present, g)
+        (g_x,) = torch.autograd.grad(y, [x], g.clone().requires_grad_(), create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g_x.sum().backward()
+    assert torch.equal(y, y_op)
+    for a, b in zip(grads, grads_op):
+        assert torch.equal(a, b)
+
+
 def test_auto_on_pytorch_runs_eager_autograd():
     """Where auto picks PyTorch for both passes (bf16 on CPU at stride 1 with a 3x3 kernel), the call is plain
     eager PyTorch: the same result as the reference, autograd's own convolution backward (no recomputation of the
@@ -306,5 +333,5 @@ def test_auto_runs_the_measured_bf16_backward_where_pytorch_is_slow(cfg):
         assert backends.choose("dwsep_conv2d", "cpu", torch.bfloat16, case) == "cpp"
         assert not dwsep_op.auto_runs_eager(*op_args)
         y = _run("auto", [x.detach().clone().requires_grad_(), dw_w, dw_b, pw_w, pw_b, res], args)
-        assert "effikern" in type(y.grad_fn).__name__  # through the op, not eager autograd
+        assert type(y.grad_fn).__name__ == "EagerDwsepConv2dBackward"  # the op's eager path, not eager autograd
     _check_forward_and_backward("auto", config, torch.bfloat16)

@@ -4,10 +4,10 @@ Why: a ``torch.library.custom_op`` that mutates tensor lists pays the dispatcher
 counter bump per tensor, autograd and ADInplaceOrView layers) on every call: 0.9 ms per ``unscale_check_norm``
 over 1000 gradients on CPU, more than its 0.6 ms kernel. The callers that run every step (GradScaler,
 effikern.optim) call the implementation directly when :func:`must_dispatch` says nothing would be lost, and go
-through the op otherwise. ``sparse_linear`` does the same for a different cost: without autograd its bypass saves
-only ~3 of ~30 us per call, but the custom op's Python autograd layer costs ~70 us per forward and as much per
-gradient op, so eager calls go through an autograd.Function over the same implementation
-(``ops.sparse.EagerSparseLinear``).
+through the op otherwise. ``sparse_linear`` and ``dwsep_conv2d`` do the same for a different cost: without
+autograd their bypass saves only a few us per call, but the custom op's Python autograd layer costs ~70 us per
+forward and as much per gradient op, so eager calls go through an autograd.Function over the same implementation
+(``ops.sparse.EagerSparseLinear``, ``ops.dwsep.EagerDwsepConv2d``).
 """
 
 from typing import Iterable, Optional

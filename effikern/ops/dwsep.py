@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -158,8 +159,7 @@ def _empty(shape, like, fmt):
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-@torch.library.custom_op("effikern::dwsep_conv2d", mutates_args=())
-def dwsep_conv2d(
+def _conv(
     x: torch.Tensor,
     dw_weight: torch.Tensor,
     dw_bias: Optional[torch.Tensor],
@@ -185,6 +185,9 @@ def dwsep_conv2d(
     )
     # Backends return y in x's layout; this is a no-op then, and pins the layout the fake function promises.
     return y.contiguous(memory_format=fmt)
+
+
+dwsep_conv2d = torch.library.custom_op("effikern::dwsep_conv2d", _conv, mutates_args=())
 
 
 def auto_runs_eager(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
@@ -238,8 +241,7 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("effikern::dwsep_conv2d_backward", mutates_args=())
-def dwsep_conv2d_backward(
+def _conv_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     dw_weight: torch.Tensor,
@@ -270,6 +272,9 @@ def dwsep_conv2d_backward(
     )
     gx, gdw, gdwb, gpw, gpwb = grads
     return gx.contiguous(memory_format=fmt), gdw.contiguous(), gdwb.contiguous(), gpw.contiguous(), gpwb.contiguous()
+
+
+dwsep_conv2d_backward = torch.library.custom_op("effikern::dwsep_conv2d_backward", _conv_backward, mutates_args=())
 
 
 def _zero_grads(x, dw_weight, pw_weight, fmt):
@@ -304,11 +309,11 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
-def _backward(ctx, grad_y):
+def _gradients(ctx, grad_y, conv_backward):
+    """Autograd's gradients for the op's 10 inputs, through ``conv_backward`` (the registered backward op, or its
+    implementation on the eager path)."""
     x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
-    gx, gdw, gdwb, gpw, gpwb = torch.ops.effikern.dwsep_conv2d_backward(
-        grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args
-    )
+    gx, gdw, gdwb, gpw, gpwb = conv_backward(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
     has_dw_b, has_pw_b = ctx.has_bias
     return (
         gx, gdw, gdwb if has_dw_b else None, gpw, gpwb if has_pw_b else None,
@@ -316,4 +321,26 @@ def _backward(ctx, grad_y):
     )
 
 
+def _backward(ctx, grad_y):
+    return _gradients(ctx, grad_y, torch.ops.effikern.dwsep_conv2d_backward)
+
+
 dwsep_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerDwsepConv2d(torch.autograd.Function):
+    """The op with the same checks, kernels and gradients, minus the dispatcher, for plain eager calls
+    (``functional.dwsep_conv2d`` decides when). Through the registered op a tiny block's forward + backward took
+    ~310 us on CPU, for ~30 us of kernels: the custom op's Python autograd layer. Not twice differentiable, like
+    the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = _conv(*inputs)
+        _setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, _conv_backward)
