@@ -10,7 +10,7 @@ import torch
 def info() -> None:
     """Versions, device, which backends are built and usable per op, and what ``auto`` picks."""
     import effikern
-    from effikern import _ext, backends
+    from effikern import _auto, _ext, backends
 
     try:
         import triton
@@ -47,6 +47,13 @@ def info() -> None:
                 if picked == "torch" and backends.get_backend() == "auto" and op in _EAGER_UNDER_AUTO:
                     picked = "eager PyTorch code (no kernel measured faster)"
                 print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9} -> runs on: {picked}")
+                if backends.get_backend() == "auto":  # classes of shapes measured the other way (_auto._CASES)
+                    for case in _auto.cases(op, device, dtype):
+                        try:
+                            on = backends.choose(op, device, dtype, case)
+                        except backends.BackendUnavailableError as err:
+                            on = f"error: {err}"
+                        print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9}    {case}: {on}")
 
 
 # Ops that, where auto keeps PyTorch, run the plain eager code instead of their torch reference backend

@@ -83,3 +83,8 @@ def preference(op: str, device_type: str, dtype: torch.dtype, case: Optional[str
     if case is not None and (op, device_type, dtype, case) in _CASES:
         return _CASES[(op, device_type, dtype, case)]
     return _PREFERENCE.get((op, device_type, dtype), ("torch",))
+
+
+def cases(op: str, device_type: str, dtype: torch.dtype):
+    """The shape classes with their own entry for this op, device type and dtype (for ``effikern info``)."""
+    return [case for (o, d, t, case) in _CASES if (o, d, t) == (op, device_type, dtype)]
