@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -74,7 +75,12 @@ inline TilePlan plan_tiles(const Geometry& g, bool backward) {
   if (backward) {
     // Tiles t and t+2 touch disjoint input rows iff rows >= (kh-1)*dh/sh (window rows: see Window): the two-phase
     // grad_x accumulation relies on it.
-    rows = std::max(rows, (g.kh - 1) * g.dh / g.sh);
+    const int64_t min_rows = std::max<int64_t>(1, (g.kh - 1) * g.dh / g.sh);
+    // With few images, shorter tiles (down to that minimum) until each phase has a tile per thread: one 14x14
+    // image in two tiles left the whole backward on one core while PyTorch's GEMMs used all of them.
+    const int64_t wanted = ceil_div(2 * static_cast<int64_t>(at::get_num_threads()), g.N);
+    if (ceil_div(g.Ho, rows) < wanted) rows = ceil_div(g.Ho, wanted);
+    rows = std::max(rows, min_rows);
   }
   rows = std::min(std::max<int64_t>(rows, 1), g.Ho);
   // Same number of tiles, heights as even as possible: 7 rows at a target of 5 make tiles of 4 + 3, not 5 + 2 (a
