@@ -92,10 +92,12 @@ struct ForwardTiles {
   EK_INLINE void run() const {
     const Geometry& g = pb.g;
     const auto win = scratch<T>(L::window_elems(pb)), vbuf = scratch<T>(L::fwd_scratch_elems(pb));
-    constexpr bool in_place = L::kGemmIntoY && std::is_same_v<scalar_t, T>;
+    constexpr bool kInPlace = L::kGemmIntoY && std::is_same_v<scalar_t, T>;
+    const bool nchw_out = L::kNchwOutput && pb.out_nchw;
+    const bool in_place = kInPlace && !nchw_out;
     const bool bf16_dot = pb.w_pw16 != nullptr;
     const auto z = scratch<T>(pb.tile_elems());
-    const auto ytile = scratch<T>(in_place || bf16_dot ? 0 : pb.max_pixels() * g.Cout);
+    const auto ytile = scratch<T>(in_place || (bf16_dot && !nchw_out) ? 0 : pb.max_pixels() * g.Cout);
     const auto a16 = scratch<uint16_t>(bf16_dot ? L::bf16_operand_elems(pb) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const Tile tile = pb.plan.tile(task / pb.plan.per_image, task % pb.plan.per_image, g);
@@ -107,14 +109,27 @@ struct ForwardTiles {
       const scalar_t* res_img = res != nullptr ? res + tile.n * pb.image_out() : nullptr;
       const int64_t p0 = tile.oh0 * g.Wo, ld = L::out_ld(pb, P);
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (bf16_dot) {
+        if (bf16_dot && !nchw_out) {
           L::pointwise_bf16(pb, z.get(), P, a16.get(), reinterpret_cast<const uint16_t*>(res_img),
                             reinterpret_cast<uint16_t*>(y_img), p0);
           continue;
         }
       }
       T* out = ytile.get();
-      if constexpr (in_place) out = L::out_in_place(y_img, p0, g.Cout);
+      if constexpr (kInPlace) {
+        if (in_place) out = L::out_in_place(y_img, p0, g.Cout);
+      }
+      if constexpr (L::kNchwOutput) {
+        if (nchw_out) {
+          bool multiplied = false;
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (bf16_dot) L::pointwise_bf16_to_f32(pb, z.get(), P, a16.get(), out, ld), multiplied = true;
+          }
+          if (!multiplied) L::pointwise(pb, z.get(), P, out, ld);
+          L::store_nchw(pb, out, ld, res_img, y_img, p0, P);
+          continue;
+        }
+      }
       L::pointwise(pb, z.get(), P, out, ld);
       L::store(pb, out, ld, res_img, y_img, p0, P);
     }
@@ -281,13 +296,15 @@ Problem<scalar_t, T> make_problem(const Geometry& g, bool backward, int64_t act,
 template <class L, typename scalar_t>
 void forward_impl(const Geometry& g, const at::Tensor& x, const at::Tensor& dw_weight,
                   const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
-                  const c10::optional<at::Tensor>& pw_bias, int64_t act, const at::Tensor& res, at::Tensor& y) {
+                  const c10::optional<at::Tensor>& pw_bias, int64_t act, const at::Tensor& res, at::Tensor& y,
+                  bool y_nchw) {
   using T = at::opmath_type<scalar_t>;
   bool bf16_dot = false;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) bf16_dot = bf16_gemm::available();
   PreparedWeights<T> w;
   auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/false, act, x, dw_weight, dw_bias, pw_weight, pw_bias, w,
                                          /*pw_in_T=*/!bf16_dot);
+  pb.out_nchw = y_nchw;
   std::unique_ptr<uint16_t[]> w16;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (bf16_dot) {
@@ -348,25 +365,29 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
 }
 
 // NCHW images of at most this many pixels run through the channels_last kernels, x (and grad_y) converted on the
-// way in and y (grad_x) on the way out: at 7x7 and 14x14 the planar kernels were 1.8-1.9x slower than the
-// channels_last ones (7-14 wide rows are mostly vector tails, and the GEMM's N is P), and the conversions cost
-// 5-15% of the op. At 28x28 the two were even.
+// way in: at 7x7 and 14x14 the planar kernels were 1.8-1.9x slower than the channels_last ones (7-14 wide rows are
+// mostly vector tails, and the GEMM's N is P). The forward writes NCHW y directly (Problem::out_nchw) rather than
+// converting it afterwards. The backward still converts grad_x on the way out. At 28x28 the
+// two layouts' kernels were even.
 constexpr int64_t kSmallImage = 14 * 14;
 
+// y_nchw (channels_last x only): y is NCHW, written transposed tile by tile (small NCHW images, see kSmallImage).
 at::Tensor forward(const at::Tensor& x, bool channels_last, const at::Tensor& dw_weight,
                    const c10::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
                    const c10::optional<at::Tensor>& pw_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                   at::IntArrayRef dilation, int64_t activation, const c10::optional<at::Tensor>& residual) {
+                   at::IntArrayRef dilation, int64_t activation, const c10::optional<at::Tensor>& residual,
+                   bool y_nchw = false) {
   const Geometry g = make_geometry(x, dw_weight, pw_weight, stride, padding, dilation);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt));
-  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
-  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(fmt));
+  TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt) && (channels_last || !y_nchw));
+  const auto out_fmt = y_nchw ? at::MemoryFormat::Contiguous : fmt;
+  const at::Tensor res = residual.has_value() ? residual->contiguous(out_fmt) : at::Tensor();
+  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(out_fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwsep_fwd_cpu", [&] {
     if (channels_last) {
-      forward_impl<Interleaved, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y);
+      forward_impl<Interleaved, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y, y_nchw);
     } else {
-      forward_impl<Planar, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y);
+      forward_impl<Planar, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y, false);
     }
   });
   return y;
@@ -405,8 +426,7 @@ at::Tensor dwsep_fwd_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const
                          int64_t activation, const c10::optional<at::Tensor>& residual) {
   if (is_small_nchw(x)) {
     return forward(x.contiguous(at::MemoryFormat::ChannelsLast), /*channels_last=*/true, dw_weight, dw_bias,
-                   pw_weight, pw_bias, stride, padding, dilation, activation, residual)
-        .contiguous();
+                   pw_weight, pw_bias, stride, padding, dilation, activation, residual, /*y_nchw=*/true);
   }
   const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return forward(x, cl, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual);

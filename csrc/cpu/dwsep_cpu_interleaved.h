@@ -195,6 +195,43 @@ struct Interleaved {
     bf16_gemm::gemm(P, Cout, pb.g.C, a16, ce, pb.w_pw16, ep);
   }
 
+  // Y[P x Cout] (fp32, row stride ld) = A[P x C] * W^T on the bf16 GEMM, A rounded to bf16 first: the NCHW-output
+  // forward, which transposes Y as it stores it (store_nchw).
+  template <typename scalar_t, typename T>
+  static void pointwise_bf16_to_f32(const Problem<scalar_t, T>& pb, const float* a, int64_t P, uint16_t* a16,
+                                    float* Y, int64_t ld) {
+    const int64_t ce = round_up(pb.g.C, 2);
+    bf16_gemm::round_rows(a, P, pb.g.C, pb.cp, ce, a16, ce);
+    bf16_gemm::gemm(P, pb.g.Cout, pb.g.C, a16, ce, pb.w_pw16, Y, ld);
+  }
+
+  // NCHW y[co][p0 + p] = Y[p][co] + b[co] (+ res[co][p0 + p]), rounded once: the tile's pixels are whole output rows
+  // of one image, so each channel's are contiguous in y. Transposed in 16 x 16 blocks that stay in L1.
+  static constexpr bool kNchwOutput = true;
+  template <typename scalar_t, typename T>
+  static EK_INLINE void store_nchw(const Problem<scalar_t, T>& pb, const T* Y, int64_t ld, const scalar_t* res_img,
+                                   scalar_t* y_img, int64_t p0, int64_t P) {
+    const int64_t Cout = pb.g.Cout, plane = pb.g.Ho * pb.g.Wo;
+    constexpr int64_t kB = 16;
+    for (int64_t c0 = 0; c0 < Cout; c0 += kB) {
+      for (int64_t q0 = 0; q0 < P; q0 += kB) {
+        const int64_t c1 = std::min(Cout, c0 + kB), q1 = std::min(P, q0 + kB);
+        for (int64_t co = c0; co < c1; ++co) {
+          const T b = pb.b_pw[co];
+          scalar_t* dst = y_img + co * plane + p0;
+          if (res_img != nullptr) {
+            const scalar_t* res = res_img + co * plane + p0;
+            for (int64_t p = q0; p < q1; ++p) {
+              dst[p] = static_cast<scalar_t>(Y[p * ld + co] + b + static_cast<T>(res[p]));
+            }
+          } else {
+            for (int64_t p = q0; p < q1; ++p) dst[p] = static_cast<scalar_t>(Y[p * ld + co] + b);
+          }
+        }
+      }
+    }
+  }
+
   // grad_A[P x C] = G[P x Cout] * W[Cout x C], and either dW^T[C x Cout] += A^T * G or dW[Cout x C] += G^T * A.
   template <typename scalar_t, typename T>
   static EK_INLINE void pointwise_backward(const Problem<scalar_t, T>& pb, const T* a, MatrixView<T> G, int64_t P,

@@ -227,6 +227,8 @@ struct Planar {
 
   // The depthwise weight-gradient partial is kept as [C][taps].
   static constexpr bool kDwGradTransposed = false;
+  // Its output is NCHW already (Problem::out_nchw is for Interleaved).
+  static constexpr bool kNchwOutput = false;
   // Its backward GEMMs stay fp32 (the bf16 GEMM's operands would need packing from transposed tiles): NCHW images
   // of up to kSmallImage pixels run through Interleaved, so only larger ones take this path.
   static constexpr bool kBf16Backward = false;

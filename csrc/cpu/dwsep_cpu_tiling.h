@@ -216,6 +216,10 @@ struct Problem {
   // 1.5-2x the rate, with this pass's packed weight operand: W^T for the forward (Layout::pw_weight_bf16), W for
   // the channels_last backward's grad_A = G W (Interleaved::pw_weight_bf16_backward). nullptr: the fp32 GEMMs.
   const uint16_t* w_pw16 = nullptr;
+  // The forward writes an NCHW y from channels_last tiles (Layout::kNchwOutput): small NCHW images run through the
+  // channels_last kernels, and converting the whole output afterwards cost up to ~15% of a forward with a large
+  // output (8x384x14x14 k7 -> 1536 fp32: 13.8-17.3 -> 12.0-12.2 ms; others within noise) and a y-sized temporary.
+  bool out_nchw = false;
 
   // The pointwise weight gradient needs one GEMM operand transposed (brgemm has no transpose flag): the smaller of
   // A (P x C) and G (P x Cout).
