@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 
 _PREFERENCE = {
-    # benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-2t.json (2 threads, git c85bc75, N=8): cpp's geomean over the 12
-    # MobileNetV2 / EfficientNet / ConvNeXt shapes is 1.20-1.44x torch in every (layout, mode) group (the earlier
-    # all-family run, cpu-AMD-EPYC-2t.json at b45aafe: 1.05-1.85x); it is slower on some shapes (README).
+    # benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-2t.json (2 threads, git ff7a76b, N=8): cpp's geomean over the 12
+    # MobileNetV2 / EfficientNet / ConvNeXt shapes is 1.11-1.67x torch in every (layout, mode) group (earlier runs:
+    # 1.20-1.44x at c85bc75, 1.05-1.85x in the all-family cpu-AMD-EPYC-2t.json at b45aafe); it is slower on some
+    # shapes (README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
     # bf16 stays on torch (but see _CASES for backwards): benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2
     # threads, the 12 shapes at N=1 and N=8, bf16 GEMMs in the forward and the channels_last backward, git ff41169)
@@ -63,8 +64,8 @@ _CASES = {
     # benchmarks/results/cpu-AMD-EPYC-2t.json at b45aafe (2 threads, N=8): on every shape whose output image is
     # 14x14 or smaller (384x14 k3/k7, 672x14, 960x7, 1152x7) the cpp forward took 1.04-1.30x torch's time, in
     # NCHW and in channels_last: oneDNN's depthwise kernel is already fast there and the fused pointwise GEMM is
-    # small per tile. The later dwsep-fp32 run (c85bc75) agrees on 8 of those 10 (1.00-1.30x); on the other two cpp
-    # took 0.97x torch's time. The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
+    # small per tile. The later dwsep-fp32 runs agree on 8 of those 10 (c85bc75) and 9
+    # of 10 (ff7a76b: 1.05-1.17x torch's time). The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
     ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
     # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json at
     # ff41169 (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
