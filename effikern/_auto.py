@@ -64,8 +64,8 @@ _CASES = {
     # benchmarks/results/cpu-AMD-EPYC-2t.json at b45aafe (2 threads, N=8): on every shape whose output image is
     # 14x14 or smaller (384x14 k3/k7, 672x14, 960x7, 1152x7) the cpp forward took 1.04-1.30x torch's time, in
     # NCHW and in channels_last: oneDNN's depthwise kernel is already fast there and the fused pointwise GEMM is
-    # small per tile. The later dwsep-fp32 runs agree on 8 of those 10 (c85bc75) and 9
-    # of 10 (ff7a76b: 1.05-1.17x torch's time). The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
+    # small per tile. The later dwsep-fp32 runs agree on 8 of those 10 (c85bc75) and 9 of 10 (ff7a76b: 1.05-1.17x
+    # torch's time). The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
     ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
     # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json at
     # ff41169 (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
