@@ -7,7 +7,7 @@
 #include "cpu/bf16_gemm.h"
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
-#include "cpu/half_bits.h"
+#include "cpu/half_convert.h"
 #include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/amp_cuda.h"
@@ -54,24 +54,35 @@ at::Tensor bf16_gemm_for_test(const at::Tensor& A, const at::Tensor& B, const c1
   return c;
 }
 
-// Test hooks for half_bits.h: fp16 bits (int16 tensor) -> float32, and float32 -> fp16 bits, elementwise.
-at::Tensor half_bits_to_float_for_test(const at::Tensor& bits) {
-  TORCH_CHECK(bits.scalar_type() == at::kShort, "half_bits: int16 bits expected");
+// Test hooks for half_convert.h, elementwise: fp16 bits (int16) -> float32 and float32 -> fp16 bits, through the
+// block functions (F16C where the CPU has it), or the portable scalar ones when `portable` is set.
+at::Tensor half_to_float_for_test(const at::Tensor& bits, bool portable) {
+  TORCH_CHECK(bits.scalar_type() == at::kShort, "half_to_float_for_test: int16 bits expected");
   const at::Tensor b = bits.contiguous();
   at::Tensor out = at::empty(b.sizes(), b.options().dtype(at::kFloat));
   const auto* src = reinterpret_cast<const uint16_t*>(b.data_ptr<int16_t>());
   float* dst = out.data_ptr<float>();
-  for (int64_t i = 0; i < b.numel(); ++i) dst[i] = effikern::half_bits::to_float(src[i]);
+  namespace hc = effikern::half_convert;
+  if (!portable) {
+    hc::half_block_to_f32(src, dst, b.numel());
+  } else {
+    for (int64_t i = 0; i < b.numel(); ++i) dst[i] = hc::half_to_f32(src[i]);
+  }
   return out;
 }
 
-at::Tensor half_bits_from_float_for_test(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "half_bits: float32 expected");
+at::Tensor float_to_half_for_test(const at::Tensor& x, bool portable) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "float_to_half_for_test: float32 expected");
   const at::Tensor v = x.contiguous();
   at::Tensor out = at::empty(v.sizes(), v.options().dtype(at::kShort));
   const float* src = v.data_ptr<float>();
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
-  for (int64_t i = 0; i < v.numel(); ++i) dst[i] = effikern::half_bits::from_float(src[i]);
+  namespace hc = effikern::half_convert;
+  if (!portable) {
+    hc::f32_block_to_half(src, dst, v.numel());
+  } else {
+    for (int64_t i = 0; i < v.numel(); ++i) dst[i] = hc::f32_to_half(src[i]);
+  }
   return out;
 }
 
@@ -81,8 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "effikern compiled kernels (C++ CPU, and CUDA when built with it)";
   m.def("build_info", &build_info,
         "What this extension was compiled with and can use: {'cuda', 'openmp', 'compiler', 'cpu_bf16_dot'}");
-  m.def("half_bits_to_float_for_test", &half_bits_to_float_for_test, "Test hook: half_bits::to_float");
-  m.def("half_bits_from_float_for_test", &half_bits_from_float_for_test, "Test hook: half_bits::from_float");
+  m.def("half_to_float_for_test", &half_to_float_for_test, "Test hook: half_convert.h, fp16 bits -> float32",
+        py::arg("bits"), py::arg("portable") = false);
+  m.def("float_to_half_for_test", &float_to_half_for_test, "Test hook: half_convert.h, float32 -> fp16 bits",
+        py::arg("x"), py::arg("portable") = false);
   m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N] (+ C0 [M, N])",
         py::arg("A"), py::arg("B"), py::arg("C0") = py::none());
 

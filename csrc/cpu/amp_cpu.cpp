@@ -12,18 +12,18 @@
 //
 // Vectorization: the per-piece loops are `omp simd` loops over plain arithmetic (the bf16 conversions below
 // are bit manipulations, not calls), compiled by target_clones for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time, as in distill_cpu.cpp. fp16 goes through fp32 blocks converted with F16C, and AdamW's
-// sqrt is a block of sqrtps: see half_block_to_f32 and sqrt_block for why.
+// picked at load time, as in distill_cpu.cpp. fp16 goes through fp32 blocks converted with F16C (half_convert.h),
+// and AdamW's sqrt is a block of sqrtps: see sqrt_block for why.
 #pragma GCC optimize("no-math-errno")  // lets sqrtf vectorize; nothing here reads errno
 
 #include "amp_cpu.h"
+#include "half_convert.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -45,43 +45,11 @@ constexpr int64_t kSerialBelow = 1 << 16;
 #define EK_AMP_INLINE inline
 #endif
 
-EK_AMP_INLINE float bits_to_f32(uint32_t w) {
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-
-EK_AMP_INLINE uint32_t f32_to_bits(float f) {
-  uint32_t w;
-  std::memcpy(&w, &f, sizeof(w));
-  return w;
-}
-
-// IEEE half -> float, exact, denormals included: the exponent is rebased by a float multiply (normals) or the
-// mantissa is placed under a magic exponent and the bias subtracted (denormals); inf/nan map to inf/nan.
-EK_AMP_INLINE float half_to_f32(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized);
-  return bits_to_f32(sign | magnitude);
-}
-
-// float -> IEEE half, round to nearest even, overflow to inf, nan to a quiet nan. The rounding is done by the
-// FPU: adding a power of two chosen from the input's exponent leaves exactly the half's mantissa bits.
-EK_AMP_INLINE uint16_t f32_to_half(float f) {
-  const float base0 = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = f32_to_bits(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
-  const uint32_t bits = f32_to_bits(bits_to_f32((bias >> 1) + 0x07800000u) + base0);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
+// fp16 <-> fp32: half_convert.h (shared with the distillation loss).
+using half_convert::bits_to_f32;
+using half_convert::f32_block_to_half;
+using half_convert::f32_to_bits;
+using half_convert::half_block_to_f32;
 
 EK_AMP_INLINE float bf16_to_f32(uint16_t b) { return bits_to_f32(static_cast<uint32_t>(b) << 16); }
 
@@ -98,11 +66,6 @@ struct F32 {
   static EK_AMP_INLINE float load(float x) { return x; }
   static EK_AMP_INLINE float store(float x) { return x; }
 };
-struct F16 {
-  using raw = uint16_t;
-  static EK_AMP_INLINE float load(uint16_t x) { return half_to_f32(x); }
-  static EK_AMP_INLINE uint16_t store(float x) { return f32_to_half(x); }
-};
 struct BF16 {
   using raw = uint16_t;
   static EK_AMP_INLINE float load(uint16_t x) { return bf16_to_f32(x); }
@@ -112,35 +75,15 @@ struct BF16 {
 // Tensors in fp16 are converted in blocks of kBlock elements through fp32 buffers (4 KiB each, in L1).
 constexpr int64_t kBlock = 1024;
 
-// fp16 <-> fp32 and sqrt over a block, on the x86 instructions made for them where the CPU has them (F16C
-// and AVX: every x86-64 CPU since 2013), picked at run time. GCC does not vectorize the bit-manipulating
-// conversions above well, and it never vectorizes sqrtf without -fno-math-errno (sqrtf may set errno), which
-// this file cannot set for itself.
+// sqrt over a block with sqrtps where the CPU has AVX (picked at run time), as half_convert.h does for fp16 with
+// F16C: GCC never vectorizes sqrtf without -fno-math-errno (sqrtf may set errno), which this file cannot set for
+// itself.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define EK_AMP_X86 1
-bool cpu_has(const char* what) {
+const bool kHasAvx = [] {
   __builtin_cpu_init();
-  return std::strcmp(what, "f16c") == 0 ? __builtin_cpu_supports("f16c") : __builtin_cpu_supports("avx");
-}
-const bool kHasF16C = cpu_has("f16c") && cpu_has("avx");
-const bool kHasAvx = cpu_has("avx");
-
-__attribute__((target("avx,f16c"))) void half_to_f32_f16c(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = half_to_f32(src[i]);
-}
-
-__attribute__((target("avx,f16c"))) void f32_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) dst[i] = f32_to_half(src[i]);
-}
+  return static_cast<bool>(__builtin_cpu_supports("avx"));
+}();
 
 __attribute__((target("avx"))) void sqrt_avx(const float* x, float* out, int64_t n) {
   int64_t i = 0;
@@ -148,20 +91,6 @@ __attribute__((target("avx"))) void sqrt_avx(const float* x, float* out, int64_t
   for (; i < n; ++i) out[i] = std::sqrt(x[i]);
 }
 #endif
-
-void half_block_to_f32(const uint16_t* src, float* dst, int64_t n) {
-#ifdef EK_AMP_X86
-  if (kHasF16C) return half_to_f32_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_f32(src[i]);
-}
-
-void f32_block_to_half(const float* src, uint16_t* dst, int64_t n) {
-#ifdef EK_AMP_X86
-  if (kHasF16C) return f32_to_half_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_half(src[i]);
-}
 
 // out = sqrt(x), correctly rounded (the sqrtps instruction, as std::sqrt).
 void sqrt_block(const float* x, float* out, int64_t n) {

@@ -7,7 +7,7 @@
 // size [M, V] is allocated besides the gradient itself. Rows are independent: at::parallel_for over rows
 // (OpenMP in the torch wheel), which honours torch.set_num_threads.
 #include "distill_cpu.h"
-#include "half_bits.h"
+#include "half_convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -93,8 +93,7 @@ EK_DISTILL_INLINE const acc_t* as_math(const scalar_t* src, int64_t n, acc_t* bu
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    const auto* bits = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t j = 0; j < n; ++j) buf[j] = half_bits::to_float(bits[j]);
+    half_convert::half_block_to_f32(reinterpret_cast<const uint16_t*>(src), buf, n);
     return buf;
   } else {
     for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
@@ -106,8 +105,7 @@ EK_DISTILL_INLINE const acc_t* as_math(const scalar_t* src, int64_t n, acc_t* bu
 template <typename scalar_t, typename acc_t>
 EK_DISTILL_INLINE void store_rounded(const acc_t* src, int64_t n, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    auto* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t j = 0; j < n; ++j) bits[j] = half_bits::from_float(src[j]);
+    half_convert::f32_block_to_half(src, reinterpret_cast<uint16_t*>(dst), n);
   } else {
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
   }
