@@ -53,8 +53,7 @@ def dwsep_conv2d(
         if _dwsep_ops.auto_runs_eager(*args):
             _dwsep_ops.check_args(*args)  # the op's errors, then PyTorch's own autograd (see auto_runs_eager)
             return _dwsep_ops.reference(*args)
-        if _eager.must_dispatch([x, dw_weight, dw_bias, pw_weight, pw_bias, residual], autograd=False) or \
-                torch._C._are_functorch_transforms_active():
+        if _eager.must_dispatch([x, dw_weight, dw_bias, pw_weight, pw_bias, residual], autograd=False):
             return torch.ops.effikern.dwsep_conv2d(*args)
         return _dwsep_ops.EagerDwsepConv2d.apply(*args)  # the op without the dispatcher's cost (see there)
 
@@ -148,6 +147,6 @@ def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] =
     with _autocast.off_if(dtype, x):
         args = (x, values, w.crow, w.col, w.row, w.t_crow, w.t_row, w.t_perm, w.value_mask, bias, w.format,
                 w.out_features, w.in_features)
-        if _eager.must_dispatch([x, values, bias], autograd=False) or torch._C._are_functorch_transforms_active():
+        if _eager.must_dispatch([x, values, bias], autograd=False):
             return torch.ops.effikern.sparse_linear(*args)
         return _sparse_ops.EagerSparseLinear.apply(*args)  # the op without the dispatcher's cost (see there)

@@ -13,6 +13,7 @@ forward and as much per gradient op, so eager calls go through an autograd.Funct
 from typing import Iterable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
@@ -20,11 +21,35 @@ _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 
 def must_dispatch(tensors: Iterable[Optional[torch.Tensor]], autograd: bool = True) -> bool:
     """Whether a call on ``tensors`` (None entries ignored) must go through the registered op: under
-    torch.compile / export, inside a dispatch mode (FakeTensor, functionalization), with a tensor subclass, or, when
-    ``autograd`` is True, when grad mode is on and an input requires grad."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    torch.compile / export, inside a dispatch mode (FakeTensor, functionalization) or a functorch transform (vmap,
+    grad), with a tensor subclass, or, when ``autograd`` is True, when grad mode is on and an input requires
+    grad."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
+            torch._C._are_functorch_transforms_active():
         return True
     present = [t for t in tensors if t is not None]
     if not {type(t) for t in present} <= _PLAIN_TENSORS:
         return True
     return autograd and torch.is_grad_enabled() and any(t.requires_grad for t in present)
+
+
+def op_without_dispatcher(name: str, forward_impl, setup_context, gradients):
+    """An autograd.Function called ``name`` that runs an op's own implementation (``forward_impl(*inputs)``) and its
+    autograd formula (the ``setup_context(ctx, inputs, output)`` and ``gradients(ctx, *grads)`` the registered op
+    uses) without the dispatcher, for eager calls where :func:`must_dispatch` (autograd=False) is False. Not twice
+    differentiable, like the ops, whose gradient ops register no autograd. Built with ``type`` so that the graph
+    node is named after it (``<name>Backward``)."""
+
+    def forward(ctx, *inputs):
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def backward(ctx, *grads):
+        return gradients(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(once_differentiable(backward)),
+        "__module__": forward_impl.__module__,
+    })

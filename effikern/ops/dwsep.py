@@ -11,16 +11,16 @@ the argument checks (once, here), the fake function for torch.compile, autograd,
 Backward recomputes the depthwise output from x instead of saving it: it saves N*C*Ho*Wo activations.
 """
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _ext, backends
-from . import _checks
+from . import _checks, _eager
 from .activation import CODES, activation_backward, apply_activation
 
 OP = "dwsep_conv2d"
@@ -328,19 +328,8 @@ def _backward(ctx, grad_y):
 dwsep_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
-class EagerDwsepConv2d(torch.autograd.Function):
-    """The op with the same checks, kernels and gradients, minus the dispatcher, for plain eager calls
-    (``functional.dwsep_conv2d`` decides when). Through the registered op a tiny block's forward + backward took
-    ~310 us on CPU, for ~30 us of kernels: the custom op's Python autograd layer. Not twice differentiable, like
-    the op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y = _conv(*inputs)
-        _setup_context(ctx, inputs, y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, _conv_backward)
+# The op minus the dispatcher, for plain eager calls (``functional.dwsep_conv2d`` decides when): through the
+# registered op a tiny block's forward + backward took ~310 us on CPU, for ~30 us of kernels, the custom op's Python
+# autograd layer.
+EagerDwsepConv2d = _eager.op_without_dispatcher(
+    "EagerDwsepConv2d", _conv, _setup_context, functools.partial(_gradients, conv_backward=_conv_backward))
