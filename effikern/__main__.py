@@ -40,20 +40,24 @@ def info() -> None:
                     status = backends.unavailable_reason(name, device) or "usable"
                 print(f"  {device:<5}{name:<8}{status}")
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                try:
-                    picked = backends.choose(op, device, dtype)
-                except backends.BackendUnavailableError as err:
-                    picked = f"error: {err}"
+                name = str(dtype).replace("torch.", "")
+                picked = _choice(op, device, dtype)
                 if picked == "torch" and backends.get_backend() == "auto" and op in _EAGER_UNDER_AUTO:
                     picked = "eager PyTorch code (no kernel measured faster)"
-                print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9} -> runs on: {picked}")
+                print(f"  {device:<5}{name:<9} -> runs on: {picked}")
                 if backends.get_backend() == "auto":  # classes of shapes measured the other way (_auto._CASES)
                     for case in _auto.cases(op, device, dtype):
-                        try:
-                            on = backends.choose(op, device, dtype, case)
-                        except backends.BackendUnavailableError as err:
-                            on = f"error: {err}"
-                        print(f"  {device:<5}{str(dtype).replace('torch.', ''):<9}    {case}: {on}")
+                        print(f"  {device:<5}{name:<9}    {case}: {_choice(op, device, dtype, case)}")
+
+
+def _choice(op, device, dtype, case=None) -> str:
+    """The backend the current choice runs ``op`` on, or the reason it cannot."""
+    from effikern import backends
+
+    try:
+        return backends.choose(op, device, dtype, case)
+    except backends.BackendUnavailableError as err:
+        return f"error: {err}"
 
 
 # Ops that, where auto keeps PyTorch, run the plain eager code instead of their torch reference backend

@@ -19,13 +19,18 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
+def tracing() -> bool:
+    """Whether the call is being traced or intercepted (torch.compile / export, or a dispatch mode such as
+    FakeTensor or functionalization): such callers must see the registered op, not what it would run."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def must_dispatch(tensors: Iterable[Optional[torch.Tensor]], autograd: bool = True) -> bool:
     """Whether a call on ``tensors`` (None entries ignored) must go through the registered op: under
     torch.compile / export, inside a dispatch mode (FakeTensor, functionalization) or a functorch transform (vmap,
     grad), with a tensor subclass, or, when ``autograd`` is True, when grad mode is on and an input requires
     grad."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
-            torch._C._are_functorch_transforms_active():
+    if tracing() or torch._C._are_functorch_transforms_active():
         return True
     present = [t for t in tensors if t is not None]
     if not {type(t) for t in present} <= _PLAIN_TENSORS:

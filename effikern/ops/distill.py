@@ -28,10 +28,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
 from .. import _ext, backends
-from . import _checks
+from . import _checks, _eager
 
 OP = "distillation_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -129,7 +127,7 @@ def auto_runs_eager(student: torch.Tensor) -> bool:
     there: float64 on CPU, any GPU until one is lent), and not while tracing. The ``torch`` backend is the
     reference the kernels are tested against, not a fast path: it writes the gradient out in float32 and ran
     0.21-0.53x the eager formula in bf16 on CPU (benchmarks/results/kd-bf16/cpu-AMD-EPYC-2t.json)."""
-    if backends.get_backend() != "auto" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if backends.get_backend() != "auto" or _eager.tracing():
         return False
     return backends.choose(OP, student.device.type, student.dtype) == "torch"
 

@@ -17,8 +17,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
 from .. import _ext, backends
 from . import _checks, _eager
 from .activation import CODES, activation_backward, apply_activation
@@ -199,8 +197,7 @@ def auto_runs_eager(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, 
     two convolutions saves it instead, which is what the unfused nn.Conv2d pair costs. Hand runs of the bf16
     MobileNet example (CPU, 2 threads, three each; not in a results file): through the op 730-850 images/s,
     eager 880-960, the PyTorch baseline 900-1050. Raises the op's argument errors when it has to look at shapes."""
-    if not isinstance(x, torch.Tensor) or backends.get_backend() != "auto" or torch.compiler.is_compiling() or \
-            _get_current_dispatch_mode() is not None:
+    if not isinstance(x, torch.Tensor) or backends.get_backend() != "auto" or _eager.tracing():
         return False
     device, dtype = x.device.type, x.dtype
     picks = {backends.choose(OP, device, dtype, case) for case in (None,) + SHAPE_CASES}
