@@ -115,22 +115,25 @@ struct ForwardTiles {
           continue;
         }
       }
+      // Otherwise the pointwise result goes through an fp32 tile (y itself when in_place), then the store step.
       T* out = ytile.get();
       if constexpr (kInPlace) {
         if (in_place) out = L::out_in_place(y_img, p0, g.Cout);
       }
+      bool multiplied = false;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kNchwOutput) {
+        if (bf16_dot) {  // NCHW output only: the other bf16_dot calls stored through the epilogue above
+          L::pointwise_bf16_to_f32(pb, z.get(), P, a16.get(), out, ld);
+          multiplied = true;
+        }
+      }
+      if (!multiplied) L::pointwise(pb, z.get(), P, out, ld);
       if constexpr (L::kNchwOutput) {
         if (nchw_out) {
-          bool multiplied = false;
-          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-            if (bf16_dot) L::pointwise_bf16_to_f32(pb, z.get(), P, a16.get(), out, ld), multiplied = true;
-          }
-          if (!multiplied) L::pointwise(pb, z.get(), P, out, ld);
           L::store_nchw(pb, out, ld, res_img, y_img, p0, P);
           continue;
         }
       }
-      L::pointwise(pb, z.get(), P, out, ld);
       L::store(pb, out, ld, res_img, y_img, p0, P);
     }
   }
