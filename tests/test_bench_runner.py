@@ -43,3 +43,18 @@ def test_runner_refuses_to_write_a_file_with_no_rows(tmp_path, monkeypatch):
     else:
         raise AssertionError("runner.run wrote a results file with no rows")
     assert not list(tmp_path.iterdir())
+
+
+def test_call_overhead_bench_runs(tmp_path):
+    """benchmarks/bench_call_overhead.py measures every call it names (a smoke run with few calls)."""
+    from backend_util import skip_unavailable
+
+    skip_unavailable("cpp", "cpu")
+    from effikern.benchmarks import bench_call_overhead
+
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_call_overhead.table(calls=20)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 8 and all(r["us"] > 0 for r in rows)
