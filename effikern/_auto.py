@@ -28,9 +28,9 @@ _PREFERENCE = {
     # T 1/2/4, fwd+bwd): cpp 1.37-3.75x the eager formula in all 18 bf16 cases; the torch reference backend
     # 0.21-0.53x (it keeps fp32 intermediates).
     ("distillation_loss", "cpu", torch.bfloat16): ("cpp", "torch"),
-    # benchmarks/results/kd-fp16/cpu-AMD-EPYC-2t.json (the same 18 cases in fp16, git 28527e2): cpp 1.23-2.95x the
-    # eager formula (geomean 2.15x), the torch reference 0.22-0.54x. The run before the vectorized fp16
-    # conversions (earlier/, 7598833): 1.30-2.63x.
+    # benchmarks/results/kd-fp16/cpu-AMD-EPYC-2t.json (the same 18 cases in fp16, git ec7f7fb): cpp 1.39-3.08x the
+    # eager formula (geomean 2.27x), the torch reference 0.24-0.58x. Earlier runs (earlier/): 1.30-2.63x with
+    # scalar fp16 conversions (7598833), 1.23-2.95x with bit-arithmetic ones (28527e2).
     ("distillation_loss", "cpu", torch.float16): ("cpp", "torch"),
     # benchmarks/results/amp/cpu-AMD-EPYC-1t.json (1 thread: the shared 2-core machine gave unrepeatable
     # 2-thread timings): cpp over the torch reference on the same gradients. unscale_check_norm (inside
