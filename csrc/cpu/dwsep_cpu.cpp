@@ -174,7 +174,8 @@ struct BackwardTiles {
     const bool bf16_dot = pb.w_pw16 != nullptr;
     const auto b16 = scratch<uint16_t>(bf16_dot ? L::bf16_backward_elems(pb) : 0);
     // Zeroed once: the GEMM never writes the padding channels of grad_A (channels_last), which must stay finite.
-    std::vector<T> ga(pb.tile_elems(), T(0));
+    const auto ga = scratch<T>(pb.tile_elems());
+    std::fill(ga.get(), ga.get() + pb.tile_elems(), T(0));
     const int64_t phase_tiles = (pb.plan.per_image - phase + 1) / 2;
     for (int64_t task = begin; task < end; ++task) {
       const Tile tile = pb.plan.tile(task / phase_tiles, phase + 2 * (task % phase_tiles), g);
@@ -190,16 +191,16 @@ struct BackwardTiles {
       if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
         if (bf16_dot) {
           const auto* gy_img = reinterpret_cast<const uint16_t*>(grad_y + tile.n * pb.image_out());
-          L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.data(), b16.get(),
+          L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.get(), b16.get(),
                                      part.pw_w.data());
           bf16_done = true;
         }
       }
-      if (!bf16_done) L::pointwise_backward(pb, a.get(), G, P, ga.data(), tbuf.get(), part.pw_w.data());
+      if (!bf16_done) L::pointwise_backward(pb, a.get(), G, P, ga.get(), tbuf.get(), part.pw_w.data());
       // Activation, then depthwise: grad_dw_b, grad_dw_w and grad_x.
-      activation_backward<B>(pb.act, ga.data(), z.get(), P * pb.cp);
-      L::bias_grads(pb, G, ga.data(), P, part.pw_b.data(), part.dw_b.data());
-      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.data(), ih0, gzv.get(), gwin.get(),
+      activation_backward<B>(pb.act, ga.get(), z.get(), P * pb.cp);
+      L::bias_grads(pb, G, ga.get(), P, part.pw_b.data(), part.dw_b.data());
+      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), ih0, gzv.get(), gwin.get(),
                                         part.dw_w.data(), grad_x + tile.n * pb.image_in());
     }
   }
@@ -226,7 +227,7 @@ at::Tensor reduce_partials(const std::vector<GradPartials<T>>& parts, std::vecto
 // forward at 8 x 960 x 7 x 7.
 template <typename T>
 struct PreparedWeights {
-  std::unique_ptr<T[]> buf;
+  Scratch<T> buf;
   T *w_dw, *w_back, *b_dw, *w_pw, *b_pw;
 };
 
@@ -236,7 +237,7 @@ void prepare_weights(const Geometry& g, const Window& win, bool channels_last, b
                      const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias, PreparedWeights<T>& p) {
   TORCH_INTERNAL_ASSERT(dw_weight.is_contiguous() && pw_weight.is_contiguous());
   const int64_t taps = g.taps(), dw_elems = channels_last ? taps * cp : g.C * taps;
-  p.buf = std::unique_ptr<T[]>(new T[2 * dw_elems + cp + g.C * g.Cout + g.Cout]);
+  p.buf = scratch<T>(2 * dw_elems + cp + g.C * g.Cout + g.Cout);
   p.w_dw = p.buf.get(), p.w_back = p.w_dw + dw_elems, p.b_dw = p.w_back + dw_elems, p.w_pw = p.b_dw + cp;
   p.b_pw = p.w_pw + g.C * g.Cout;
 
@@ -308,7 +309,7 @@ void forward_impl(const Geometry& g, const at::Tensor& x, const at::Tensor& dw_w
   auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/false, act, x, dw_weight, dw_bias, pw_weight, pw_bias, w,
                                          /*pw_in_T=*/!bf16_dot);
   pb.out_nchw = y_nchw;
-  std::unique_ptr<uint16_t[]> w16;
+  Scratch<uint16_t> w16;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (bf16_dot) {
       w16 = L::pw_weight_bf16(g, pw_weight);
@@ -329,7 +330,7 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
   using T = at::opmath_type<scalar_t>;
   PreparedWeights<T> w;
   auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w);
-  std::unique_ptr<uint16_t[]> w16;
+  Scratch<uint16_t> w16;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
     if (bf16_gemm::available()) {
       w16 = L::pw_weight_bf16_backward(g, pb.w_pw);

@@ -81,9 +81,9 @@ struct Interleaved {
   static EK_INLINE void depthwise(const Problem<scalar_t, T>& pb, const T* win, int64_t rows, T*, T* z) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
-    const bool runs = with_run_bound(w, [&](auto nb) __attribute__((always_inline)) {
+    const bool runs = with_run_bound(w, [&](auto nb, auto uniform) __attribute__((always_inline)) {
       for (int64_t r = 0; r < rows; ++r) {
-        stencil_runs<B, T, decltype(nb)::value>(win, w.runs.data(), static_cast<int64_t>(w.runs.size()), pb.w_dw,
+        stencil_runs<B, T, decltype(nb)::value, decltype(uniform)::value>(win, w.runs.data(), static_cast<int64_t>(w.runs.size()), pb.w_dw,
                                                 pb.b_dw, pb.cp, r * w.Wq, r * w.Wq + g.Wo, z + r * g.Wo * pb.cp);
       }
     });
@@ -106,12 +106,13 @@ struct Interleaved {
       std::copy(gz + r * g.Wo * cp, gz + (r + 1) * g.Wo * cp, gz_virtual + r * w.Wq * cp);
     }
     const int64_t planes = static_cast<int64_t>(w.plane_begin.size()) - 1;
-    const bool runs = with_run_bound(w, [&](auto nb) __attribute__((always_inline)) {
+    const bool runs = with_run_bound(w, [&](auto nb, auto uniform) __attribute__((always_inline)) {
       constexpr int64_t NB = decltype(nb)::value;
-      weight_grad_runs<B, T, NB>(gz_virtual, win, w, cp, rows * w.Wq, dw_acc);
+      constexpr bool kUniform = decltype(uniform)::value;
+      weight_grad_runs<B, T, NB, kUniform>(gz_virtual, win, w, cp, rows * w.Wq, dw_acc);
       for (int64_t p = 0; p < planes; ++p) {
         const int64_t r0 = w.back_run_begin[p], r1 = w.back_run_begin[p + 1];
-        stencil_runs<B, T, NB>(gzv, w.back_runs.data() + r0, r1 - r0, pb.w_dw, static_cast<const T*>(nullptr), cp,
+        stencil_runs<B, T, NB, kUniform>(gzv, w.back_runs.data() + r0, r1 - r0, pb.w_dw, static_cast<const T*>(nullptr), cp,
                                0, w.plane_size, gwin + p * w.plane_size * cp);
       }
     });
@@ -167,7 +168,7 @@ struct Interleaved {
 
   // The bf16 GEMM's B operand, W^T [C x Cout] packed (bf16_gemm.h); its A, the tile A[P x C], is rounded per tile
   // into bf16_operand_elems().
-  static std::unique_ptr<uint16_t[]> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
+  static Scratch<uint16_t> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
     auto w = scratch<uint16_t>(ceil_div(g.C, 2) * bf16_gemm::packed_cols(g.Cout) * 2);
     const auto* src = reinterpret_cast<const uint16_t*>(pw_weight.data_ptr<at::BFloat16>());
     // In parallel: one thread took 0.3-0.8 ms for 1536 x 384, doubling small-batch forwards.
@@ -253,7 +254,7 @@ struct Interleaved {
 
   // The bf16 backward's operand for grad_A = G W: W [Cout x C] (fp32 here, bf16 values) packed as B, in parallel
   // ranges of row pairs like the forward's weight.
-  static std::unique_ptr<uint16_t[]> pw_weight_bf16_backward(const Geometry& g, const float* w) {
+  static Scratch<uint16_t> pw_weight_bf16_backward(const Geometry& g, const float* w) {
     const int64_t ldb = bf16_gemm::packed_cols(g.C), pairs = ceil_div(g.Cout, 2);
     auto packed = scratch<uint16_t>(pairs * ldb * 2);
     constexpr int64_t kPairsPerTask = 32;

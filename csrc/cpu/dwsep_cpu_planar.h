@@ -139,7 +139,7 @@ struct Planar {
 
   // The bf16 GEMM's A operand, W [Cout][C] with each row padded to an even C; its B, the tile A[C x P], is packed
   // per tile into bf16_operand_elems().
-  static std::unique_ptr<uint16_t[]> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
+  static Scratch<uint16_t> pw_weight_bf16(const Geometry& g, const at::Tensor& pw_weight) {
     const int64_t ce = round_up(g.C, 2);
     auto w = scratch<uint16_t>(g.Cout * ce);
     const auto* src = reinterpret_cast<const uint16_t*>(pw_weight.data_ptr<at::BFloat16>());

@@ -91,31 +91,33 @@ EK_INLINE void stencil_interleaved_block(const T* src, const int64_t* off, int64
 
 // The same over tap runs (Window::runs): per run, the NP + count - 1 input pixels are loaded once and shared by all
 // its taps; NB >= the longest run is a compile-time bound, so the inputs stay in registers. 1.6-2x fewer loads than
-// stencil_interleaved_block at k = 3..7.
-template <int B, typename T, int64_t NP, int64_t NB>
+// stencil_interleaved_block at k = 3..7. kUniform: every run has exactly NB members (stride 1, odd k), so the loop
+// bounds are constants. The per-run count compares otherwise took ~12% of the tile kernel (perf, 240x28 k5) and
+// branched around every load.
+template <int B, typename T, int64_t NP, int64_t NB, bool kUniform>
 EK_INLINE void stencil_runs_block(const T* src, const Window::TapRun* runs, int64_t n_runs, const T* w,
-                                  const T* init, int64_t cp, int64_t v, T* out) {
+                                  const T* init, int64_t cp, int64_t c, int64_t v, T* out) {
   using S = Simd<T, B>;
   using V = typename S::V;
-  for (int64_t c = 0; c < cp; c += S::kLanes) {
-    V acc[NP];
-    for (int64_t p = 0; p < NP; ++p) acc[p] = init != nullptr ? S::load(init + c) : V{};
-    for (int64_t r = 0; r < n_runs; ++r) {
-      const Window::TapRun& run = runs[r];
-      const T* s = src + (v + run.off) * cp + c;
-      V in[NP + NB - 1] = {};
-      for (int64_t k = 0; k < NP + NB - 1; ++k) {
-        if (k < NP + run.count - 1) in[k] = S::load(s + k * cp);
-      }
-      const T* wr = w + run.tap * cp + c;
-      for (int64_t k = 0; k < NB; ++k) {
-        if (k >= run.count) break;
-        const V wt = S::load(wr + k * run.tap_step * cp);
-        for (int64_t p = 0; p < NP; ++p) acc[p] += wt * in[p + k];
-      }
+  V acc[NP];
+  for (int64_t p = 0; p < NP; ++p) acc[p] = init != nullptr ? S::load(init + c) : V{};
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const Window::TapRun& run = runs[r];
+    const int64_t count = kUniform ? NB : run.count;
+    const T* s = src + (v + run.off) * cp + c;
+    V in[NP + NB - 1] = {};
+    for (int64_t k = 0; k < NP + NB - 1; ++k) {
+      if (k < NP + count - 1) in[k] = S::load(s + k * cp);
     }
-    for (int64_t p = 0; p < NP; ++p) S::store(out + p * cp + c, acc[p]);
+    const T* wr = w + run.tap * cp + c;
+    const int64_t wstep = run.tap_step * cp;
+    for (int64_t k = 0; k < NB; ++k) {
+      if (k >= count) break;
+      const V wt = S::load(wr + k * wstep);
+      for (int64_t p = 0; p < NP; ++p) acc[p] += wt * in[p + k];
+    }
   }
+  for (int64_t p = 0; p < NP; ++p) S::store(out + p * cp + c, acc[p]);
 }
 
 // Runs block(np, v) over the pixels [v0, v1) in blocks of np = kPixelBlock; the tail is one more full block shifted
@@ -144,39 +146,54 @@ EK_INLINE void stencil_interleaved(const T* src, const int64_t* off, int64_t tap
   });
 }
 
-// Calls f(nb) with nb = std::integral_constant >= the longest tap run (3, 5 or 7), or returns false when the window
-// has no runs or longer ones (then the per-tap kernels are used).
+// Calls f(nb, uniform) with nb = std::integral_constant >= the longest tap run (3, 5 or 7) and uniform =
+// std::integral_constant<bool> (every run has exactly nb members: the run kernels' constant-bound variant), or
+// returns false when the window has no runs or longer ones (then the per-tap kernels are used).
 template <class F>
 EK_INLINE bool with_run_bound(const Window& win, F&& f) {
   if (win.runs.empty() || win.longest_run > 7) return false;
+  auto pick_uniform = [&](auto nb) __attribute__((always_inline)) {
+    if (win.shortest_run == decltype(nb)::value) {
+      f(nb, std::true_type{});
+    } else {
+      f(nb, std::false_type{});
+    }
+  };
   if (win.longest_run > 5) {
-    f(std::integral_constant<int64_t, 7>{});
+    pick_uniform(std::integral_constant<int64_t, 7>{});
   } else if (win.longest_run > 3) {
-    f(std::integral_constant<int64_t, 5>{});
+    pick_uniform(std::integral_constant<int64_t, 5>{});
   } else {
-    f(std::integral_constant<int64_t, 3>{});
+    pick_uniform(std::integral_constant<int64_t, 3>{});
   }
   return true;
 }
 
 // The channels-last stencil with tap runs runs[0 .. n_runs) over the pixels [v0, v1).
-template <int B, typename T, int64_t NB>
+template <int B, typename T, int64_t NB, bool kUniform>
 EK_INLINE void stencil_runs(const T* src, const Window::TapRun* runs, int64_t n_runs, const T* w, const T* init,
                             int64_t cp, int64_t v0, int64_t v1, T* out) {
-  for_pixel_blocks(v0, v1, [&](auto np, int64_t v) __attribute__((always_inline)) {
-    stencil_runs_block<B, T, decltype(np)::value, NB>(src, runs, n_runs, w, init, cp, v, out + (v - v0) * cp);
-  });
+  // One channel vector at a time across all the pixels: its weights and the input columns the sliding pixel blocks
+  // share stay in L1. Channels innermost (all channels of one pixel block, then the next block) touched
+  // taps x cp weights plus (NP + kw - 1) x kh x cp inputs per block, more than L1 from cp ~ 96 at k = 7.
+  for (int64_t c = 0; c < cp; c += Simd<T, B>::kLanes) {
+    for_pixel_blocks(v0, v1, [&](auto np, int64_t v) __attribute__((always_inline)) {
+      stencil_runs_block<B, T, decltype(np)::value, NB, kUniform>(src, runs, n_runs, w, init, cp, c, v,
+                                                                   out + (v - v0) * cp);
+    });
+  }
 }
 
 // dw[t*cp + c] += sum_{v < n} g[v*cp + c] * src[(v + off[t])*cp + c] over tap runs: the accumulators of a run's taps
 // stay in registers and each input pixel is loaded once per run, not once per tap (3x fewer loads at k = 5).
-template <int B, typename T, int64_t NB>
+template <int B, typename T, int64_t NB, bool kUniform>
 EK_INLINE void weight_grad_runs(const T* g, const T* src, const Window& win, int64_t cp, int64_t n, T* dw) {
   using S = Simd<T, B>;
   using V = typename S::V;
   constexpr int64_t NP = B == 64 ? 4 : 2;  // 16-register ISAs would spill with 4 pixels at NB = 7
   for (int64_t c = 0; c < cp; c += S::kLanes) {
     for (const Window::TapRun& run : win.runs) {
+      const int64_t count = kUniform ? NB : run.count;
       V acc[NB] = {};
       const T* s = src + run.off * cp + c;
       int64_t v = 0;
@@ -184,21 +201,21 @@ EK_INLINE void weight_grad_runs(const T* g, const T* src, const Window& win, int
         V gv[NP], in[NP + NB - 1] = {};
         for (int64_t p = 0; p < NP; ++p) gv[p] = S::load(g + (v + p) * cp + c);
         for (int64_t k = 0; k < NP + NB - 1; ++k) {
-          if (k < NP + run.count - 1) in[k] = S::load(s + (v + k) * cp);
+          if (k < NP + count - 1) in[k] = S::load(s + (v + k) * cp);
         }
         for (int64_t k = 0; k < NB; ++k) {
-          if (k >= run.count) break;
+          if (k >= count) break;
           for (int64_t p = 0; p < NP; ++p) acc[k] += gv[p] * in[p + k];
         }
       }
       for (; v < n; ++v) {
         const V gv = S::load(g + v * cp + c);
         for (int64_t k = 0; k < NB; ++k) {
-          if (k >= run.count) break;
+          if (k >= count) break;
           acc[k] += gv * S::load(s + (v + k) * cp);
         }
       }
-      for (int64_t k = 0; k < run.count; ++k) {
+      for (int64_t k = 0; k < count; ++k) {
         T* d = dw + (run.tap + k * run.tap_step) * cp + c;
         S::store(d, S::load(d) + acc[k]);
       }

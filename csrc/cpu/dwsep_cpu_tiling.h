@@ -113,7 +113,7 @@ struct Window {
     int64_t off, tap, tap_step, count;  // member k reads off + k and uses the weight of tap + k * tap_step
   };
   std::vector<TapRun> runs;
-  int64_t longest_run = 0;
+  int64_t longest_run = 0, shortest_run = 0;
   // The runs of the mirrored stencil, plane by plane (plane p: back_runs[back_run_begin[p] .. [p+1])), members in
   // reverse order so that offsets still increase with k.
   std::vector<TapRun> back_runs;
@@ -133,12 +133,14 @@ inline void make_tap_runs(const Geometry& g, Window& w) {
       for (size_t k = 1; k < taps.size(); ++k) {
         if (w.off[taps[k]] != w.off[taps[0]] + static_cast<int64_t>(k) || taps[k] - taps[k - 1] != step) {
           w.runs.clear();
-          w.longest_run = 0;
+          w.longest_run = w.shortest_run = 0;
           return;
         }
       }
       w.runs.push_back({w.off[taps[0]], taps[0], step, static_cast<int64_t>(taps.size())});
-      w.longest_run = std::max(w.longest_run, static_cast<int64_t>(taps.size()));
+      const int64_t count = static_cast<int64_t>(taps.size());
+      w.shortest_run = w.runs.size() == 1 ? count : std::min(w.shortest_run, count);
+      w.longest_run = std::max(w.longest_run, count);
     }
   }
   const int64_t planes = g.sh * g.sw;
