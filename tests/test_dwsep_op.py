@@ -22,11 +22,19 @@ CONFIGS = {
     "cout1_relu6": (3, 20, 7, 7, (3, 3), 1, 1, 1, 1, "relu6", True, True, False, CL),
     "k1_none": (1, 5, 4, 4, (1, 1), 1, 0, 1, 3, "none", False, False, False, NCHW),
     "pad_over_kernel": (1, 6, 5, 5, (3, 3), 3, 4, 1, 4, "relu", True, True, False, CL),
+    # Stride 4 over k3 reads no input row or column past 10 (past 14 at 18x18): their gradient must still be zero.
+    # 18x18 NCHW runs the planar kernels (10x10 NCHW goes through the channels_last ones).
+    "unread_edges": (1, 6, 10, 10, (3, 3), 4, 0, 1, 4, "relu", True, True, False, CL),
+    "unread_edges_nchw": (1, 6, 18, 18, (3, 3), 4, 0, 1, 4, "relu", True, True, False, NCHW),
 }
 # Larger cases: too slow for the Triton interpreter, run on torch/cpp (and on GPU).
 BIG_CONFIGS = {
     "c130_h13": (2, 130, 13, 13, (3, 3), 1, 1, 1, 33, "relu6", True, True, True, CL),
     "c130_h17_nchw": (2, 130, 17, 17, (5, 5), 2, 2, 1, 64, "silu", True, True, False, NCHW),
+    # Several tiles per image whatever the thread count (cpp: ~512 pixels a tile at 64 channels), so the rows that
+    # neighbouring tiles share (grad_x's halo rows) are exercised in both layouts and at stride 2.
+    "c64_h48_k5_tiles": (1, 64, 48, 48, (5, 5), 1, 2, 1, 16, "relu", True, True, False, CL),
+    "c64_h96_s2_tiles_nchw": (1, 64, 96, 96, (3, 3), 2, 1, 1, 16, "relu6", True, True, True, NCHW),
 }
 
 

@@ -53,6 +53,7 @@
 
 #include "dwsep_cpu.h"
 #include "bf16_gemm.h"
+#include "dwsep_cpu_gradx.h"
 #include "dwsep_cpu_interleaved.h"
 #include "dwsep_cpu_math.h"
 #include "dwsep_cpu_planar.h"
@@ -159,7 +160,9 @@ struct BackwardTiles {
   static constexpr bool kVectorize = std::is_same_v<T, float>;
   const Problem<scalar_t, T>& pb;
   const scalar_t* grad_y;  // [N, Cout, Ho, Wo] in x's layout
-  T* grad_x;               // [N, C, H, W] in x's layout, accumulated
+  scalar_t* grad_x;        // [N, C, H, W] in x's layout
+  const GradXPlan& gx_plan;
+  T* halo;  // the halo rows shared by neighbouring tiles (dwsep_cpu_gradx.h)
   GradPartials<T>& part;
   int64_t phase, begin, end;
 
@@ -178,7 +181,8 @@ struct BackwardTiles {
     std::fill(ga.get(), ga.get() + pb.tile_elems(), T(0));
     const int64_t phase_tiles = (pb.plan.per_image - phase + 1) / 2;
     for (int64_t task = begin; task < end; ++task) {
-      const Tile tile = pb.plan.tile(task / phase_tiles, phase + 2 * (task % phase_tiles), g);
+      const int64_t tile_index = phase + 2 * (task % phase_tiles);
+      const Tile tile = pb.plan.tile(task / phase_tiles, tile_index, g);
       const int64_t P = tile.rows * g.Wo, ih0 = tile.oh0 * g.sh - g.ph;
       // Recompute z and a = act(z).
       L::stage(pb, pb.x + tile.n * pb.image_in(), ih0, win.get());
@@ -200,8 +204,8 @@ struct BackwardTiles {
       // Activation, then depthwise: grad_dw_b, grad_dw_w and grad_x.
       activation_backward<B>(pb.act, ga.get(), z.get(), P * pb.cp);
       L::bias_grads(pb, G, ga.get(), P, part.pw_b.data(), part.dw_b.data());
-      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), ih0, gzv.get(), gwin.get(),
-                                        part.dw_w.data(), grad_x + tile.n * pb.image_in());
+      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), gzv.get(), gwin.get(), part.dw_w.data(),
+                                        gradx_tile(gx_plan, grad_x, halo, pb.image_in(), tile, tile_index, ih0));
     }
   }
 };
@@ -338,9 +342,12 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
     }
   }
   const int64_t cp = pb.cp;
-  // grad_x accumulates in T: straight into the result for float/double, else into an fp32 tensor rounded at the end.
-  at::Tensor gx = at::zeros_like(x, x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  T* gx_ptr = gx.data_ptr<T>();
+  // Every element of grad_x is stored once, in x's dtype; only rows shared by two tiles pass through the halo
+  // buffer (dwsep_cpu_gradx.h).
+  const GradXPlan gx_plan = make_gradx_plan(g, pb.plan, pb.win);
+  at::Tensor gx = gx_plan.covers_image ? at::empty_like(x) : at::zeros_like(x);
+  scalar_t* gx_ptr = gx.data_ptr<scalar_t>();
+  const auto halo = scratch<T>(halo_elems(gx_plan, g.N));
   const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
 
   // Fixed chunks (one per thread) own the partial sums, so the reduction order does not depend on scheduling.
@@ -350,8 +357,8 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
     const int64_t tasks = g.N * ((pb.plan.per_image - phase + 1) / 2);
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t ch = cb; ch < ce; ++ch) {
-        run_best_isa(BackwardTiles<L, scalar_t, T>{pb, gy_ptr, gx_ptr, parts[ch], phase, tasks * ch / chunks,
-                                                    tasks * (ch + 1) / chunks});
+        run_best_isa(BackwardTiles<L, scalar_t, T>{pb, gy_ptr, gx_ptr, gx_plan, halo.get(), parts[ch], phase,
+                                                    tasks * ch / chunks, tasks * (ch + 1) / chunks});
       }
     });
   }
@@ -364,7 +371,7 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
   const at::Tensor gdb = reduce_partials(parts, &GradPartials<T>::dw_b, {cp}).narrow(0, 0, g.C);
   const at::Tensor gpb = reduce_partials(parts, &GradPartials<T>::pw_b, {g.Cout});
   const at::ScalarType dt = x.scalar_type();
-  return {gx.to(dt), gdw.to(dt).contiguous().view({g.C, 1, g.kh, g.kw}), gdb.to(dt).contiguous(),
+  return {gx, gdw.to(dt).contiguous().view({g.C, 1, g.kh, g.kw}), gdb.to(dt).contiguous(),
           gpw.to(dt).contiguous().view({g.Cout, g.C, 1, 1}), gpb.to(dt)};
 }
 

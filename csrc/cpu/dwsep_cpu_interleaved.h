@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "bf16_gemm.h"
+#include "dwsep_cpu_gradx.h"
 #include "dwsep_cpu_math.h"
 #include "dwsep_cpu_stencils.h"
 #include "dwsep_cpu_tiling.h"
@@ -96,7 +97,7 @@ struct Interleaved {
 
   template <int B, typename scalar_t, typename T>
   static EK_INLINE void depthwise_backward(const Problem<scalar_t, T>& pb, const T* win, int64_t rows, const T* gz,
-                                           int64_t ih0, T* gzv, T* gwin, T* dw_acc, T* gx_img) {
+                                           T* gzv, T* gwin, T* dw_acc, const GradXTile<scalar_t, T>& gx) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
     const int64_t cp = pb.cp;
@@ -124,24 +125,29 @@ struct Interleaved {
                                static_cast<const T*>(nullptr), cp, 0, w.plane_size, gwin + p * w.plane_size * cp);
       }
     }
-    add_window(pb, gwin, ih0, gx_img);
+    put_window(pb, gwin, gx);
   }
 
+  // grad_x of the window's positions inside the image, each row to its sink (dwsep_cpu_gradx.h).
   template <typename scalar_t, typename T>
-  static EK_INLINE void add_window(const Problem<scalar_t, T>& pb, const T* gwin, int64_t ih0, T* gx_img) {
+  static EK_INLINE void put_window(const Problem<scalar_t, T>& pb, const T* gwin, const GradXTile<scalar_t, T>& gx) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
     for (int64_t rho = 0; rho < g.sh; ++rho) {
       for (int64_t q = 0; q < g.sw; ++q) {
         const auto [lo, hi] = valid_cols(g, w, q);
         for (int64_t rr = 0; rr < w.Rq; ++rr) {
-          const int64_t ih = ih0 + rr * g.sh + rho;
+          const int64_t ih = gx.ih0 + rr * g.sh + rho;
           if (ih < 0 || ih >= g.H) continue;
+          T* halo = nullptr;
+          int64_t halo_row = 0;
+          const RowSink sink = gx.sink(ih, &halo, &halo_row);
+          if (halo != nullptr) halo += halo_row * g.W * g.C;  // [halo_rows][W][C]
           const T* src = gwin + ((rho * g.sw + q) * w.plane_size + rr * w.Wq) * pb.cp;
           for (int64_t jj = lo; jj < hi; ++jj) {
-            T* __restrict dst = gx_img + (ih * g.W + jj * g.sw + q - g.pw) * g.C;
-            const T* __restrict s = src + jj * pb.cp;
-            for (int64_t c = 0; c < g.C; ++c) dst[c] += s[c];
+            const int64_t iw = jj * g.sw + q - g.pw;
+            put_values(sink, src + jj * pb.cp, g.C, 1, gx.img + (ih * g.W + iw) * g.C,
+                       halo != nullptr ? halo + iw * g.C : nullptr);
           }
         }
       }

@@ -216,18 +216,6 @@ EK_INLINE void load_strided(const scalar_t* __restrict src, int64_t stride, int6
   }
 }
 
-// dst[i * stride] += src[i], specialized like load_strided.
-template <typename T>
-EK_INLINE void add_strided(const T* __restrict src, int64_t n, int64_t stride, T* __restrict dst) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-  } else if (stride == 2) {
-    for (int64_t i = 0; i < n; ++i) dst[2 * i] += src[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i * stride] += src[i];
-  }
-}
-
 // A row-major matrix: element (i, j) at data[i * ld + j].
 template <typename T>
 struct MatrixView {

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "bf16_gemm.h"
+#include "dwsep_cpu_gradx.h"
 #include "dwsep_cpu_math.h"
 #include "dwsep_cpu_stencils.h"
 #include "dwsep_cpu_tiling.h"
@@ -79,7 +80,7 @@ struct Planar {
   // grad_dw_w[c][t] += sum grad_z (x) window; grad_x += mirrored stencil of grad_z, channel by channel.
   template <int B, typename scalar_t, typename T>
   static EK_INLINE void depthwise_backward(const Problem<scalar_t, T>& pb, const T* win, int64_t rows, const T* gz,
-                                           int64_t ih0, T* gzv, T* gwin, T* dw_acc, T* gx_img) {
+                                           T* gzv, T* gwin, T* dw_acc, const GradXTile<scalar_t, T>& gx) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
     const int64_t P = rows * g.Wo, taps = g.taps();
@@ -100,24 +101,29 @@ struct Planar {
         stencil_planar<B>(gzv, w.back_shift.data() + k0, k1 - k0, pb.w_back + c * taps + k0, T(0), w.plane_size,
                           gwin + p * w.plane_size);
       }
-      add_window(pb, gwin, c, ih0, gx_img);
+      put_window(pb, gwin, c, gx);
     }
   }
 
-  // grad_x[c][ih][iw] += grad window of channel c, for the window positions inside the image.
+  // grad_x[c] of the window's positions inside the image, each row to its sink (dwsep_cpu_gradx.h).
   template <typename scalar_t, typename T>
-  static EK_INLINE void add_window(const Problem<scalar_t, T>& pb, const T* gwin, int64_t c, int64_t ih0,
-                                   T* gx_img) {
+  static EK_INLINE void put_window(const Problem<scalar_t, T>& pb, const T* gwin, int64_t c,
+                                   const GradXTile<scalar_t, T>& gx) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
     for (int64_t rho = 0; rho < g.sh; ++rho) {
       for (int64_t q = 0; q < g.sw; ++q) {
         const auto [lo, hi] = valid_cols(g, w, q);
         for (int64_t rr = 0; rr < w.Rq; ++rr) {
-          const int64_t ih = ih0 + rr * g.sh + rho;
+          const int64_t ih = gx.ih0 + rr * g.sh + rho;
           if (ih < 0 || ih >= g.H || hi == lo) continue;
-          add_strided(gwin + (rho * g.sw + q) * w.plane_size + rr * w.Wq + lo, hi - lo, g.sw,
-                      gx_img + (c * g.H + ih) * g.W + (lo * g.sw + q - g.pw));
+          T* halo = nullptr;
+          int64_t halo_row = 0;
+          const RowSink sink = gx.sink(ih, &halo, &halo_row);
+          const int64_t iw = lo * g.sw + q - g.pw;
+          if (halo != nullptr) halo += (c * gx.halo_rows + halo_row) * g.W + iw;  // [C][halo_rows][W]
+          put_values(sink, gwin + (rho * g.sw + q) * w.plane_size + rr * w.Wq + lo, hi - lo, g.sw,
+                     gx.img + (c * g.H + ih) * g.W + iw, halo);
         }
       }
     }
