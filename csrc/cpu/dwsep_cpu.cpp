@@ -176,6 +176,10 @@ struct BackwardTiles {
     const auto tbuf = scratch<T>(pb.max_pixels() * std::min(g.C, g.Cout));
     const bool bf16_dot = pb.w_pw16 != nullptr;
     const auto b16 = scratch<uint16_t>(bf16_dot ? L::bf16_backward_elems(pb) : 0);
+    typename L::DwBatch dw_batch{};
+    if constexpr (L::kBf16Backward) {
+      if (bf16_dot) dw_batch = L::dw_batch(pb, b16.get());
+    }
     // Zeroed once: the GEMM never writes the padding channels of grad_A (channels_last), which must stay finite.
     const auto ga = scratch<T>(pb.tile_elems());
     std::fill(ga.get(), ga.get() + pb.tile_elems(), T(0));
@@ -195,7 +199,7 @@ struct BackwardTiles {
       if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
         if (bf16_dot) {
           const auto* gy_img = reinterpret_cast<const uint16_t*>(grad_y + tile.n * pb.image_out());
-          L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.get(), b16.get(),
+          L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.get(), dw_batch,
                                      part.pw_w.data());
           bf16_done = true;
         }
@@ -206,6 +210,9 @@ struct BackwardTiles {
       L::bias_grads(pb, G, ga.get(), P, part.pw_b.data(), part.dw_b.data());
       L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), gzv.get(), gwin.get(), part.dw_w.data(),
                                         gradx_tile(gx_plan, grad_x, halo, pb.image_in(), tile, tile_index, ih0));
+    }
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
+      if (bf16_dot) L::flush_dw_batch(pb, dw_batch, part.pw_w.data());
     }
   }
 };

@@ -271,23 +271,49 @@ struct Interleaved {
     });
     return packed;
   }
-  // Scratch of the bf16 backward per thread, in uint16 elements: G^T [Cout][P rounded to pairs], A packed as B
-  // [P/2][packed C][2], and G with its K padded to a pair when Cout is odd.
+  // The bf16 backward's dW += G^T A runs over batches of tiles, not tile by tile: its K is the tile's pixel count,
+  // and a tile of a small image (7x7 at 960 channels: 14-35 pixels) made each call read and write the whole fp32 dW
+  // [Cout x C] for a few MFLOP (8x960x7x7 k3 -> 160 backward at 1 thread: ~1 ms of ~4). The batch holds G^T and
+  // the packed A of its tiles side by side along K (each tile's pixels rounded up to a pair, the pad zero) until
+  // about kDwBatchPixels are in, then one GEMM accumulates them.
+  static constexpr int64_t kDwBatchPixels = 256;
+  struct DwBatch {
+    uint16_t* gt;  // G^T [Cout][cap]
+    uint16_t* a;   // A packed as B: [cap / 2][packed_cols(C)][2]
+    int64_t cap, k = 0;
+  };
+  template <typename scalar_t, typename T>
+  static int64_t dw_batch_cap(const Problem<scalar_t, T>& pb) {
+    return std::max(round_up(pb.max_pixels(), 2), kDwBatchPixels);
+  }
+  // Scratch of the bf16 backward per thread, in uint16 elements: the DwBatch, and G with its K padded to a pair when
+  // Cout is odd.
   template <typename scalar_t, typename T>
   static int64_t bf16_backward_elems(const Problem<scalar_t, T>& pb) {
-    const int64_t P = pb.max_pixels(), Pe = round_up(P, 2);
-    return pb.g.Cout * Pe + Pe * bf16_gemm::packed_cols(pb.g.C) + (pb.g.Cout % 2 != 0 ? P * (pb.g.Cout + 1) : 0);
+    const int64_t P = pb.max_pixels(), cap = dw_batch_cap(pb);
+    return pb.g.Cout * cap + cap * bf16_gemm::packed_cols(pb.g.C) + (pb.g.Cout % 2 != 0 ? P * (pb.g.Cout + 1) : 0);
   }
-  // grad_A[P x C] = G[P x Cout] * W[Cout x C] and dW[Cout x C] += G^T[Cout x P] * A[P x C] on the bf16 GEMM. G is
-  // the bf16 grad_y tile itself (exact); A, the fp32 activation tile, is rounded to bf16 as it is packed, which is
-  // what PyTorch's bf16 backward multiplies (its depthwise output is bf16). Products are exact, sums fp32.
+  template <typename scalar_t, typename T>
+  static DwBatch dw_batch(const Problem<scalar_t, T>& pb, uint16_t* buf) {
+    const int64_t cap = dw_batch_cap(pb);
+    return {buf, buf + pb.g.Cout * cap, cap};
+  }
+  // dW[Cout x C] += the batch's G^T * A; empties it.
+  template <typename scalar_t, typename T>
+  static void flush_dw_batch(const Problem<scalar_t, T>& pb, DwBatch& batch, float* dw_pw) {
+    if (batch.k == 0) return;
+    bf16_gemm::gemm(pb.g.Cout, pb.g.C, batch.k, batch.gt, batch.cap, batch.a, dw_pw, pb.g.C, /*accumulate=*/true);
+    batch.k = 0;
+  }
+  // grad_A[P x C] = G[P x Cout] * W[Cout x C] now, and dW[Cout x C] += G^T[Cout x P] * A[P x C] through the batch
+  // (flush_dw_batch after the last tile). G is the bf16 grad_y tile itself (exact); A, the fp32 activation tile, is
+  // rounded to bf16 as it is packed, which is what PyTorch's bf16 backward multiplies (its depthwise output is
+  // bf16). Products are exact, sums fp32.
   template <typename scalar_t, typename T>
   static void pointwise_backward_bf16(const Problem<scalar_t, T>& pb, const float* a, const uint16_t* gy_tile,
-                                      int64_t P, float* ga, uint16_t* buf, float* dw_pw) {
+                                      int64_t P, float* ga, DwBatch& batch, float* dw_pw) {
     const int64_t C = pb.g.C, Cout = pb.g.Cout, Pe = round_up(P, 2);
-    uint16_t* gt = buf;                         // [Cout][Pe]
-    uint16_t* a_packed = gt + Cout * Pe;        // [Pe/2][packed_cols(C)][2]
-    uint16_t* g_even = a_packed + Pe * bf16_gemm::packed_cols(C);  // [P][Cout + 1] when Cout is odd
+    uint16_t* g_even = batch.a + batch.cap * bf16_gemm::packed_cols(C);  // [P][Cout + 1] when Cout is odd
     const uint16_t* g_rows = gy_tile;
     int64_t ld_g = Cout;
     if (Cout % 2 != 0) {  // K of grad_A must come in pairs: pad each row with a zero
@@ -298,12 +324,13 @@ struct Interleaved {
       g_rows = g_even, ld_g = Cout + 1;
     }
     bf16_gemm::gemm(P, C, Cout, g_rows, ld_g, pb.w_pw16, ga, pb.cp);
-    transpose(gy_tile, P, Cout, Cout, gt, Pe);
+    if (batch.k + Pe > batch.cap) flush_dw_batch(pb, batch, dw_pw);
+    transpose(gy_tile, P, Cout, Cout, batch.gt + batch.k, batch.cap);
     if (P % 2 != 0) {
-      for (int64_t co = 0; co < Cout; ++co) gt[co * Pe + P] = 0;
+      for (int64_t co = 0; co < Cout; ++co) batch.gt[co * batch.cap + batch.k + P] = 0;
     }
-    bf16_gemm::pack_b_rows(a, P, C, pb.cp, a_packed);
-    bf16_gemm::gemm(Cout, C, P, gt, Pe, a_packed, dw_pw, C, /*accumulate=*/true);
+    bf16_gemm::pack_b_rows(a, P, C, pb.cp, batch.a + batch.k / 2 * bf16_gemm::packed_cols(C) * 2);
+    batch.k += Pe;
   }
 
   // y[p0 + p][co] = Y[p][co] + b[co] (+ res[p0 + p][co]), rounded once; Y may be y itself.

@@ -238,6 +238,7 @@ struct Planar {
   // Its backward GEMMs stay fp32 (the bf16 GEMM's operands would need packing from transposed tiles): NCHW images
   // of up to kSmallImage pixels run through Interleaved, so only larger ones take this path.
   static constexpr bool kBf16Backward = false;
+  struct DwBatch {};  // the bf16 backward's state (Interleaved::DwBatch): none here
   template <typename S, typename T>
   static int64_t bf16_backward_elems(const Problem<S, T>&) {
     return 0;
