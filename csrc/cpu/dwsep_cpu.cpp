@@ -38,13 +38,17 @@
 //
 // Backward recomputes Z per tile, then: G = grad_y tile; grad_pw_w += G^T A and grad_pw_b += sum G (per-thread
 // partials); grad_A = G W; grad_Z = grad_A * act'(Z); grad_dw_b += sum grad_Z; grad_dw_w += grad_Z (x) window;
-// grad_x += transposed stencil of grad_Z. Neighbouring tiles of one image share input rows (the stencil halo), so
-// grad_x is accumulated in two phases, even tiles then odd tiles: a tile is at least (kh-1)*dh/sh rows tall, so two
-// tiles of one phase never touch the same input row, and no atomics or locks are needed.
+// grad_x = transposed stencil of grad_Z. Neighbouring tiles of one image share input rows (the stencil halo), so
+// the tiles run in two phases, even tiles then odd tiles: a tile is at least (kh-1)*dh/sh rows tall, so two tiles
+// of one phase never touch the same input row, and no atomics or locks are needed. Rows of one tile alone are
+// stored in x's dtype directly; a shared row is parked in a small fp32 halo buffer by the even tile and finished by
+// the odd one (dwsep_cpu_gradx.h), so there is no zeroed full-size fp32 accumulator. The bf16 backward's dW GEMM
+// runs over batches of tiles (Interleaved::DwBatch).
 //
 // Files: dwsep_cpu_tiling.h (constants, geometry, tiles, the window, Problem), dwsep_cpu_stencils.h (vector
-// stencils), dwsep_cpu_math.h (activations, GEMM, small dense helpers), dwsep_cpu_planar.h and
-// dwsep_cpu_interleaved.h (the two layouts' per-tile steps); this file drives the tiles and holds the entry points.
+// stencils), dwsep_cpu_math.h (activations, GEMM, small dense helpers), dwsep_cpu_gradx.h (where grad_x rows go),
+// dwsep_cpu_planar.h and dwsep_cpu_interleaved.h (the two layouts' per-tile steps); this file drives the tiles and
+// holds the entry points.
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Vectors are passed by value only between always-inlined functions, so GCC's ABI note does not apply.
