@@ -92,8 +92,8 @@ EK_INLINE void stencil_interleaved_block(const T* src, const int64_t* off, int64
 // The same over tap runs (Window::runs): per run, the NP + count - 1 input pixels are loaded once and shared by all
 // its taps; NB >= the longest run is a compile-time bound, so the inputs stay in registers. 1.6-2x fewer loads than
 // stencil_interleaved_block at k = 3..7. kUniform: every run has exactly NB members (stride 1, odd k), so the loop
-// bounds are constants. The per-run count compares otherwise took ~12% of the tile kernel (perf, 240x28 k5) and
-// branched around every load.
+// bounds are constants and no load is branched around. perf had put ~12% of the tile kernel on the per-run count
+// compares (240x28 k5), but removing them measured within noise: the compares were waiting on loads, not the cost.
 template <int B, typename T, int64_t NP, int64_t NB, bool kUniform>
 EK_INLINE void stencil_runs_block(const T* src, const Window::TapRun* runs, int64_t n_runs, const T* w,
                                   const T* init, int64_t cp, int64_t c, int64_t v, T* out) {
@@ -173,9 +173,10 @@ EK_INLINE bool with_run_bound(const Window& win, F&& f) {
 template <int B, typename T, int64_t NB, bool kUniform>
 EK_INLINE void stencil_runs(const T* src, const Window::TapRun* runs, int64_t n_runs, const T* w, const T* init,
                             int64_t cp, int64_t v0, int64_t v1, T* out) {
-  // One channel vector at a time across all the pixels: its weights and the input columns the sliding pixel blocks
-  // share stay in L1. Channels innermost (all channels of one pixel block, then the next block) touched
-  // taps x cp weights plus (NP + kw - 1) x kh x cp inputs per block, more than L1 from cp ~ 96 at k = 7.
+  // One channel vector at a time across all the pixels, so its weights stay in L1 over the pixel blocks. This
+  // measured within noise of channels-innermost order on the benchmark shapes. A warm-cache micro-benchmark of this
+  // loop (fp32, C = 96, 56 wide, k7) runs at ~1 16-lane FMA per cycle, the Zen 4 core's fp32 peak: what the
+  // channels_last forward still loses to oneDNN is outside this loop (staging, conversion, the GEMM).
   for (int64_t c = 0; c < cp; c += Simd<T, B>::kLanes) {
     for_pixel_blocks(v0, v1, [&](auto np, int64_t v) __attribute__((always_inline)) {
       stencil_runs_block<B, T, decltype(np)::value, NB, kUniform>(src, runs, n_runs, w, init, cp, c, v,
