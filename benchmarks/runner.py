@@ -130,7 +130,21 @@ def environment(device: torch.device) -> dict:
         },
         "git_sha": _git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "memory": _memory_settings(),
     }
+
+
+def _memory_settings() -> dict:
+    """Allocator settings that move CPU timings: with PyTorch's THP_MEM_ALLOC_ENABLE=1 large tensors get
+    transparent huge pages, which removed most page-fault time from a stride-2 dwsep step (README), for every
+    backend alike. Recorded so that two results files are only compared when these agree."""
+    thp_mode = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp_mode = f.read().strip()
+    except OSError:
+        pass
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": thp_mode}
 
 
 def _time_candidate(fn, device, quick):

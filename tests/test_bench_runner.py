@@ -10,6 +10,7 @@ from effikern.benchmarks import runner
 
 
 def test_runner_writes_results(tmp_path, monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     def build():
         a = torch.randn(256, 256)
         return {"torch": lambda: a @ a, "cpp": lambda: a.mm(a), "cuda": "unavailable: no GPU"}
@@ -22,8 +23,9 @@ def test_runner_writes_results(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.timing, "copy_bandwidth_gbps", lambda device, quick: 10.0)
     path = runner.run(("fake",), device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
     data = json.loads(open(path).read())
-    for key in ("device", "versions", "git_sha", "date", "copy_bandwidth_gbps", "rows", "summary"):
+    for key in ("device", "versions", "git_sha", "date", "copy_bandwidth_gbps", "memory", "rows", "summary"):
         assert key in data
+    assert data["memory"]["THP_MEM_ALLOC_ENABLE"] is None  # not set in the test environment
     rows = {r["backend"]: r for r in data["rows"]}
     assert rows["torch"]["speedup"] == 1.0 and rows["torch"]["ms"] > 0
     assert abs(rows["cpp"]["speedup"] - rows["torch"]["ms"] / rows["cpp"]["ms"]) < 1e-9
