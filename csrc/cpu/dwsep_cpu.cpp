@@ -389,8 +389,8 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
 // NCHW images of at most this many pixels run through the channels_last kernels, x (and grad_y) converted on the
 // way in: at 7x7 and 14x14 the planar kernels were 1.8-1.9x slower than the channels_last ones (7-14 wide rows are
 // mostly vector tails, and the GEMM's N is P). The forward writes NCHW y directly (Problem::out_nchw) rather than
-// converting it afterwards. The backward still converts grad_x on the way out. At 28x28 the
-// two layouts' kernels were even.
+// converting it afterwards. The backward still converts grad_x on the way out. At 28x28 the two layouts' kernels
+// were even.
 constexpr int64_t kSmallImage = 14 * 14;
 
 // y_nchw (channels_last x only): y is NCHW, written transposed tile by tile (small NCHW images, see kSmallImage).

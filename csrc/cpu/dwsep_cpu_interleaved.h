@@ -84,8 +84,9 @@ struct Interleaved {
     const Window& w = pb.win;
     const bool runs = with_run_bound(w, [&](auto nb, auto uniform) __attribute__((always_inline)) {
       for (int64_t r = 0; r < rows; ++r) {
-        stencil_runs<B, T, decltype(nb)::value, decltype(uniform)::value>(win, w.runs.data(), static_cast<int64_t>(w.runs.size()), pb.w_dw,
-                                                pb.b_dw, pb.cp, r * w.Wq, r * w.Wq + g.Wo, z + r * g.Wo * pb.cp);
+        stencil_runs<B, T, decltype(nb)::value, decltype(uniform)::value>(
+            win, w.runs.data(), static_cast<int64_t>(w.runs.size()), pb.w_dw, pb.b_dw, pb.cp, r * w.Wq,
+            r * w.Wq + g.Wo, z + r * g.Wo * pb.cp);
       }
     });
     if (runs) return;
@@ -113,8 +114,8 @@ struct Interleaved {
       weight_grad_runs<B, T, NB, kUniform>(gz_virtual, win, w, cp, rows * w.Wq, dw_acc);
       for (int64_t p = 0; p < planes; ++p) {
         const int64_t r0 = w.back_run_begin[p], r1 = w.back_run_begin[p + 1];
-        stencil_runs<B, T, NB, kUniform>(gzv, w.back_runs.data() + r0, r1 - r0, pb.w_dw, static_cast<const T*>(nullptr), cp,
-                               0, w.plane_size, gwin + p * w.plane_size * cp);
+        stencil_runs<B, T, NB, kUniform>(gzv, w.back_runs.data() + r0, r1 - r0, pb.w_dw, static_cast<const T*>(nullptr),
+                                         cp, 0, w.plane_size, gwin + p * w.plane_size * cp);
       }
     });
     if (!runs) {

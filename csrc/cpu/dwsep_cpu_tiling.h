@@ -137,9 +137,9 @@ inline void make_tap_runs(const Geometry& g, Window& w) {
           return;
         }
       }
-      w.runs.push_back({w.off[taps[0]], taps[0], step, static_cast<int64_t>(taps.size())});
       const int64_t count = static_cast<int64_t>(taps.size());
-      w.shortest_run = w.runs.size() == 1 ? count : std::min(w.shortest_run, count);
+      w.shortest_run = w.runs.empty() ? count : std::min(w.shortest_run, count);
+      w.runs.push_back({w.off[taps[0]], taps[0], step, count});
       w.longest_run = std::max(w.longest_run, count);
     }
   }
