@@ -137,14 +137,16 @@ def environment(device: torch.device) -> dict:
 def _memory_settings() -> dict:
     """Allocator settings that move CPU timings: with PyTorch's THP_MEM_ALLOC_ENABLE=1 large tensors get
     transparent huge pages, which removed most page-fault time from a stride-2 dwsep step (README), for every
-    backend alike. Recorded so that two results files are only compared when these agree."""
+    backend alike; EFFIKERN_HUGE_PAGES=0 turns off the advice the cpp kernels give their own large outputs
+    (csrc/cpu/output_alloc.h). Recorded so that two results files are only compared when these agree."""
     thp_mode = None
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             thp_mode = f.read().strip()
     except OSError:
         pass
-    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": thp_mode}
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": thp_mode,
+            "EFFIKERN_HUGE_PAGES": os.environ.get("EFFIKERN_HUGE_PAGES")}
 
 
 def _time_candidate(fn, device, quick):

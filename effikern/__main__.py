@@ -7,6 +7,20 @@ import sys
 import torch
 
 
+def _huge_page_advice() -> str:
+    """What csrc/cpu/output_alloc.h does on this machine (Linux only; EFFIKERN_HUGE_PAGES=0 turns it off)."""
+    if not sys.platform.startswith("linux"):
+        return "no (not Linux)"
+    if os.environ.get("EFFIKERN_HUGE_PAGES") == "0":
+        return "no (EFFIKERN_HUGE_PAGES=0)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().strip()
+    except OSError:
+        return "no (the kernel has no transparent huge pages)"
+    return f"yes (EFFIKERN_HUGE_PAGES=0 turns it off; kernel THP mode: {mode})"
+
+
 def info() -> None:
     """Versions, device, which backends are built and usable per op, and what ``auto`` picks."""
     import effikern
@@ -27,6 +41,7 @@ def info() -> None:
     print(f"extension effikern._C: {ext.build_info() if ext else _ext.extension_error()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  backend choice: {backends.get_backend()}"
           " (set with effikern.set_backend or EFFIKERN_BACKEND)")
+    print(f"cpp outputs of 4 MiB or more advised for huge pages: {_huge_page_advice()}")
     for op in backends.ops():
         print(f"\n{op}:")
         impls = backends.registered(op)

@@ -26,6 +26,7 @@ def test_runner_writes_results(tmp_path, monkeypatch):
     for key in ("device", "versions", "git_sha", "date", "copy_bandwidth_gbps", "memory", "rows", "summary"):
         assert key in data
     assert data["memory"]["THP_MEM_ALLOC_ENABLE"] is None  # not set in the test environment
+    assert "EFFIKERN_HUGE_PAGES" in data["memory"]
     rows = {r["backend"]: r for r in data["rows"]}
     assert rows["torch"]["speedup"] == 1.0 and rows["torch"]["ms"] > 0
     assert abs(rows["cpp"]["speedup"] - rows["torch"]["ms"] / rows["cpp"]["ms"]) < 1e-9

@@ -8,6 +8,7 @@
 // (OpenMP in the torch wheel), which honours torch.set_num_threads.
 #include "distill_cpu.h"
 #include "half_convert.h"
+#include "output_alloc.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -248,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(const at::Tensor& student, co
   const bool has_target = target.has_value() && target->defined();
   const auto loss_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type));
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? empty_output_like(student) : at::empty({0}, student.options());
   const int64_t* y = has_target ? target->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "distill_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -65,6 +65,7 @@
 #include "dwsep_cpu_tiling.h"
 #include "int_math.h"
 #include "isa_dispatch.h"
+#include "output_alloc.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -356,7 +357,8 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
   // Every element of grad_x is stored once, in x's dtype; only rows shared by two tiles pass through the halo
   // buffer (dwsep_cpu_gradx.h).
   const GradXPlan gx_plan = make_gradx_plan(g, pb.plan, pb.win);
-  at::Tensor gx = gx_plan.covers_image ? at::empty_like(x) : at::zeros_like(x);
+  at::Tensor gx = empty_output_like(x);
+  if (!gx_plan.covers_image) gx.zero_();
   scalar_t* gx_ptr = gx.data_ptr<scalar_t>();
   const auto halo = scratch<T>(halo_elems(gx_plan, g.N));
   const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
@@ -404,7 +406,7 @@ at::Tensor forward(const at::Tensor& x, bool channels_last, const at::Tensor& dw
   TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt) && (channels_last || !y_nchw));
   const auto out_fmt = y_nchw ? at::MemoryFormat::Contiguous : fmt;
   const at::Tensor res = residual.has_value() ? residual->contiguous(out_fmt) : at::Tensor();
-  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(out_fmt));
+  at::Tensor y = empty_output({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(out_fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwsep_fwd_cpu", [&] {
     if (channels_last) {
       forward_impl<Interleaved, scalar_t>(g, x, dw_weight, dw_bias, pw_weight, pw_bias, activation, res, y, y_nchw);

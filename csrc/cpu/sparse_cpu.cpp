@@ -28,6 +28,7 @@
 #include "sparse_cpu.h"
 #include "int_math.h"
 #include "isa_dispatch.h"
+#include "output_alloc.h"
 #include "simd.h"
 #include "sparse_gather_avx512.h"
 
@@ -628,7 +629,7 @@ const S* bias_ptr(const std::optional<at::Tensor>& bias) {
 at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_csr_fwd_cpu", [&] {
     csr_rows(x.data_ptr<scalar_t>(), M, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(),
@@ -640,7 +641,7 @@ at::Tensor sparse_csr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
 at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Tensor& crow, const at::Tensor& col,
                                              const at::Tensor& values, int64_t N, int64_t K) {
   const int64_t M = gy.size(0);
-  at::Tensor gx = at::empty({M, K}, gy.options());
+  at::Tensor gx = empty_output({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_input_cpu", [&] {
     csr_scatter_grad_input(gy.data_ptr<scalar_t>(), M, N, K, crow.data_ptr<int32_t>(), col.data_ptr<uint8_t>(),
@@ -652,7 +653,7 @@ at::Tensor sparse_csr_grad_input_rowwise_cpu(const at::Tensor& gy, const at::Ten
 at::Tensor sparse_csr_grad_values_rowwise_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& crow,
                                               const at::Tensor& col) {
   const int64_t M = gy.size(0), nnz = col.numel();
-  at::Tensor g = at::empty({nnz}, gy.options());
+  at::Tensor g = empty_output({nnz}, gy.options());
   if (nnz == 0) return g;
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_csr_grad_values_cpu", [&] {
@@ -665,7 +666,7 @@ at::Tensor sparse_csr_grad_values_rowwise_cpu(const at::Tensor& gy, const at::Te
 at::Tensor sparse_bsr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x.size(0), BR = values.size(1), BC = values.size(2);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_bsr_fwd_cpu", [&] {
     bsr_rows(x.data_ptr<scalar_t>(), M, K, BC, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
@@ -678,7 +679,7 @@ at::Tensor sparse_bsr_fwd_cpu(const at::Tensor& x, const at::Tensor& crow, const
 at::Tensor sparse_bsr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_crow, const at::Tensor& t_row,
                                      const at::Tensor& t_perm, const at::Tensor& values, int64_t N, int64_t K) {
   const int64_t M = gy.size(0), BR = values.size(1), BC = values.size(2);
-  at::Tensor gx = at::empty({M, K}, gy.options());
+  at::Tensor gx = empty_output({M, K}, gy.options());
   if (M == 0 || K == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_bsr_grad_input_cpu", [&] {
     bsr_rows(gy.data_ptr<scalar_t>(), M, N, BR, t_crow.data_ptr<int32_t>(), t_row.data_ptr<int32_t>(),
@@ -691,7 +692,7 @@ at::Tensor sparse_bsr_grad_input_cpu(const at::Tensor& gy, const at::Tensor& t_c
 at::Tensor sparse_bsr_grad_values_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& row,
                                       const at::Tensor& col, at::IntArrayRef values_shape) {
   const int64_t M = gy.size(0), nnzb = values_shape[0], BR = values_shape[1], BC = values_shape[2];
-  at::Tensor g = at::empty(values_shape, gy.options());
+  at::Tensor g = empty_output(values_shape, gy.options());
   if (nnzb == 0) return g;
   if (M == 0) return g.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "sparse_bsr_grad_values_cpu", [&] {
