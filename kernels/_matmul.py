@@ -30,6 +30,23 @@ def mma(acc, a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
+def tf32_allowed(legacy, precisions, default: bool) -> bool:
+    """Whether a torch TF32 flag is on: ``legacy()`` (an ``allow_tf32``) or, where reading it raises, the first of
+    ``precisions`` (getters of ``fp32_precision`` settings, the flag's own first, then those it inherits from) that
+    is not "none": "tf32" or "ieee"; all "none": ``default``, the legacy flag's default. torch (seen with 2.13)
+    raises on the legacy read once the newer ``fp32_precision`` API has set a flag
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``: "you have used mix of the legacy and new APIs"),
+    which would otherwise fail every launch."""
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        for precision in precisions:
+            value = precision()
+            if value != "none":
+                return value == "tf32"
+        return default
+
+
 def dot_args(x: torch.Tensor, allow_tf32: bool) -> dict:
     """Constexprs for ``mma`` on operands of x's dtype: DOT_DTYPE, DOT_PREC ("tf32" when ``allow_tf32``, the
     flag the PyTorch op being replaced obeys, else "ieee"), EMULATE."""

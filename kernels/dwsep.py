@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._matmul import dot_args, mma
+from ._matmul import dot_args, mma, tf32_allowed
 
 # constexpr: @triton.jit code may read only constexpr globals
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), exact-erf GELU
@@ -462,8 +462,11 @@ def _out_hw(H, W, kh, kw, stride, padding, dilation):
 
 
 def _dot_args(x):
-    """mma's constexprs; fp32 uses TF32 iff cuDNN convolutions would."""
-    return dot_args(x, torch.backends.cudnn.allow_tf32)
+    """mma's constexprs; fp32 uses TF32 iff cuDNN convolutions would (legacy default: on)."""
+    return dot_args(x, tf32_allowed(lambda: torch.backends.cudnn.allow_tf32,
+                                    (lambda: torch.backends.cudnn.conv.fp32_precision,
+                                     lambda: torch.backends.cudnn.fp32_precision,
+                                     lambda: torch.backends.fp32_precision), True))
 
 
 def _conv_args(stride, padding, dilation):

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._matmul import dot_args, interpreting, mma
+from ._matmul import dot_args, interpreting, mma, tf32_allowed
 
 # Columns per panel of the CSR format (docs/sparse_kernels.md): an entry stores only its column's offset
 # within its panel, one uint8. A constexpr so the kernels can read it.
@@ -153,9 +153,11 @@ def _csr_mm_kernel(
     [ROWS, PANELS*BLOCK_NZ, BLOCK_M] tile (lane t: entry slot t % BLOCK_NZ of panel t // BLOCK_NZ): all those
     gathers are in flight at once, where a loop over the segments would chain their latencies (a 4096-column
     row has 16 segments of ~26 entries at 90% sparsity). Products accumulate elementwise; one reduction after
-    the loops."""
-    pid_o = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    the loops. Flat grid, output rows fastest: a 2-D grid's axis 1 stops at 65535, which the token tiles
+    pass at 4.2M tokens (a sparse 1x1 conv over 128 images at 224x224 has 6.4M pixels)."""
+    n_o = tl.cdiv(OUT, ROWS)
+    pid_o = tl.program_id(0) % n_o
+    pid_m = tl.program_id(0) // n_o
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     o = pid_o * ROWS + tl.arange(0, ROWS)
@@ -243,17 +245,21 @@ def _num_sms(device):
 
 
 def _dot_args(x):
-    """mma's constexprs; fp32 uses TF32 iff F.linear would."""
-    return dot_args(x, torch.backends.cuda.matmul.allow_tf32)
+    """mma's constexprs; fp32 uses TF32 iff F.linear would (legacy default: off)."""
+    return dot_args(x, tf32_allowed(lambda: torch.backends.cuda.matmul.allow_tf32,
+                                    (lambda: torch.backends.cuda.matmul.fp32_precision,
+                                     lambda: torch.backends.fp32_precision), False))
 
 
 def _mm_block_m(M, inner, outer, dtype):
     """M tile of _bsr_mm_kernel: 128 tokens on the GPU for fp16/bf16, 64 for fp32 (at 128 its 32x32-block
     forward spilled on sm_90 even at 8 warps) and under the interpreter; fewer for small M, never below 16
     (tl.dot). 8 warps from 4096-value tiles: at 4 warps a 128x32 fp16 tile took 202-231 registers a thread on
-    sm_90 (the [BLOCK_M, IBP] 64-bit pointer tile of the x gather costs as much as the accumulator)."""
+    sm_90 (the [BLOCK_M, IBP] 64-bit pointer tile of the x gather costs as much as the accumulator). fp32 from
+    2048: its 64x32 forward spilled at 4 warps with triton 3.6 (the GPU machine's; 3.9 did not)."""
     block_m = _pow2_clamp(M, 16, 64 if interpreting() or dtype == torch.float32 else 128)
-    return dict(BLOCK_M=block_m, num_warps=8 if block_m * max(inner, outer) >= 4096 else 4)
+    eight_from = 2048 if dtype == torch.float32 else 4096
+    return dict(BLOCK_M=block_m, num_warps=8 if block_m * max(inner, outer) >= eight_from else 4)
 
 
 def _n_panels(width):
@@ -365,7 +371,7 @@ def _csr_mm(a, ptr, idx, perm, values, bias, out_features):
         return out
     a = _token_major(a)
     cfg = _csr_config(M, P)
-    grid = (triton.cdiv(out_features, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    grid = (triton.cdiv(out_features, cfg["ROWS"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
     _csr_mm_kernel[grid](
         a, ptr, idx, perm if perm is not None else idx, values, bias if bias is not None else values, out,
         M, out_features, P, *a.stride(), *out.stride(),

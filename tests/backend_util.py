@@ -21,3 +21,17 @@ def skip_unavailable(backend: str, device: str) -> None:
         if os.environ.get("CI") and backend in ("cpp", "triton") and device == "cpu":
             pytest.fail(f"backend {backend} must be available in CI: {why}")
         pytest.skip(why)
+
+
+class tf32_flags:
+    """Sets cuDNN's and cuBLAS's legacy allow_tf32 flags for a block and restores them."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved

@@ -5,8 +5,8 @@ import torch
 
 import effikern
 from effikern.ops import dwsep as dwsep_op
-from backend_util import device_for, skip_unavailable
-from oracle import assert_matches, condition
+from backend_util import device_for, skip_unavailable, tf32_flags
+from oracle import assert_matches, condition, rel_err
 
 F_DWSEP = effikern.functional.dwsep_conv2d
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -136,6 +136,52 @@ def test_both_layouts(backend, cfg, layout):
                                      pytest.param("triton", marks=pytest.mark.gpu)])
 def test_larger_shapes(backend, cfg, dtype):
     _check_forward_and_backward(backend, BIG_CONFIGS[cfg], dtype)
+
+
+@pytest.mark.gpu
+def test_triton_fp32_with_tf32_on():
+    """With cuDNN's TF32 flag on (PyTorch's default) the fp32 Triton kernels multiply in TF32, as cuDNN would:
+    every output and gradient within TF32's accuracy (10-bit mantissa operands, fp32 sums) of float64. The other
+    GPU tests run with TF32 off (conftest) so that they can hold the kernels to fp32's bound."""
+    skip_unavailable("triton", "cuda")
+    tensors, low, args, _ = _make(CONFIGS["c17_k5_s2_silu_res"], torch.float32, "cuda", None)
+    for t in tensors + low:
+        if t is not None:
+            t.requires_grad_()
+    with tf32_flags(True), effikern.set_backend("triton"):
+        out = _run("triton", low, args)
+        g = torch.randn_like(out)
+        out_g = torch.autograd.grad(out, [t for t in low if t is not None], g)
+    truth = _ref(tensors, args)
+    truth_g = torch.autograd.grad(truth, [t for t in tensors if t is not None], g.double())
+    for name, o, t in zip(["y"] + [f"grad {i}" for i in range(len(out_g))], (out,) + out_g, (truth,) + truth_g):
+        assert rel_err(o, t) <= 4e-3, f"{name}: rel err {rel_err(o, t):.2e} exceeds TF32's"
+
+
+@pytest.mark.parametrize("legacy_read_raises", [False, True])
+def test_triton_dot_precision_follows_either_tf32_api(legacy_read_raises):
+    """The Triton dots take TF32 from the flag the replaced PyTorch op obeys (cuDNN's for dwsep, cuBLAS's for
+    sparse), read through the legacy allow_tf32 or, once torch refuses that read because the newer fp32_precision
+    API set a flag, through fp32_precision (a launch used to raise then)."""
+    pytest.importorskip("triton")
+    from effikern.kernels import dwsep as dwsep_kernels
+    from effikern.kernels import sparse as sparse_kernels
+
+    x = torch.ones(1)
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    try:
+        if legacy_read_raises:
+            conv.fp32_precision, matmul.fp32_precision = "ieee", "tf32"
+        else:
+            conv.fp32_precision = matmul.fp32_precision = "none"
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        assert dwsep_kernels._dot_args(x)["DOT_PREC"] == "ieee"
+        assert sparse_kernels._dot_args(x)["DOT_PREC"] == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = "none", "none"
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's defaults
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

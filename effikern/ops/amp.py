@@ -41,6 +41,7 @@ import torch
 
 from .. import _ext, backends
 from . import _eager
+from ._device import on_device_of
 
 OPS = ("unscale_check_norm", "fused_adamw", "fused_sgd")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -284,7 +285,7 @@ def _triton(name):
     def load():
         from ..kernels import amp as kernels
 
-        return getattr(kernels, name)
+        return on_device_of(getattr(kernels, name), _device_of)
 
     return load
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import _ext, backends
 from . import _checks, _eager
+from ._device import on_device_of
 
 OP = "distillation_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -165,7 +166,7 @@ def _load_cpp():
 def _load_triton():
     from ..kernels import distill as kernels
 
-    return kernels.distill_fwd_triton
+    return on_device_of(kernels.distill_fwd_triton)
 
 
 backends.register(OP, "torch", ("cpu", "cuda"), _ALL_FLOAT, _load_torch)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import _ext, backends
 from . import _checks, _eager
+from ._device import on_device_of
 from .activation import CODES, activation_backward, apply_activation
 
 OP = "dwsep_conv2d"
@@ -142,7 +143,7 @@ def _load_cuda():
 def _load_triton():
     from ..kernels import dwsep as kernels
 
-    return kernels.dwsep_fwd_triton, kernels.dwsep_bwd_triton
+    return on_device_of(kernels.dwsep_fwd_triton), on_device_of(kernels.dwsep_bwd_triton)
 
 
 backends.register(OP, "torch", ("cpu", "cuda"), _ALL_FLOAT, _load_torch)
