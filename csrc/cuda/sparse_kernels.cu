@@ -51,6 +51,16 @@ int sm_count() {
   return std::max(sms, 1);
 }
 
+/// Dynamic shared memory a block may opt into on the current device: 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB
+/// on sm_86/89, 96 KiB on sm_70, but 64 KiB on sm_75, where asking for more makes cudaFuncSetAttribute fail.
+int64_t smem_optin() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 48 * 1024;  // every device allows this without opting in; the error resurfaces at launch
+  return bytes;
+}
+
 // =========================================================================================================
 // Unstructured (panelled CSR), few tokens.
 // =========================================================================================================
@@ -179,7 +189,8 @@ cudaError_t launch_csr_mm(const T* a_t, int64_t M, int64_t in_features, const in
   // Staging costs every block a read of the chunk (P*256*TM elements from L2): a few blocks per SM, each
   // sweeping many rows, amortise it; without staging one block per 8 rows is simplest.
   const int64_t row_blocks = ceil_div(out_features, kCsrWarps);
-  if (smem <= kCsrMaxSmem) {
+  // Past the device's opt-in limit (64 KiB on sm_75: fp32, 9+ tokens, K > 1024) the stage falls back to global reads.
+  if (smem <= std::min(kCsrMaxSmem, smem_optin())) {
     auto kernel = csr_mm_kernel<T, TM, true>;
     if (smem > 48 * 1024) {
       const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
