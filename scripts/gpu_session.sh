@@ -11,6 +11,8 @@
 #                 fresh machine: the build does not survive the machine going idle)
 #   tests-sparse  the panelled-CSR / 2:4 GPU kernel tests first (never run on a GPU before)
 #   tests         every test marked gpu or triton, on the GPU
+#   sanitize      compute-sanitizer memcheck, then racecheck (shared memory), over small CUDA-backend tests of each
+#                 family: out-of-bounds accesses and races that a matching result can hide
 #   bench         python -m effikern bench (quick) into $OUT/results; bench-full: the whole matrix
 # A device call may run 600 s, and the build survives only while the machine stays warm (30 s idle), so plan
 # e.g. `env build tests-sparse`, then `build tests`, then `build bench`; a warm rebuild is incremental.
@@ -65,6 +67,19 @@ EOF"
       ;;
     tests)
       stage tests 540 $PY -m pytest -q -rs --junitxml="$OUT/tests.xml" tests -m "gpu or triton"
+      ;;
+    sanitize)
+      cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+      # Small cases only: every access is checked, so kernels run ~100x slower. --error-exitcode makes a finding
+      # fail the stage even where pytest's own assertions pass.
+      sel=(tests/test_dwsep_op.py::test_both_layouts tests/test_sparse_kernels_gpu.py::test_cuda_csr_kernels
+           tests/test_sparse_kernels_gpu.py::test_cuda_bsr_kernels
+           tests/test_amp_kernels_gpu.py::test_gpu_unscale_check_norm_large
+           tests/test_amp_kernels_gpu.py::test_gpu_optimizers_large)
+      stage sanitize-memcheck 280 "$cs" --tool memcheck --error-exitcode 99 --print-limit 20 \
+        $PY -m pytest -q -x -m gpu -k "cuda" "${sel[@]}"
+      stage sanitize-racecheck 280 "$cs" --tool racecheck --error-exitcode 99 --print-limit 20 \
+        $PY -m pytest -q -x -m gpu -k "cuda" "${sel[@]:0:3}"
       ;;
     bench)
       stage bench 540 $PY -m effikern bench --out "$OUT/results"
