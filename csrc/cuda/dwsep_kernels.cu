@@ -441,7 +441,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const PixInfo q = pix[p];
       float v = 0.f;
       if (q.n >= 0 && c0 + c < g.C) {
-        const float z = dw_point(x, g, dw_w, dw_b, q, c0 + c);
+        // Without an activation grad_z is grad_a: skip recomputing z (kh*kw reads of x per element).
+        const float z = act == kNone ? 0.f : dw_point(x, g, dw_w, dw_b, q, c0 + c);
         v = os[p * kLdo + c] * act_grad(z, act);
         gz[offset_of(gzs, q.n, c0 + c, q.oh, q.ow)] = v;
       }
