@@ -332,3 +332,29 @@ def test_sharded_scale_keeps_the_loss_dtype():
     loss = torch.ones((), dtype=torch.float16)
     assert scaler.scale(loss).dtype == torch.float16 and scaler.scale(loss).item() == 4.0
     assert [t.dtype for t in scaler.scale([loss, loss.float()])] == [torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("pair", sorted(FUSED_PAIRS))
+def test_overflow_on_two_devices_skips_the_step(monkeypatch, pair):
+    # found_inf is summed over the grads' devices; torch's fused kernels skip only when it is exactly 1.0, so
+    # an overflow on two devices (2.0) made torch's fused AdamW apply the inf/nan grads. "Two devices" on CPU:
+    # the grads split under two device keys (cpu and cpu:0), an overflow in each.
+    real = effikern.amp.grad_scaler._grads_by_device
+
+    def two_devices(optimizer):
+        (grads,) = real(optimizer).values()
+        return {torch.device("cpu"): grads[:2], torch.device("cpu", 0): grads[2:]}
+
+    monkeypatch.setattr(effikern.amp.grad_scaler, "_grads_by_device", two_devices)
+    model = _model()
+    opt = FUSED_PAIRS[pair][1](model.parameters())
+    scaler = GradScaler("cpu", init_scale=64.0)
+    scaler.scale(model(torch.randn(3, 8)).sum()).backward()
+    model[0].weight.grad[0, 0] = math.inf  # in grads[:2]
+    model[2].weight.grad[1, 3] = math.nan  # in grads[2:]
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+    assert scaler.get_scale() == 32.0

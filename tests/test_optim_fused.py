@@ -1,6 +1,7 @@
 """effikern.optim.AdamW / SGD against torch.optim.AdamW / SGD: same trajectories, state_dict interchange."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -116,3 +117,98 @@ def test_bad_arguments():
     p[0].grad = torch.randn(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+
+PAIRS = [(effikern.optim.AdamW, torch.optim.AdamW, dict(lr=0.05)),
+         (effikern.optim.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9))]
+
+
+def _torch_flags(torch_cls):
+    """torch's constructor flags (amsgrad and the keyword-only ones) with their default values."""
+    args = inspect.signature(torch_cls.__init__).parameters.values()
+    return {a.name: a.default for a in args if a.kind is a.KEYWORD_ONLY or a.name == "amsgrad"}
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS)
+def test_every_torch_flag_is_accepted_at_its_default(ours_cls, torch_cls, kwargs):
+    # Drop-in: configs written for torch spell out its defaults (amsgrad=False, foreach=None, ...).
+    flags = _torch_flags(torch_cls)
+    assert {"maximize", "foreach", "differentiable", "fused"} <= set(flags)
+    init = _params("cpu")
+    ours, _ = _run(ours_cls, {**kwargs, **flags}, init, "cpu")
+    theirs, _ = _run(torch_cls, kwargs, init, "cpu")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+IMPLEMENTATION_FLAGS = [dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False)]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs,flags",
+                         [(*pair, f) for pair in PAIRS for f in IMPLEMENTATION_FLAGS]
+                         + [(*PAIRS[0], dict(capturable=True))])  # torch's SGD has no capturable
+def test_implementation_flags_are_accepted(ours_cls, torch_cls, kwargs, flags):
+    # foreach / fused / capturable choose torch's implementation, not its math; effikern's one implementation
+    # is multi-tensor, fused and capturable (device step counters): it takes them all, with torch's results.
+    init = _params("cpu")
+    ours, opt = _run(ours_cls, {**kwargs, **flags}, init, "cpu")
+    theirs, _ = _run(torch_cls, kwargs, init, "cpu")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Not kept in the group: torch, loading our state_dict, would read capturable=True and refuse CPU params.
+    assert not set(flags) & set(opt.param_groups[0])
+
+
+@pytest.mark.parametrize("ours_cls,flag", [(effikern.optim.AdamW, "amsgrad"),
+                                           (effikern.optim.AdamW, "differentiable"),
+                                           (effikern.optim.SGD, "differentiable")])
+def test_unsupported_torch_flags_are_refused(ours_cls, flag):
+    # amsgrad=True would run as plain AdamW and differentiable=True without autograd: refuse, never ignore.
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        ours_cls(p, lr=0.1, **{flag: True})
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        ours_cls([{"params": p, flag: True}], lr=0.1)
+    opt = ours_cls(p, lr=0.1)
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], flag: True})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_amsgrad_state_dict_is_refused_at_load():
+    # A torch AdamW(amsgrad=True) checkpoint used to load and then continue as plain AdamW.
+    init = _params("cpu")
+    theirs, topt = _run(torch.optim.AdamW, dict(lr=1e-2, amsgrad=True), init, "cpu", steps=2)
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt = effikern.optim.AdamW(ours, lr=1e-2)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        opt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    assert not opt.state and opt.param_groups[0]["lr"] == 1e-2  # refused before anything was loaded
+
+
+@pytest.mark.parametrize("how", ["switched_on", "loaded"])
+def test_sgd_momentum_enabled_later_starts_from_the_gradient(how):
+    # torch's first momentum update of a param sets buf = g, however many steps came before; a zero buffer
+    # gave buf = (1 - dampening) * g. "loaded": our state_dict from momentum-free steps (a count, no buffer).
+    init = _params("cpu")
+    kwargs = dict(lr=0.05, dampening=0.3, weight_decay=0.01)
+    ours, opt = _run(effikern.optim.SGD, kwargs, init, "cpu", steps=3)
+    theirs, topt = _run(torch.optim.SGD, kwargs, init, "cpu", steps=3)
+    if how == "loaded":
+        sd = copy.deepcopy(opt.state_dict())
+        ours = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        opt = effikern.optim.SGD(ours, **kwargs)
+        opt.load_state_dict(sd)
+    for o in (opt, topt):
+        o.param_groups[0]["momentum"] = 0.9
+    gen = torch.Generator().manual_seed(5)
+    for i in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        for group, o in ((ours, opt), (theirs, topt)):
+            for j, (p, g) in enumerate(zip(group, grads)):
+                # param 0 has no grad at the first momentum step: its first momentum update comes later
+                p.grad = None if (i == 0 and j == 0) else g.clone()
+            o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

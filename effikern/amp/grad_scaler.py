@@ -186,7 +186,10 @@ class GradScaler(torch.amp.GradScaler):
         kind = _fold_kind(optimizer)
         if state["stage"] is OptState.READY:
             self._unscale_check(optimizer, state, write_back=kind is None)
+        # Clamped to 1, on the device: torch's fused kernels skip only when found_inf == 1, so a sum of 2.0
+        # (an overflow on each of two devices) would have them apply the inf/nan grads.
         found_inf = sum(_to(f, self._scale.device) for f in state["found_inf_per_device"].values())
+        found_inf = torch.clamp(found_inf, max=1.0)
         factor = state.get("grad_factor")
         if kind is None:
             retval = optimizer.step(*args, **kwargs) if not found_inf.item() else None

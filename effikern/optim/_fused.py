@@ -13,7 +13,13 @@ Step counters: ``state[p]["step"]`` is a float32 0-dim tensor on p's device, as 
 keep it, but params of one group that started together share ONE tensor object, so a group is one kernel call
 with one counter read on the device. torch increments only the steps of params that have a gradient; when a
 param without a gradient shares a counter with params that have one, it gets its own copy first (a device
-copy, no sync), so the counts stay exactly torch's.
+copy, no sync), so the counts stay exactly torch's. A subclass may restart a param's state (SGD: a param
+that gets its first momentum buffer after earlier steps): a new state and a count of 0, like a fresh one.
+
+torch's flags: those that choose torch's implementation (foreach, fused, capturable) are accepted and not
+kept, since effikern's one implementation is all three; those effikern cannot honour (``_REFUSED``:
+differentiable, AdamW's amsgrad) raise ValueError at any value but torch's default, in the constructor,
+``add_param_group`` and ``load_state_dict``, rather than running as something else.
 """
 
 from collections import defaultdict
@@ -47,13 +53,14 @@ def check_dense_grads(params: List[torch.Tensor], name: str) -> None:
                             f"got {p.grad.dtype}")
 
 
-def step_groups(optimizer, group, new_state) -> Dict[int, List[torch.Tensor]]:
+def step_groups(optimizer, group, new_state, starts) -> Dict[int, List[torch.Tensor]]:
     """Params of ``group`` that have a gradient, keyed by their shared step tensor (see the module docstring).
 
-    ``new_state(p)`` fills a param's state (without "step") the first time it has a gradient.
+    ``starts(p)``: whether p's state starts (or restarts) at this step; ``new_state(p)`` then fills it
+    (without "step"), and the params starting together on one device share a new count of 0.
     """
     params = [p for p in group["params"] if p.grad is not None]
-    fresh = [p for p in params if len(optimizer.state[p]) == 0]
+    fresh = [p for p in params if starts(p)]
     by_device = defaultdict(list)
     for p in fresh:
         by_device[p.device].append(p)
@@ -114,9 +121,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    # torch flags this optimizer cannot honour -> the one value it accepts (torch's default; module doc).
+    _REFUSED = {"differentiable": False}
 
     def _new_state(self, group, p) -> dict:
         raise NotImplementedError
+
+    def _starts(self, group, p) -> bool:
+        """Whether p's state starts at this step (``_new_state``, a count of 0): its first step with a grad."""
+        return len(self.state[p]) == 0
 
     def _update(self, group, params, grad_factor, found_inf) -> None:
         raise NotImplementedError
@@ -131,7 +144,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         factor, found_inf = scaling_tensors(self)
         for group in self.param_groups:
             check_dense_grads([p for p in group["params"] if p.grad is not None], type(self).__name__)
-            for members in step_groups(self, group, lambda p, group=group: self._new_state(group, p)).values():
+            for members in step_groups(self, group, lambda p, group=group: self._new_state(group, p),
+                                       lambda p, group=group: self._starts(group, p)).values():
                 device = members[0].device
                 self._update(group, members, on(factor, device), on(found_inf, device))
         return loss
@@ -140,10 +154,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's layout (loadable by torch.optim too); each param gets its own copy of its step count."""
         return unshared_state_dict(super().state_dict())
 
+    def add_param_group(self, param_group):
+        """torch's, refusing a group that sets a flag in ``_REFUSED`` (the constructor's groups come here)."""
+        self._check_flags({**self.defaults, **param_group}, "")
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict):
+        """torch's (takes torch's state_dicts too); refuses one whose groups set a flag in ``_REFUSED``,
+        before anything is loaded."""
+        for group in state_dict["param_groups"]:
+            self._check_flags(group, " (set in a loaded param group)")
         super().load_state_dict(state_dict)
         self._complete_loaded_state()
         merge_steps(self)
+
+    def _check_flags(self, group, where: str) -> None:
+        name = type(self).__name__
+        for flag, accepted in self._REFUSED.items():
+            value = group.get(flag, accepted)  # a group from an older torch may lack the key: its default
+            if value != accepted:
+                raise ValueError(f"effikern.optim.{name} does not support {flag}={value!r}{where}, only "
+                                 f"{flag}={accepted!r}; use torch.optim.{name} for it")
 
     def _complete_loaded_state(self) -> None:
         """Fills what a loaded state may lack (a torch state_dict's missing keys) before steps are merged."""

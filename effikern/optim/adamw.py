@@ -16,9 +16,15 @@ class AdamW(_fused.FusedOptimizer):
     effikern.optim._fused).
 
     Args: params, lr (float), betas (beta1, beta2), eps, weight_decay (decoupled, as torch), maximize.
+    torch's other flags, for configs written for torch: amsgrad and differentiable only at their default
+    (False; ValueError otherwise, here and in a loaded state_dict); foreach, capturable and fused at any value
+    (they pick torch's implementation; this one is multi-tensor, fused and capturable).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False):
+    _REFUSED = {"amsgrad": False, "differentiable": False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
         if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
             raise ValueError(f"lr must be a float >= 0, got {lr!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
@@ -27,7 +33,8 @@ class AdamW(_fused.FusedOptimizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        amsgrad=amsgrad, differentiable=differentiable)  # kept as torch's groups keep them
         super().__init__(params, defaults)
 
     def _new_state(self, group, p):

@@ -11,14 +11,18 @@ class SGD(_fused.FusedOptimizer):
     group with ``effikern::fused_sgd_``.
 
     State: ``momentum_buffer`` (the param's dtype; allocated at the first step when momentum != 0) as torch,
-    plus a ``step`` count (device tensor): 0 means the buffer is not initialised yet, so the first update sets
-    it to the gradient as torch does, decided on the device. Loading a torch SGD state_dict (no ``step``)
-    counts a param with a momentum buffer as stepped once. Takes ``grad_scale``/``found_inf`` from a grad
-    scaler like effikern.optim.AdamW (no host sync).
+    plus a ``step`` count (device tensor) of the updates since the state started: 0 means the buffer is not
+    initialised yet, so the first update sets it to the gradient as torch does, decided on the device. A param
+    that gets its buffer after earlier steps (momentum switched on later, a loaded state without one) starts
+    again at 0. Loading a torch SGD state_dict (no ``step``) counts a param with a momentum buffer as stepped
+    once. Takes ``grad_scale``/``found_inf`` from a grad scaler like effikern.optim.AdamW (no host sync).
+
+    torch's other flags: differentiable only at its default (False; ValueError otherwise, here and in a loaded
+    state_dict); foreach and fused at any value (they pick torch's implementation; this one is both).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False):
+                 maximize=False, foreach=None, differentiable=False, fused=None):
         if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
             raise ValueError(f"lr must be a float >= 0, got {lr!r}")
         if not 0.0 <= momentum:
@@ -28,7 +32,7 @@ class SGD(_fused.FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
+                        nesterov=nesterov, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
 
     def _new_state(self, group, p):
@@ -36,21 +40,21 @@ class SGD(_fused.FusedOptimizer):
             return {}
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
+    def _starts(self, group, p):
+        # torch's first momentum update of a param sets buf = g, whatever steps came before; the kernel does
+        # that where step == 0 (on the device). So a param that stepped without a buffer (momentum switched on
+        # later, a loaded state without one) starts again: a zero buffer and a count of 0. Keeping its count
+        # gave buf = (1 - dampening) * g.
+        state = self.state[p]
+        return len(state) == 0 or (float(group["momentum"]) != 0.0 and state.get("momentum_buffer") is None)
+
     def _update(self, group, params, grad_factor, found_inf):
         momentum = float(group["momentum"])
-        bufs = [] if momentum == 0.0 else [self._buffer(p) for p in params]
+        bufs = [] if momentum == 0.0 else [self.state[p]["momentum_buffer"] for p in params]
         _amp_ops.fused_sgd_eager(
             [p.detach() for p in params], [p.grad for p in params], bufs, self.state[params[0]]["step"],
             float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
             float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)
-
-    def _buffer(self, p):
-        # momentum turned on after earlier steps (or a torch state without buffers): start a fresh buffer; its
-        # zeros are replaced by the gradient only if this group's step is 0, as the contract says.
-        state = self.state[p]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["momentum_buffer"]
 
     def _complete_loaded_state(self):
         # A torch SGD state_dict has no step: a param with a momentum buffer has been stepped at least once.
