@@ -6,7 +6,8 @@ import pytest
 import torch
 from sparse_util import random_mask
 
-from effikern.sparse import PANEL, from_dense, is_2of4, is_block, n_panels
+from effikern.sparse import PANEL, csr_coordinates, from_dense, is_2of4, is_block, n_panels
+from effikern.sparse.formats import segment_coordinates
 
 FORMATS = ["unstructured", "block", "2:4"]
 
@@ -93,6 +94,42 @@ def test_csr_arrays_follow_the_spec():
     assert by_col == sorted((c, r) for r, c in entries)
     for (c, r), e in zip(by_col, sw.t_perm.tolist()):
         assert entries[e] == (r, c)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])  # every weight kept, empty segments, nothing stored
+def test_csr_coordinates(sparsity):
+    """csr_coordinates (repeat_interleave told its output size, nnz, so no device sync) lists every entry's
+    (row, column) in storage order, for the forward arrays and the transposed view, exactly as when
+    repeat_interleave counted the output itself; a pointer array that does not end at nnz is refused."""
+    n, k = 300, 600
+    mask = random_mask("unstructured", n, k, sparsity)
+    sw = from_dense(torch.randn(n, k), mask, "unstructured")
+    for ptr, offset, major, minor, order in ((sw.crow, sw.col, n, k, mask), (sw.t_crow, sw.t_row, k, n, mask.t())):
+        coords = csr_coordinates(ptr, offset, major, minor)
+        counted = torch.repeat_interleave(torch.arange(major * n_panels(minor)), (ptr[1:] - ptr[:-1]).long())
+        for got, before in zip(coords, segment_coordinates(counted, offset, minor)):
+            assert got.dtype == torch.int64 and torch.equal(got, before)
+        assert torch.equal(torch.stack(coords, 1), order.nonzero())
+    too_long = sw.crow.clone()
+    too_long[-1] += 1
+    with pytest.raises(RuntimeError):
+        csr_coordinates(too_long, sw.col, n, k)
+
+
+@pytest.mark.gpu
+def test_csr_coordinates_do_not_sync():
+    """On CUDA, csr_coordinates queues its work without waiting for the device (a sync per call breaks CUDA-graph
+    capture): torch's sync debug mode turns any sync into an error."""
+    n, k = 300, 600
+    mask = random_mask("unstructured", n, k, 0.9)
+    sw = from_dense(torch.randn(n, k), mask, "unstructured").to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows, cols = csr_coordinates(sw.crow, sw.col, n, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(torch.stack([rows, cols], 1).cpu(), mask.nonzero())
 
 
 def test_block_padding_and_value_mask():

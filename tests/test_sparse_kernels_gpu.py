@@ -345,13 +345,9 @@ def _cuda_ext():
     return C
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("M", [1, 5, 16, 64, 100])
-def test_cuda_csr_kernels(M, dtype):
+def run_cuda_csr_case(M, N, K, dtype):
     C = _cuda_ext()
     stream = torch.cuda.current_stream().cuda_stream
-    N, K = 770, 1030
     weight, mask, arrays = random_csr_problem(N, K, 0.1, dtype)
     a, weight = to_dev(arrays), weight.to(DEV)
     x, gy = torch.randn(M, K, dtype=dtype, device=DEV), torch.randn(M, N, dtype=dtype, device=DEV)
@@ -363,6 +359,26 @@ def test_cuda_csr_kernels(M, dtype):
     check_grad_input("cuda csr_grad_input", gx, gy, weight)
     gv = C.sparse_csr_grad_values_cuda(gy, x, a["row"], a["col"], stream)
     check_csr_grad_values("cuda csr_grad_values", gv, gy, x, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 5, 16, 64, 100])
+def test_cuda_csr_kernels(M, dtype):
+    run_cuda_csr_case(M, 770, 1030, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_csr_kernels_global_gather(dtype):
+    """Past 96 KiB of staged x (csr_mm_kernel's kCsrMaxSmem) the CSR products gather x from global memory
+    (kSmem=false), which K=1030 never reaches: at 16 tokens (a 16-token chunk) the stage would hold 17 panels of
+    256 inputs for the forward (K=4100) and 13 of outputs for grad_input (N=3100)."""
+    M, N, K = 16, 3100, 4100
+    size = torch.finfo(dtype).bits // 8
+    for width in (K, N):  # the forward stages x [M, K], grad_input grad_y [M, N]
+        assert -(-width // PANEL) * PANEL * M * size > 96 * 1024
+    run_cuda_csr_case(M, N, K, dtype)
 
 
 @pytest.mark.gpu

@@ -115,6 +115,29 @@ def test_odd_shapes(backend, fmt):
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_strided_bias_and_input(backend, fmt):
+    """A bias that is a strided view (column 0 of a matrix) and a transposed x: the kernels read bias[o] and x's
+    rows at stride 1, so the op must hand them contiguous copies (a strided bias once added the wrong values)."""
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    sw, dense = random_weight(fmt, 24, 32, 0.5, torch.float32, device, (8, 8), 0.0)
+    bias_matrix = torch.randn(24, 3, device=device, requires_grad=True)
+    x = torch.randn(32, 5, device=device).t().requires_grad_()
+    bias = bias_matrix[:, 0]
+    assert not bias.is_contiguous() and not x.is_contiguous()
+    with effikern.set_backend(backend):
+        y = effikern.functional.sparse_linear(x, sw, bias)
+        y.backward(torch.ones_like(y))
+    truth = F.linear(x.detach().double(), dense, bias.detach().double())
+    assert_matches("y", y, truth, F.linear(x.detach(), dense.float(), bias.detach()))
+    assert torch.equal(bias_matrix.grad[:, 0], torch.full((24,), 5.0, device=device))
+    assert torch.equal(bias_matrix.grad[:, 1:], torch.zeros(24, 2, device=device))
+    assert_matches("grad_x", x.grad, torch.ones(5, 24, dtype=torch.float64, device=device) @ dense,
+                   torch.ones(5, 24, device=device) @ dense.float())
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("sparsity", [0.0, 1.0])  # fully dense, and all-zero weight (nothing stored)
 def test_all_kept_and_all_pruned(backend, fmt, sparsity):
     _run(backend, fmt, torch.float32, 16, 32, (2, 3), sparsity, block=(16, 16))
@@ -221,6 +244,210 @@ def test_training_arrays_dropped_fail_clearly():
         y = effikern.functional.sparse_linear(torch.randn(2, 8), sw)
         with pytest.raises(RuntimeError, match="training arrays"):
             y.sum().backward()
+
+
+def _skip_without_semi_structured(x, n, k):
+    from effikern.ops import sparse as sparse_ops
+
+    if not sparse_ops._semi_structured_ok(x, None, "2:4", n, k):
+        pytest.skip("neither of torch's 2:4 kernels runs on this GPU (the 2:4 forward falls back to CSR)")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_of_four_semi_structured_path(dtype):
+    """128 x 256 (out_features a multiple of 64, in_features of 128; no other shape here is): the 2:4 forward runs
+    torch's semi-structured kernel, the backward the cuda backend's CSR kernels. Smaller sizes and fp32 stay on CSR."""
+    from effikern.ops import sparse as sparse_ops
+
+    device = device_for("cuda")
+    skip_unavailable("cuda", device)
+    for d, n, k, fmt in ((torch.float32, 128, 256, "2:4"), (dtype, 96, 256, "2:4"), (dtype, 128, 192, "2:4"),
+                         (dtype, 128, 256, "unstructured")):
+        assert not sparse_ops._semi_structured_ok(torch.empty(1, k, dtype=d, device=device), None, fmt, n, k)
+    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, device)
+    x = torch.randn(2, 3, 256, device=device).to(dtype)
+    _skip_without_semi_structured(x, 128, 256)
+    bias, gy = torch.randn(128, device=device).to(dtype), torch.randn(2, 3, 128, device=device).to(dtype)
+    _check_all("cuda", sw, dense, x, bias, gy)
+    assert sparse_ops._SEMI_CACHE.get(sw.values) is not None, "the forward did not take the semi-structured path"
+
+
+@pytest.mark.gpu
+def test_two_of_four_compressed_weight_cached_until_values_change():
+    """torch's 2:4 kernel runs on W compressed once per values tensor: a second forward, eager or through the
+    registered op (as a torch.compile graph calls it), reuses it; an in-place change of values (an optimizer step's
+    kind of write) makes the next forward compress again and compute with the new values."""
+    from effikern.ops import sparse as sparse_ops
+
+    dtype = torch.float16
+    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, "cuda")
+    x = torch.randn(2, 3, 256, device="cuda").to(dtype)
+    _skip_without_semi_structured(x, 128, 256)
+    with effikern.set_backend("auto"):  # any choice but torch takes torch's 2:4 kernel; the forward needs no build
+        y = effikern.functional.sparse_linear(x, sw)
+        entry = sparse_ops._SEMI_CACHE.get(sw.values)
+        assert entry is not None
+        y_op = torch.ops.effikern.sparse_linear(x, sw.values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm,
+                                                sw.value_mask, None, "2:4", 128, 256)
+        assert sparse_ops._SEMI_CACHE.get(sw.values) is entry
+        with torch.no_grad():
+            sw.values.mul_(2)
+        y_doubled = effikern.functional.sparse_linear(x, sw)
+        assert sparse_ops._SEMI_CACHE.get(sw.values) is not entry
+    truth = F.linear(x.double(), dense)
+    assert_matches("y", y, truth, F.linear(x, dense.to(dtype)))
+    assert_matches("y through the op", y_op, truth, F.linear(x, dense.to(dtype)))
+    assert_matches("y after values *= 2", y_doubled, 2 * truth, F.linear(x, (2 * dense).to(dtype)))
+
+
+@pytest.mark.gpu
+def test_two_of_four_semi_structured_in_a_cuda_graph():
+    """The 2:4 forward captures in a CUDA graph (no host sync on its way) and compresses W inside the graph rather
+    than reading the cached copy, so a replay after an in-place change of values computes with the new values."""
+    dtype = torch.float16
+    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, "cuda")
+    x = torch.randn(2, 3, 256, device="cuda").to(dtype)
+    _skip_without_semi_structured(x, 128, 256)
+    with effikern.set_backend("auto"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graph's docs advise
+            effikern.functional.sparse_linear(x, sw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = effikern.functional.sparse_linear(x, sw)
+    truth = F.linear(x.double(), dense)
+    graph.replay()
+    assert_matches("y replayed", y, truth, F.linear(x, dense.to(dtype)))
+    with torch.no_grad():
+        sw.values.mul_(2)
+    graph.replay()
+    assert_matches("y replayed after values *= 2", y, 2 * truth, F.linear(x, (2 * dense).to(dtype)))
+
+
+def test_semi_structured_weight_cache():
+    """The compressed 2:4 weight is built once per values tensor, in the values' dtype, and again only when values
+    change in place or are swapped or the pattern arrays change; a temporary values tensor (autocast's cast) leaves
+    nothing behind. On CPU, with a stand-in for torch's 2:4 class."""
+    import gc
+
+    from effikern.ops.sparse import _SEMI_CACHE, _semi_structured_weight
+
+    class Packed:
+        built = []
+
+        @classmethod
+        def from_dense(cls, dense):
+            cls.built.append(dense)
+            return dense.clone()
+
+    sw, dense = random_weight("2:4", 8, 16, 0.5, torch.float16, "cpu")
+
+    def packed(values=None):
+        return _semi_structured_weight(Packed, sw.values if values is None else values, sw.crow, sw.col, 8, 16)
+
+    w = packed()
+    assert w.dtype == torch.float16 and torch.equal(w, dense.half())
+    assert packed() is w and len(Packed.built) == 1
+    with torch.no_grad():
+        sw.values.mul_(2)
+    assert torch.equal(packed(), 2 * dense.half()) and len(Packed.built) == 2
+    sw.values.data = sw.values.detach().clone() / 2  # same tensor, new memory (no version bump)
+    assert torch.equal(packed(), dense.half()) and len(Packed.built) == 3
+    sw.crow = sw.crow.clone()  # a new pattern array
+    packed()
+    assert len(Packed.built) == 4 and packed() is packed()
+    entries = len(_SEMI_CACHE)
+    packed(sw.values.float().half())
+    gc.collect()
+    assert len(Packed.built) == 5 and len(_SEMI_CACHE) == entries
+
+
+def test_semi_structured_gate():
+    """torch's 2:4 kernel only for CUDA tensors, on a GPU one of its kernels runs on: cuSPARSELt on compute
+    capability 8.0 and later; CUTLASS (torch built without cuSPARSELt, or _FORCE_CUTLASS set) on 8.x only."""
+    from effikern.ops.sparse import _semi_structured_backend, _semi_structured_ok
+
+    x = torch.randn(2, 256, dtype=torch.float16)
+    assert not _semi_structured_ok(x, None, "2:4", 128, 256)
+    assert not _semi_structured_ok(x.to("meta"), None, "2:4", 128, 256)
+    assert _semi_structured_backend((8, 0), True, False) == "cusparselt"
+    assert _semi_structured_backend((9, 0), True, False) == "cusparselt"
+    assert _semi_structured_backend((8, 6), False, False) == "cutlass"
+    assert _semi_structured_backend((8, 0), True, True) == "cutlass"
+    assert _semi_structured_backend((9, 0), False, False) is None
+    assert _semi_structured_backend((9, 0), True, True) is None
+    assert _semi_structured_backend((7, 5), True, False) is None
+
+
+def test_semi_structured_class_reads_torch_attributes_guarded(monkeypatch):
+    """The kernel class from torch's flags, with a stand-in for the GPU's compute capability; a torch without
+    cuSPARSELt's module or the 2:4 classes counts as having none of them (no AttributeError)."""
+    import types
+
+    from effikern.ops.sparse import _semi_structured_class
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False)
+    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)
+    assert _semi_structured_class("cuda") is None
+    capability[0] = (8, 0)
+    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUTLASS
+    monkeypatch.setattr(torch, "backends", types.SimpleNamespace())  # a torch without torch.backends.cusparselt
+    monkeypatch.delattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS")
+    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUTLASS
+    capability[0] = (9, 0)
+    assert _semi_structured_class("cuda") is None
+    capability[0] = (8, 0)
+    monkeypatch.delattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS")
+    assert _semi_structured_class("cuda") is None
+
+
+def test_cuda_kernels_run_on_their_tensors_device(monkeypatch):
+    """The cuda backend's kernels run with their tensors' device current and that device's stream (the glue refuses
+    tensors on cuda:1 while cuda:0 is current); checked without a GPU through stand-ins for the extension and CUDA."""
+    import contextlib
+    import types
+
+    from effikern import _ext
+    from effikern.ops import sparse as sparse_ops
+
+    seen = []
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(("enter", d))
+        yield
+        seen.append(("exit", d))
+
+    ext = types.SimpleNamespace(sparse_csr_fwd_cuda=lambda *args: seen.append(("kernel", args[-1])))
+    monkeypatch.setattr(_ext, "require", lambda kind: ext)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: types.SimpleNamespace(cuda_stream=f"stream of {d}"))
+    x = types.SimpleNamespace(device=torch.device("cuda", 1))
+    sparse_ops._load_cuda().csr_fwd(x, None, None, None, None, 8, 8)
+    cuda1 = torch.device("cuda", 1)
+    assert seen == [("enter", cuda1), ("kernel", "stream of cuda:1"), ("exit", cuda1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton), "cuda"])
+def test_second_gpu_while_first_is_current(backend):
+    """A weight and input on cuda:1 with cuda:0 current (a model moved without torch.cuda.set_device)."""
+    skip_unavailable(backend, "cuda")
+    sw, dense = random_weight("unstructured", 37, 40, 0.5, torch.float16, "cuda:1")
+    x = torch.randn(3, 40, device="cuda:1").half()
+    with torch.cuda.device(0), effikern.set_backend(backend):
+        y = effikern.functional.sparse_linear(x, sw)
+    assert y.device == x.device
+    assert_matches("y", y, F.linear(x.double(), dense), F.linear(x, dense.half()))
 
 
 class TestErrors:

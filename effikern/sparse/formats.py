@@ -18,8 +18,7 @@ interface shared by every backend (cpp, triton, cuda; docs/sparse_kernels.md); e
   and int32 ``crow [Np/BR + 1]``, ``col [nnzb]``, ``row [nnzb]``, ``t_crow [Kp/BC + 1]``, ``t_row``, ``t_perm [nnzb]``.
 - ``"2:4"``: at most 2 kept weights in every group of 4 along K (K % 4 == 0), held as the CSR above (a group
   with fewer kept weights stores fewer entries), so every backend's CSR kernels run it; on CUDA the forward goes
-  through ``torch.sparse.to_sparse_semi_structured`` where the GPU, dtype and shape allow
-  (``effikern/ops/sparse.py``).
+  through torch's semi-structured (2:4) kernels where the GPU, dtype and shape allow (``effikern/ops/sparse.py``).
 
 ``value_mask`` (bool, values' shape, or None when every stored value is kept) marks stored positions that the mask
 prunes: the zeros inside a stored block. Their gradient is zeroed, so
@@ -75,9 +74,13 @@ def segment_coordinates(seg: torch.Tensor, offset: torch.Tensor, n_minor: int):
 
 
 def csr_coordinates(ptr: torch.Tensor, offset: torch.Tensor, n_major: int, n_minor: int):
-    """(major, minor) int64 index of every entry of a panelled CSR (ptr [n_major * P + 1], offset [nnz] uint8)."""
+    """(major, minor) int64 index of every entry of a panelled CSR (ptr [n_major * P + 1] running from 0 to nnz,
+    offset [nnz] uint8)."""
     segments = torch.arange(n_major * n_panels(n_minor), device=ptr.device)
-    return segment_coordinates(torch.repeat_interleave(segments, (ptr[1:] - ptr[:-1]).long()), offset, n_minor)
+    # output_size: the segment counts sum to ptr[-1] - ptr[0] = nnz entries; without it repeat_interleave reads
+    # the total back to the host, a device sync per call that also breaks CUDA-graph capture.
+    seg = torch.repeat_interleave(segments, (ptr[1:] - ptr[:-1]).long(), output_size=offset.numel())
+    return segment_coordinates(seg, offset, n_minor)
 
 
 def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple[torch.Tensor, ...]:
@@ -178,7 +181,8 @@ def densify(fmt: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tenso
     if fmt == "block":
         br, bc = values.shape[1], values.shape[2]
         nb, kb = crow.numel() - 1, math.ceil(k / bc) if bc else 0
-        row = torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).long())
+        row = torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).long(),
+                                      output_size=col.numel())  # no device sync (csr_coordinates)
         blocks = values.new_zeros(nb, kb, br, bc).index_put((row, col.long()), values)
         return blocks.permute(0, 2, 1, 3).reshape(nb * br, kb * bc)[:n, :k]
     return values.new_zeros(n, k).index_put(csr_coordinates(crow, col, n, k), values)
