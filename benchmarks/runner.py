@@ -164,7 +164,7 @@ def _rows_for_case(family, case, device, quick, copy_gbps) -> List[Row]:
             continue
         try:
             ms, mem = _time_candidate(fn, device, quick)
-            measured[label] = (ms, mem, "")
+            measured[label] = (ms, mem, getattr(fn, "note", ""))  # e.g. which kernel a backend ran (bench_sparse)
         except Exception as err:  # a backend failing on one case must not lose the rest of the run
             measured[label] = (None, None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
     del candidates

@@ -13,7 +13,11 @@ def test_runner_writes_results(tmp_path, monkeypatch):
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     def build():
         a = torch.randn(256, 256)
-        return {"torch": lambda: a @ a, "cpp": lambda: a.mm(a), "cuda": "unavailable: no GPU"}
+        def cpp():
+            return a.mm(a)
+
+        cpp.note = "which kernel ran"  # a candidate may say what it ran (bench_sparse's 2:4 rows)
+        return {"torch": lambda: a @ a, "cpp": cpp, "cuda": "unavailable: no GPU"}
 
     case = runner.Case(op="mm", shape="256x256", dtype="fp32", layout="-", mode="fwd", bytes=3 * 256 * 256 * 4,
                        flops=2 * 256**3, baseline="torch", build=build)
@@ -30,6 +34,7 @@ def test_runner_writes_results(tmp_path, monkeypatch):
     rows = {r["backend"]: r for r in data["rows"]}
     assert rows["torch"]["speedup"] == 1.0 and rows["torch"]["ms"] > 0
     assert abs(rows["cpp"]["speedup"] - rows["torch"]["ms"] / rows["cpp"]["ms"]) < 1e-9
+    assert rows["cpp"]["note"] == "which kernel ran" and rows["torch"]["note"] == ""
     assert rows["cuda"]["ms"] is None and "unavailable" in rows["cuda"]["note"]
 
 

@@ -383,6 +383,23 @@ def test_semi_structured_gate():
     assert _semi_structured_backend((7, 5), True, False) is None
 
 
+def test_semi_structured_path_is_reported(monkeypatch):
+    """What info and the benchmark rows print for a 2:4 forward: torch's kernel only where the gate lets it run,
+    otherwise the CSR kernels with the reason."""
+    from effikern.ops import sparse as sparse_ops
+
+    class Kernel:
+        pass
+
+    monkeypatch.setattr(sparse_ops, "_semi_structured_class", lambda device: Kernel)
+    assert sparse_ops.semi_structured_path("cuda", torch.float16, 128, 256) == "torch 2:4 kernel (Kernel)"
+    assert "CUDA only" in sparse_ops.semi_structured_path("cpu", torch.float16, 128, 256)
+    assert "fp16/bf16" in sparse_ops.semi_structured_path("cuda", torch.float32, 128, 256)
+    assert "% 128" in sparse_ops.semi_structured_path("cuda", torch.bfloat16, 128, 200)
+    monkeypatch.setattr(sparse_ops, "_semi_structured_class", lambda device: None)
+    assert "no torch 2:4 kernel" in sparse_ops.semi_structured_path("cuda", torch.float16, 128, 256)
+
+
 def test_semi_structured_class_reads_torch_attributes_guarded(monkeypatch):
     """The kernel class from torch's flags, with a stand-in for the GPU's compute capability; a torch without
     cuSPARSELt's module or the 2:4 classes counts as having none of them (no AttributeError)."""

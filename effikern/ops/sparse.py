@@ -257,6 +257,23 @@ def _semi_structured_ok(x, values, fmt, n, k):
     return n % 64 == 0 and k % 128 == 0
 
 
+def semi_structured_path(device, dtype, out_features: int, in_features: int) -> str:
+    """Which kernel runs a 2:4 forward of this dtype and weight size on ``device`` (a non-torch backend chosen),
+    and why, for ``python -m effikern info`` and the benchmark rows: torch's semi-structured kernel, or the chosen
+    backend's CSR kernels."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "CSR kernels (torch's 2:4 kernels are CUDA only)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "CSR kernels (torch's 2:4 kernels take fp16/bf16)"
+    cls = _semi_structured_class(device)
+    if cls is None:
+        return "CSR kernels (no torch 2:4 kernel runs on this GPU with this torch build)"
+    if out_features % 64 != 0 or in_features % 128 != 0:
+        return "CSR kernels (torch's 2:4 kernels need out_features % 64 == 0 and in_features % 128 == 0)"
+    return f"torch 2:4 kernel ({cls.__name__})"
+
+
 def _semi_structured_backend(capability, cusparselt: bool, force_cutlass: bool) -> Optional[str]:
     """Which of torch's 2:4 kernels runs on a GPU of this compute capability: "cusparselt", "cutlass" or None.
 
