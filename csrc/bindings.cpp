@@ -8,6 +8,7 @@
 #include "cpu/distill_cpu.h"
 #include "cpu/dwsep_cpu.h"
 #include "cpu/half_convert.h"
+#include "cpu/output_alloc.h"
 #include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/amp_cuda.h"
@@ -98,6 +99,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("portable") = false);
   m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N] (+ C0 [M, N])",
         py::arg("A"), py::arg("B"), py::arg("C0") = py::none());
+
+  m.def("empty_output_like", [](const at::Tensor& like) { return effikern::empty_output_like(like); },
+        "torch.empty_like(like), advised for transparent huge pages when large (csrc/cpu/output_alloc.h): for CPU "
+        "outputs that are written in full", py::arg("like"));
 
   // Kernels release the GIL: they are long-running and thread-safe, so Python threads may overlap them.
   using release = py::call_guard<py::gil_scoped_release>;

@@ -55,12 +55,13 @@ CASES = {
         w = torch.randn(512, 256)
         sw = from_dense(w, torch.rand(512, 256) > 0.9, "unstructured", None)
         print(advised(effikern.functional.sparse_linear(torch.randn(4096, 256), sw)))''',
-    # the student gradient [256, 16384] (16.8 MB) the distillation loss's forward computes with the loss (its
-    # backward scales it into a tensor of PyTorch's allocating)
+    # the student gradient [256, 16384] (16.8 MB) the distillation loss's forward computes with the loss, and the
+    # backward's scaled copy of it
     "distill": '''
-        s, t = torch.randn(256, 16384), torch.randn(256, 16384)
-        _, grad = torch.ops.effikern.distillation_loss(s, t, None, 2.0, 0.5, -100, True)
-        print(advised(grad))''',
+        s, t = torch.randn(256, 16384, requires_grad=True), torch.randn(256, 16384)
+        _, grad = torch.ops.effikern.distillation_loss(s.detach(), t, None, 2.0, 0.5, -100, True)
+        effikern.functional.distillation_loss(s, t, None, temperature=2.0).backward()
+        print(advised(grad), advised(s.grad))''',
 }
 
 
