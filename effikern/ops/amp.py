@@ -24,10 +24,12 @@ grad_factor, found_inf)``
     torch.optim.SGD's update; momentum_buffers is [] when momentum == 0; step == 0 means the buffers are
     uninitialised (the first update sets buf = g, as torch).
 
-Non-contiguous tensors (a documented fallback, the same on every backend): the op hands the backend a
-contiguous copy and copies the result back into the original tensor afterwards (only tensors the op writes).
-That costs one more read and write of those tensors; gradients produced by autograd are contiguous, so in
-practice it is the rare sliced or transposed ``.grad``.
+Non-contiguous tensors, the same on every backend: where a param, its grad and its state are dense with the same
+strides (a channels_last conv weight: autograd gives its grad the param's layout, and the optimizers allocate
+state with ``preserve_format``), the backend gets flat views of their storage, so the update runs in place at no
+extra cost. Otherwise (a sliced or transposed ``.grad``; a documented fallback) the op hands the backend contiguous
+copies and copies the result back into the originals afterwards (only tensors the op writes), one more read and
+write of those tensors.
 
 Mixed dtypes: every backend takes mixed lists. Under ``auto`` the backend is chosen per dtype, so a mixed list
 may be split into one call per backend; the norms are then combined on the device (sqrt of the sum of squares,
@@ -337,17 +339,53 @@ def backend_for(op: str, device: torch.device, tensors) -> str:
     return "+".join(name for name, _ in groups) or backends.choose(op, device.type, torch.float32)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill the storage range [offset, offset + numel) exactly once, in some dimension order
+    (contiguous, channels_last, any permutation): then an elementwise op may run over that range as a flat array."""
+    step = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-D view of a dense tensor's storage range (its elements in memory order)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 class _Contiguous:
-    """Contiguous stand-ins for a list, copied back into the originals that the op wrote (the fallback)."""
+    """Contiguous stand-ins for equal-length lists, element i of each of the same shape (the op's contract).
 
-    def __init__(self, tensors):
-        self.originals = list(tensors)
-        self.tensors = [t if t.is_contiguous() else t.contiguous() for t in self.originals]
+    Element i as it is where all lists hold it contiguous; else a flat view of each (``_flat``: writes land in the
+    originals, no copy) where all hold it dense with the same strides, which is how autograd lays out the grad and
+    the optimizers the state of a channels_last conv weight; else contiguous copies (the documented fallback),
+    copied back into the originals that the op wrote (``copy_back``)."""
 
-    def copy_back(self):
-        for orig, used in zip(self.originals, self.tensors):
-            if used is not orig:
-                orig.copy_(used)
+    def __init__(self, *lists):
+        self.originals = [list(lst) for lst in lists]
+        self.lists = [list(lst) for lst in lists]
+        self.copied = []  # indices i whose stand-ins are copies
+        used = [lst for lst in self.lists if lst]  # an empty list (SGD's buffers without momentum) has no column
+        for i in range(len(used[0]) if used else 0):
+            column = [lst[i] for lst in used]
+            if all(t.is_contiguous() for t in column):
+                continue
+            strides = column[0].stride()
+            if all(_dense(t) and t.stride() == strides for t in column):
+                stand_ins = [_flat(t) for t in column]
+            else:
+                stand_ins = [t.contiguous() for t in column]
+                self.copied.append(i)
+            for lst, t in zip(used, stand_ins):
+                lst[i] = t
+
+    def copy_back(self, which: Sequence[int]):
+        """Copies the stand-ins of lists ``which`` (those the op wrote) into their originals, where they are copies."""
+        for k in which:
+            for i in self.copied if self.originals[k] else ():
+                self.originals[k][i].copy_(self.lists[k][i])
 
 
 def _pick(lst, idx):
@@ -361,13 +399,14 @@ def _unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back):
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=inv_scale.device)
     work = _Contiguous(grads)
+    tensors = work.lists[0]
     norms = []
-    for name, idx in _split_by_backend("unscale_check_norm", device, work.tensors):
+    for name, idx in _split_by_backend("unscale_check_norm", device, tensors):
         fn = backends.implementation("unscale_check_norm", name)
-        norms.append(fn(_pick(work.tensors, idx), inv_scale, found_inf, float(norm_type), write_back)
+        norms.append(fn(_pick(tensors, idx), inv_scale, found_inf, float(norm_type), write_back)
                      .reshape(()).float())
     if write_back:
-        work.copy_back()
+        work.copy_back([0])
     if len(norms) == 1:
         return norms[0].clone() if norms[0]._base is not None else norms[0]
     stacked = torch.stack(norms)
@@ -393,20 +432,19 @@ def _run_update(op: str, device, lists: Sequence[List[torch.Tensor]], written: S
     With more than one group each call gets its own copy of the step count taken before the update, so the
     shared step is incremented once (on the device) however many calls there are.
     """
-    works = [_Contiguous(lst) for lst in lists]
-    groups = _split_by_backend(op, device, works[0].tensors) or [(backends.choose(op, device.type,
-                                                                                  torch.float32), [])]
+    work = _Contiguous(*lists)
+    groups = _split_by_backend(op, device, work.lists[0]) or [(backends.choose(op, device.type,
+                                                                                torch.float32), [])]
     if len(groups) == 1:
         name, idx = groups[0]
-        call(backends.implementation(op, name), [w.tensors for w in works], step)
+        call(backends.implementation(op, name), work.lists, step)
     else:
         start = step.clone()
         for name, idx in groups:
             own = start.clone()
-            call(backends.implementation(op, name), [_pick(w.tensors, idx) for w in works], own)
+            call(backends.implementation(op, name), [_pick(lst, idx) for lst in work.lists], own)
         step.copy_(own)
-    for i in written:
-        works[i].copy_back()
+    work.copy_back(written)
 
 
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
