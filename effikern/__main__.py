@@ -16,9 +16,11 @@ def _huge_page_advice() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read().strip()
+        with open("/sys/kernel/mm/transparent_hugepage/defrag") as f:
+            defrag = f.read().strip()  # "madvise" selected: advised faults may compact memory (README)
     except OSError:
         return "no (the kernel has no transparent huge pages)"
-    return f"yes (EFFIKERN_HUGE_PAGES=0 turns it off; kernel THP mode: {mode})"
+    return f"yes (EFFIKERN_HUGE_PAGES=0 turns it off; kernel THP mode: {mode}; defrag: {defrag})"
 
 
 def info() -> None:
