@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import effikern
-from effikern.ops import sparse as sparse_ops
+from effikern.ops import semi_structured
 from effikern.sparse import from_dense
 
 from .runner import Case
@@ -145,7 +145,7 @@ def _make_case(device, weight, tokens, pattern, dtype_name, mode):
             else:
                 out[backend] = _under_backend(backend, _effikern_pass(sw, mode, x, gy))
                 if fmt == "2:4" and mode == "fwd" and backend != "torch":  # the row says which kernel ran
-                    out[backend].note = sparse_ops.semi_structured_path(device, dtype, n, k)
+                    out[backend].note = semi_structured.path(device, dtype, n, k)
         return out
 
     return Case(op="sparse_linear", shape=f"{n}x{k} M{tokens}", dtype=dtype_name, layout=_layout(fmt, block, sparsity),

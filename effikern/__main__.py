@@ -66,10 +66,10 @@ def info() -> None:
                     for case in _auto.cases(op, device, dtype):
                         print(f"  {device:<5}{name:<9}    {case}: {_choice(op, device, dtype, case)}")
         if op == "sparse_linear" and "cuda" in devices:  # the 2:4 forward may run torch's kernel instead
-            from effikern.ops import sparse as sparse_ops
+            from effikern.ops import semi_structured
 
             for dtype in (torch.float16, torch.bfloat16):
-                path = sparse_ops.semi_structured_path("cuda", dtype, 4096, 4096)
+                path = semi_structured.path("cuda", dtype, 4096, 4096)
                 print(f"  cuda {str(dtype).replace('torch.', ''):<9} 2:4 forward (e.g. 4096x4096): {path}")
 
 

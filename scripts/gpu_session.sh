@@ -63,7 +63,7 @@ EOF"
       ;;
     tests-sparse)
       stage tests-sparse 300 $PY -m pytest -q -rs -x --junitxml="$OUT/tests-sparse.xml" \
-        tests/test_sparse_kernels_gpu.py tests/test_sparse_op.py -m "gpu or triton"
+        tests/test_sparse_kernels_gpu.py tests/test_sparse_op.py tests/test_sparse_semi_structured.py -m "gpu or triton"
       ;;
     tests)
       stage tests 540 $PY -m pytest -q -rs --junitxml="$OUT/tests.xml" tests -m "gpu or triton"

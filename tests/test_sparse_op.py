@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backend_util import device_for, skip_unavailable
-from oracle import assert_matches, condition
-from sparse_util import random_weight
+from oracle import assert_matches
+from sparse_util import check_all, random_weight
 
 import effikern
 
@@ -18,49 +18,6 @@ def _backends():
             pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _check_all(backend, sw, dense, x, bias, gy):
-    """Forward, grad_x, grad_values and grad_bias of ``backend`` vs float64 truth, PyTorch's own error as budget."""
-    dtype = x.dtype
-    values = sw.values.detach().clone().requires_grad_()
-    sw.values = values
-    xr = x.detach().clone().requires_grad_()
-    br = None if bias is None else bias.detach().clone().requires_grad_()
-    with effikern.set_backend(backend):
-        y = effikern.functional.sparse_linear(xr, sw, br)
-        y.backward(gy)
-    # truth: float64 on the rounded inputs; torch's own: F.linear on the masked dense weight in the low dtype
-    w_low = dense.to(dtype).detach().requires_grad_()
-    x_low = x.detach().clone().requires_grad_()
-    b_low = None if bias is None else bias.detach().clone().requires_grad_()
-    y_torch = F.linear(x_low, w_low, b_low)
-    y_torch.backward(gy)
-    truth = F.linear(x.double(), dense, None if bias is None else bias.double())
-    assert_matches("y", y, truth, y_torch)
-    g64 = gy.double()
-    assert_matches("grad_x", xr.grad, g64 @ dense, x_low.grad)
-    full = g64.reshape(-1, sw.out_features).t() @ x.double().reshape(-1, sw.in_features)
-    kept = sw.mask()
-    # grad_values in the dense layout: zero off the pattern, the full gradient on it
-    got = torch.zeros_like(full).masked_scatter(kept, _kept_values(sw, values.grad))
-    torch_own = torch.where(kept, w_low.grad, 0).to(dtype)
-    assert_matches("grad_weight", got.to(dtype), torch.where(kept, full, 0), torch_own)
-    if bias is not None:
-        cond = condition(g64.abs().reshape(-1, sw.out_features).sum(0), g64.reshape(-1, sw.out_features).sum(0))
-        assert_matches("grad_bias", br.grad, g64.reshape(-1, sw.out_features).sum(0), b_low.grad, cond=cond)
-
-
-def _kept_values(sw, grad_values):
-    """The gradient of the stored values at the kept positions, in the dense row-major order of the mask."""
-    from effikern.sparse import SparseWeight
-
-    g = SparseWeight(sw.format, sw.shape, grad_values.double(), sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row,
-                     sw.t_perm, sw.value_mask, sw.block_size)
-    dense = g.to_dense()
-    stored_off = ~sw.mask() & (dense != 0)
-    assert not stored_off.any(), "grad_values is nonzero at a stored but pruned position"
-    return dense[sw.mask()]
-
-
 def _run(backend, fmt, dtype, n, k, lead, sparsity, block=(4, 8), inner=0.0, with_bias=True):
     device = device_for(backend)
     skip_unavailable(backend, device)
@@ -68,7 +25,7 @@ def _run(backend, fmt, dtype, n, k, lead, sparsity, block=(4, 8), inner=0.0, wit
     x = torch.randn(*lead, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype) if with_bias else None
     gy = torch.randn(*lead, n, device=device).to(dtype)
-    _check_all(backend, sw, dense, x, bias, gy)
+    check_all(backend, sw, dense, x, bias, gy)
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -233,7 +190,7 @@ def test_cpp_csr_trains_without_the_training_arrays(fmt):
     sw, dense = random_weight(fmt, 300, 520, 0.9, torch.float32, device)
     sw.drop_training_arrays()
     assert sw.t_perm.numel() == sw.row.numel() == 0
-    _check_all("cpp", sw, dense, torch.randn(2, 35, 520), torch.randn(300), torch.randn(2, 35, 300))
+    check_all("cpp", sw, dense, torch.randn(2, 35, 520), torch.randn(300), torch.randn(2, 35, 300))
 
 
 def test_training_arrays_dropped_fail_clearly():
@@ -244,186 +201,6 @@ def test_training_arrays_dropped_fail_clearly():
         y = effikern.functional.sparse_linear(torch.randn(2, 8), sw)
         with pytest.raises(RuntimeError, match="training arrays"):
             y.sum().backward()
-
-
-def _skip_without_semi_structured(x, n, k):
-    from effikern.ops import sparse as sparse_ops
-
-    if not sparse_ops._semi_structured_ok(x, None, "2:4", n, k):
-        pytest.skip("neither of torch's 2:4 kernels runs on this GPU (the 2:4 forward falls back to CSR)")
-
-
-@pytest.mark.gpu
-@pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_two_of_four_semi_structured_path(dtype):
-    """128 x 256 (out_features a multiple of 64, in_features of 128; no other shape here is): the 2:4 forward runs
-    torch's semi-structured kernel, the backward the cuda backend's CSR kernels. Smaller sizes and fp32 stay on CSR."""
-    from effikern.ops import sparse as sparse_ops
-
-    device = device_for("cuda")
-    skip_unavailable("cuda", device)
-    for d, n, k, fmt in ((torch.float32, 128, 256, "2:4"), (dtype, 96, 256, "2:4"), (dtype, 128, 192, "2:4"),
-                         (dtype, 128, 256, "unstructured")):
-        assert not sparse_ops._semi_structured_ok(torch.empty(1, k, dtype=d, device=device), None, fmt, n, k)
-    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, device)
-    x = torch.randn(2, 3, 256, device=device).to(dtype)
-    _skip_without_semi_structured(x, 128, 256)
-    bias, gy = torch.randn(128, device=device).to(dtype), torch.randn(2, 3, 128, device=device).to(dtype)
-    _check_all("cuda", sw, dense, x, bias, gy)
-    assert sparse_ops._SEMI_CACHE.get(sw.values) is not None, "the forward did not take the semi-structured path"
-
-
-@pytest.mark.gpu
-def test_two_of_four_compressed_weight_cached_until_values_change():
-    """torch's 2:4 kernel runs on W compressed once per values tensor: a second forward, eager or through the
-    registered op (as a torch.compile graph calls it), reuses it; an in-place change of values (an optimizer step's
-    kind of write) makes the next forward compress again and compute with the new values."""
-    from effikern.ops import sparse as sparse_ops
-
-    dtype = torch.float16
-    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, "cuda")
-    x = torch.randn(2, 3, 256, device="cuda").to(dtype)
-    _skip_without_semi_structured(x, 128, 256)
-    with effikern.set_backend("auto"):  # any choice but torch takes torch's 2:4 kernel; the forward needs no build
-        y = effikern.functional.sparse_linear(x, sw)
-        entry = sparse_ops._SEMI_CACHE.get(sw.values)
-        assert entry is not None
-        y_op = torch.ops.effikern.sparse_linear(x, sw.values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm,
-                                                sw.value_mask, None, "2:4", 128, 256)
-        assert sparse_ops._SEMI_CACHE.get(sw.values) is entry
-        with torch.no_grad():
-            sw.values.mul_(2)
-        y_doubled = effikern.functional.sparse_linear(x, sw)
-        assert sparse_ops._SEMI_CACHE.get(sw.values) is not entry
-    truth = F.linear(x.double(), dense)
-    assert_matches("y", y, truth, F.linear(x, dense.to(dtype)))
-    assert_matches("y through the op", y_op, truth, F.linear(x, dense.to(dtype)))
-    assert_matches("y after values *= 2", y_doubled, 2 * truth, F.linear(x, (2 * dense).to(dtype)))
-
-
-@pytest.mark.gpu
-def test_two_of_four_semi_structured_in_a_cuda_graph():
-    """The 2:4 forward captures in a CUDA graph (no host sync on its way) and compresses W inside the graph rather
-    than reading the cached copy, so a replay after an in-place change of values computes with the new values."""
-    dtype = torch.float16
-    sw, dense = random_weight("2:4", 128, 256, 0.5, dtype, "cuda")
-    x = torch.randn(2, 3, 256, device="cuda").to(dtype)
-    _skip_without_semi_structured(x, 128, 256)
-    with effikern.set_backend("auto"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graph's docs advise
-            effikern.functional.sparse_linear(x, sw)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = effikern.functional.sparse_linear(x, sw)
-    truth = F.linear(x.double(), dense)
-    graph.replay()
-    assert_matches("y replayed", y, truth, F.linear(x, dense.to(dtype)))
-    with torch.no_grad():
-        sw.values.mul_(2)
-    graph.replay()
-    assert_matches("y replayed after values *= 2", y, 2 * truth, F.linear(x, (2 * dense).to(dtype)))
-
-
-def test_semi_structured_weight_cache():
-    """The compressed 2:4 weight is built once per values tensor, in the values' dtype, and again only when values
-    change in place or are swapped or the pattern arrays change; a temporary values tensor (autocast's cast) leaves
-    nothing behind. On CPU, with a stand-in for torch's 2:4 class."""
-    import gc
-
-    from effikern.ops.sparse import _SEMI_CACHE, _semi_structured_weight
-
-    class Packed:
-        built = []
-
-        @classmethod
-        def from_dense(cls, dense):
-            cls.built.append(dense)
-            return dense.clone()
-
-    sw, dense = random_weight("2:4", 8, 16, 0.5, torch.float16, "cpu")
-
-    def packed(values=None):
-        return _semi_structured_weight(Packed, sw.values if values is None else values, sw.crow, sw.col, 8, 16)
-
-    w = packed()
-    assert w.dtype == torch.float16 and torch.equal(w, dense.half())
-    assert packed() is w and len(Packed.built) == 1
-    with torch.no_grad():
-        sw.values.mul_(2)
-    assert torch.equal(packed(), 2 * dense.half()) and len(Packed.built) == 2
-    sw.values.data = sw.values.detach().clone() / 2  # same tensor, new memory (no version bump)
-    assert torch.equal(packed(), dense.half()) and len(Packed.built) == 3
-    sw.crow = sw.crow.clone()  # a new pattern array
-    packed()
-    assert len(Packed.built) == 4 and packed() is packed()
-    entries = len(_SEMI_CACHE)
-    packed(sw.values.float().half())
-    gc.collect()
-    assert len(Packed.built) == 5 and len(_SEMI_CACHE) == entries
-
-
-def test_semi_structured_gate():
-    """torch's 2:4 kernel only for CUDA tensors, on a GPU one of its kernels runs on: cuSPARSELt on compute
-    capability 8.0 and later; CUTLASS (torch built without cuSPARSELt, or _FORCE_CUTLASS set) on 8.x only."""
-    from effikern.ops.sparse import _semi_structured_backend, _semi_structured_ok
-
-    x = torch.randn(2, 256, dtype=torch.float16)
-    assert not _semi_structured_ok(x, None, "2:4", 128, 256)
-    assert not _semi_structured_ok(x.to("meta"), None, "2:4", 128, 256)
-    assert _semi_structured_backend((8, 0), True, False) == "cusparselt"
-    assert _semi_structured_backend((9, 0), True, False) == "cusparselt"
-    assert _semi_structured_backend((8, 6), False, False) == "cutlass"
-    assert _semi_structured_backend((8, 0), True, True) == "cutlass"
-    assert _semi_structured_backend((9, 0), False, False) is None
-    assert _semi_structured_backend((9, 0), True, True) is None
-    assert _semi_structured_backend((7, 5), True, False) is None
-
-
-def test_semi_structured_path_is_reported(monkeypatch):
-    """What info and the benchmark rows print for a 2:4 forward: torch's kernel only where the gate lets it run,
-    otherwise the CSR kernels with the reason."""
-    from effikern.ops import sparse as sparse_ops
-
-    class Kernel:
-        pass
-
-    monkeypatch.setattr(sparse_ops, "_semi_structured_class", lambda device: Kernel)
-    assert sparse_ops.semi_structured_path("cuda", torch.float16, 128, 256) == "torch 2:4 kernel (Kernel)"
-    assert "CUDA only" in sparse_ops.semi_structured_path("cpu", torch.float16, 128, 256)
-    assert "fp16/bf16" in sparse_ops.semi_structured_path("cuda", torch.float32, 128, 256)
-    assert "% 128" in sparse_ops.semi_structured_path("cuda", torch.bfloat16, 128, 200)
-    monkeypatch.setattr(sparse_ops, "_semi_structured_class", lambda device: None)
-    assert "no torch 2:4 kernel" in sparse_ops.semi_structured_path("cuda", torch.float16, 128, 256)
-
-
-def test_semi_structured_class_reads_torch_attributes_guarded(monkeypatch):
-    """The kernel class from torch's flags, with a stand-in for the GPU's compute capability; a torch without
-    cuSPARSELt's module or the 2:4 classes counts as having none of them (no AttributeError)."""
-    import types
-
-    from effikern.ops.sparse import _semi_structured_class
-
-    capability = [(9, 0)]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
-    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
-    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False)
-    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUSPARSELT
-    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)
-    assert _semi_structured_class("cuda") is None
-    capability[0] = (8, 0)
-    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUTLASS
-    monkeypatch.setattr(torch, "backends", types.SimpleNamespace())  # a torch without torch.backends.cusparselt
-    monkeypatch.delattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS")
-    assert _semi_structured_class("cuda") is torch.sparse.SparseSemiStructuredTensorCUTLASS
-    capability[0] = (9, 0)
-    assert _semi_structured_class("cuda") is None
-    capability[0] = (8, 0)
-    monkeypatch.delattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS")
-    assert _semi_structured_class("cuda") is None
 
 
 def test_cuda_kernels_run_on_their_tensors_device(monkeypatch):
