@@ -19,7 +19,9 @@ caching allocator) pays the table's H2D copy once. Nothing here reads a device v
 table is copied from pinned memory with non_blocking, the norm is finished by a one-program kernel and the
 optimizers' step counter is read and incremented on the device. For CUDA-graph capture, make one eager call
 with the same tensors first (as torch asks for warm-up anyway): the capture then finds the table cached and
-records launches only, no copy from a host buffer that may be gone by replay.
+records launches only, no copy from a host buffer that may be gone by replay. A float lr is a kernel
+argument, fixed in a captured graph; a tensor lr (``lr_tensor``) is loaded by the kernels, so replays use its
+current value.
 
 A launch holds one dtype (the pointer's element type is compile-time) and one alignment class: when every
 address of a group is 16-byte aligned (any tensor torch allocates itself is) the kernel is told so
@@ -220,7 +222,18 @@ def _grad_scale_and_go(factor_ptr, found_inf_ptr, HAS_FACTOR: tl.constexpr, HAS_
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, lr, decay, one_minus_beta1, beta2,
+def _device_lr(lr, lr_ptr, HAS_LR_TENSOR: tl.constexpr):
+    """The learning rate in fp64: a tensor lr's current value (fp32 or fp64 storage, loaded here, so a
+    replayed CUDA graph sees what an LR scheduler wrote into it) or the `lr` argument."""
+    if HAS_LR_TENSOR:
+        value = tl.load(lr_ptr).to(tl.float64)
+    else:
+        value = tl.cast(lr, tl.float64)
+    return value
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, decay, one_minus_beta1, beta2,
                  one_minus_beta2, step_size, inv_bc2_sqrt, eps, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
     g = _load_f32(g_ptr, offs, n, MASKED) * factor
     if MAXIMIZE:
@@ -237,13 +250,15 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, lr, decay, one_min
 
 @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
 def _adamw_kernel(
-    table, n_tensors, n_chunks, elem_ptr, step_ptr, factor_ptr, found_inf_ptr,
-    lr, decay, beta1_hi, beta1_lo, one_minus_beta1, beta2, beta2_hi, beta2_lo, one_minus_beta2, eps,
-    HAS_FACTOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    table, n_tensors, n_chunks, elem_ptr, step_ptr, factor_ptr, found_inf_ptr, lr_ptr,
+    lr, decay, weight_decay, beta1_hi, beta1_lo, one_minus_beta1, beta2, beta2_hi, beta2_lo, one_minus_beta2,
+    eps, HAS_FACTOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program per chunk of (param, grad, exp_avg, exp_avg_sq); the table's lists in that order.
-    beta*_hi + beta*_lo carry the Python double betas into fp64 for the bias corrections.
+    beta*_hi + beta*_lo carry the Python double betas into fp64 for the bias corrections. With HAS_LR_TENSOR
+    the learning rate is loaded from lr_ptr (lr and decay unused) and decay = 1 - lr * weight_decay computed
+    here.
     Floor: 7 x element size per element (read p, g, m, v; write p, m, v): fp32 28 B, 335M params 3.1 ms."""
     factor, go = _grad_scale_and_go(factor_ptr, found_inf_ptr, HAS_FACTOR, HAS_FOUND_INF)
     if go:
@@ -258,16 +273,20 @@ def _adamw_kernel(
         t = tl.minimum(tl.load(step_ptr) + 1.0, 1073741824.0).to(tl.int32)
         bc1 = 1.0 - _pow_f64(tl.cast(beta1_hi, tl.float64) + tl.cast(beta1_lo, tl.float64), t)
         bc2 = 1.0 - _pow_f64(tl.cast(beta2_hi, tl.float64) + tl.cast(beta2_lo, tl.float64), t)
-        step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
+        lr64 = _device_lr(lr, lr_ptr, HAS_LR_TENSOR)
+        if HAS_LR_TENSOR:
+            # in fp64 and rounded once, as the host does for a float lr
+            decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+        step_size = (lr64 / bc1).to(tl.float32)
         inv_bc2_sqrt = (1.0 / tl.sqrt(bc2)).to(tl.float32)
         ar = tl.arange(0, BLOCK)
         for off in range(0, CHUNK, BLOCK):
             offs = off + ar
             if off + BLOCK <= n:
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, lr, decay, one_minus_beta1, beta2,
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, decay, one_minus_beta1, beta2,
                              one_minus_beta2, step_size, inv_bc2_sqrt, eps, MAXIMIZE, False)
             elif off < n:
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, lr, decay, one_minus_beta1, beta2,
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, factor, decay, one_minus_beta1, beta2,
                              one_minus_beta2, step_size, inv_bc2_sqrt, eps, MAXIMIZE, True)
 
 
@@ -296,15 +315,16 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, n, factor, lr, weight_decay, momentum,
 
 @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
 def _sgd_kernel(
-    table, n_tensors, n_chunks, elem_ptr, step_ptr, factor_ptr, found_inf_ptr,
+    table, n_tensors, n_chunks, elem_ptr, step_ptr, factor_ptr, found_inf_ptr, lr_ptr,
     lr, weight_decay, momentum, one_minus_dampening,
-    HAS_FACTOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_FACTOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
     DEPTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program per chunk of (param, grad[, momentum_buffer]); the table's lists in that order
-    (DEPTH 3 with momentum, else 2). Floor: 3 x element size per element without momentum (read p, g; write
-    p), 5 x with (and read/write buf; 4 x on the first step, which does not read it)."""
+    (DEPTH 3 with momentum, else 2). With HAS_LR_TENSOR the learning rate is loaded from lr_ptr (lr unused).
+    Floor: 3 x element size per element without momentum (read p, g; write p), 5 x with (and read/write buf;
+    4 x on the first step, which does not read it)."""
     factor, go = _grad_scale_and_go(factor_ptr, found_inf_ptr, HAS_FACTOR, HAS_FOUND_INF)
     if go:
         tensor, start, n = _chunk_of_program(table, n_tensors, n_chunks, DEPTH, CHUNK)
@@ -314,6 +334,8 @@ def _sgd_kernel(
         if HAS_MOMENTUM:
             b_ptr = _tensor_ptr(table, n_tensors, tensor, start, 2, elem_ptr.dtype.element_ty, ALIGNED)
         first = tl.load(step_ptr) == 0.0
+        if HAS_LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float32)
         ar = tl.arange(0, BLOCK)
         for off in range(0, CHUNK, BLOCK):
             offs = off + ar
@@ -450,6 +472,17 @@ def _check_scalar(t, name, device):
                          f"{t.numel()} elements on {t.device}")
 
 
+def _check_lr_tensor(t, device):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype not in (torch.float32, torch.float64) \
+            or t.device != device:
+        got = (f"{t.dtype} with {t.numel()} elements on {t.device}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"lr_tensor: expected None or a float32/float64 tensor with 1 element on {device}, "
+                         f"got {got}")
+
+
 def _scalar_device(grads, *scalars):
     """The device of the work: the tensors', or the scalars' when the list is empty."""
     if grads:
@@ -509,14 +542,16 @@ def _split_beta(beta):
 
 
 def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
-                 grad_factor, found_inf):
+                 grad_factor, found_inf, lr_tensor=None):
     """torch.optim.AdamW's update over all params in one launch per dtype group, in place.
 
     params, grads, exp_avgs, exp_avg_sqs: equal-length lists; element i of each has the same shape and dtype
     (float32/float16/bfloat16), contiguous. step: float32 1-element tensor, the step count before this
     update; incremented on the device when the update happens. grad_factor: None or float32 1-element tensor
     multiplying every grad (grads are not modified). found_inf: None or float32 1-element tensor; nonzero ->
-    nothing changes (params, states, step). Math in fp32 per element:
+    nothing changes (params, states, step). lr_tensor: None or a float32/float64 1-element tensor on the
+    params' device whose value, loaded by the kernel (so a CUDA graph replays its current value), replaces lr.
+    Math in fp32 per element:
         g = grad * grad_factor (negated if maximize); t = step + 1; p *= 1 - lr * weight_decay
         m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2
         p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -527,6 +562,7 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, e
     _check_scalar(step, "step", device)
     _check_scalar(grad_factor, "grad_factor", device)
     _check_scalar(found_inf, "found_inf", device)
+    _check_lr_tensor(lr_tensor, device)
     chunk, block, warps = _OPTIM_CFG.get(device.type, _OPTIM_CFG["cuda"])
     groups, _ = _groups(lists, device, chunk, ["params", "grads", "exp_avgs", "exp_avg_sqs"])
     b1_hi, b1_lo = _split_beta(beta1)
@@ -535,21 +571,23 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, e
         _adamw_kernel[(g.n_chunks,)](
             g.table, g.n_tensors, g.n_chunks, g.example, step,
             grad_factor if grad_factor is not None else step, found_inf if found_inf is not None else step,
-            lr, 1.0 - lr * weight_decay, b1_hi, b1_lo, 1.0 - beta1, beta2, b2_hi, b2_lo, 1.0 - beta2, eps,
-            HAS_FACTOR=grad_factor is not None, HAS_FOUND_INF=found_inf is not None, MAXIMIZE=bool(maximize),
-            ALIGNED=g.aligned, CHUNK=chunk, BLOCK=block, num_warps=warps)
+            lr_tensor if lr_tensor is not None else step,
+            lr, 1.0 - lr * weight_decay, weight_decay, b1_hi, b1_lo, 1.0 - beta1, beta2, b2_hi, b2_lo,
+            1.0 - beta2, eps, HAS_FACTOR=grad_factor is not None, HAS_FOUND_INF=found_inf is not None,
+            HAS_LR_TENSOR=lr_tensor is not None, MAXIMIZE=bool(maximize), ALIGNED=g.aligned, CHUNK=chunk,
+            BLOCK=block, num_warps=warps)
     _step_increment_kernel[(1,)](step, found_inf if found_inf is not None else step,
                                  HAS_FOUND_INF=found_inf is not None, num_warps=1)
 
 
 def fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
-               maximize, grad_factor, found_inf):
+               maximize, grad_factor, found_inf, lr_tensor=None):
     """torch.optim.SGD's update over all params in one launch per dtype group, in place.
 
     params, grads: equal-length lists, element i of each with the same shape and dtype, contiguous.
     momentum_buffers: [] when momentum == 0, else one per param (its dtype). step: float32 1-element tensor,
     the step count before this update (0: buffers uninitialised, torch's first step sets buf = g);
-    incremented on the device when the update happens. grad_factor, found_inf: as in fused_adamw_.
+    incremented on the device when the update happens. grad_factor, found_inf, lr_tensor: as in fused_adamw_.
         g = grad * grad_factor (negated if maximize); g += weight_decay * p
         buf = g (first step) or momentum * buf + (1 - dampening) * g; g = g + momentum * buf (nesterov) or buf
         p -= lr * g
@@ -568,15 +606,17 @@ def fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, n
     _check_scalar(step, "step", device)
     _check_scalar(grad_factor, "grad_factor", device)
     _check_scalar(found_inf, "found_inf", device)
+    _check_lr_tensor(lr_tensor, device)
     chunk, block, warps = _OPTIM_CFG.get(device.type, _OPTIM_CFG["cuda"])
     groups, _ = _groups(lists, device, chunk, names)
     for g in groups:
         _sgd_kernel[(g.n_chunks,)](
             g.table, g.n_tensors, g.n_chunks, g.example, step,
             grad_factor if grad_factor is not None else step, found_inf if found_inf is not None else step,
-            lr, weight_decay, momentum, 1.0 - dampening,
-            HAS_FACTOR=grad_factor is not None, HAS_FOUND_INF=found_inf is not None, HAS_WD=weight_decay != 0,
-            HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), ALIGNED=g.aligned,
-            DEPTH=len(lists), CHUNK=chunk, BLOCK=block, num_warps=warps)
+            lr_tensor if lr_tensor is not None else step, lr, weight_decay, momentum, 1.0 - dampening,
+            HAS_FACTOR=grad_factor is not None, HAS_FOUND_INF=found_inf is not None,
+            HAS_LR_TENSOR=lr_tensor is not None, HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum,
+            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), ALIGNED=g.aligned, DEPTH=len(lists),
+            CHUNK=chunk, BLOCK=block, num_warps=warps)
     _step_increment_kernel[(1,)](step, found_inf if found_inf is not None else step,
                                  HAS_FOUND_INF=found_inf is not None, num_warps=1)

@@ -285,6 +285,41 @@ def test_adamw_several_steps_match_torch_adamw():
         torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+def test_fused_optimizers_load_lr_from_a_tensor(lr_dtype):
+    """lr_tensor replaces lr (passed as 0.0) in every use, AdamW's decay included, and the kernels load it when
+    they run: a value written into the same tensor between calls (what an LR scheduler does) is what the next
+    call uses, although the tensor table is cached."""
+    lr_t = torch.zeros((1,), dtype=lr_dtype, device=DEVICE)
+    params, grads, exp_avgs, exp_avg_sqs = _opt_tensors(MIXED, 4)
+    exp_avg_sqs = [v.abs() for v in exp_avg_sqs]
+    sgd_params, bufs = [p.clone() for p in params], [m.clone() for m in exp_avgs]
+    step_a, step_s = torch.tensor(3.0, device=DEVICE), torch.tensor(3.0, device=DEVICE)
+    for k, value in enumerate((0.05, 0.2)):
+        lr_t.fill_(value)
+        lr = lr_t.item()  # the tensor's own value (rounded to fp32 for a float32 tensor)
+        originals = [[t.clone() for t in lst] for lst in (params, exp_avgs, exp_avg_sqs, sgd_params, bufs)]
+        amp.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step_a, 0.0, 0.9, 0.999, 1e-8, 0.1, False, None,
+                         torch.zeros((), device=DEVICE), lr_tensor=lr_t)
+        amp.fused_sgd_(sgd_params, grads, bufs, step_s, 0.0, 0.9, 0.1, False, 0.01, True, None, None,
+                       lr_tensor=lr_t)
+        assert step_a.item() == step_s.item() == 4.0 + k
+        for i, (p0, m0, v0, sp0, b0) in enumerate(zip(*originals)):
+            g0 = grads[i]
+            hyper = (3.0 + k, lr, 0.9, 0.999, 1e-8, 0.1, False, 1.0)
+            ref64 = _adamw_reference(p0, g0, m0, v0, *hyper)
+            ref32 = _adamw_reference(p0, g0, m0, v0, *hyper, compute=torch.float32)
+            for name, out, r64, r32 in zip(("param", "exp_avg", "exp_avg_sq"),
+                                           (params[i], exp_avgs[i], exp_avg_sqs[i]), ref64, ref32):
+                _check_close(f"{name}[{i}] {p0.dtype} lr {value}", out, r64, r32)
+            args = (3.0 + k, lr, 0.9, 0.1, False, 0.01, True, 1.0)
+            p64, b64 = _sgd_reference(sp0, g0, b0, *args)
+            p32, b32 = _sgd_reference(sp0, g0, b0, *args, compute=torch.float32)
+            _check_close(f"sgd param[{i}] {p0.dtype} lr {value}", sgd_params[i], p64, p32)
+            _check_close(f"sgd buf[{i}] {p0.dtype}", bufs[i], b64, b32)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Clear errors
 # ---------------------------------------------------------------------------------------------------------
@@ -310,6 +345,12 @@ def test_bad_inputs_raise_clear_errors():
                          0.999, 1e-8, 0, False, None, None)
     with pytest.raises(ValueError, match="momentum_buffers"):
         amp.fused_sgd_(p, p, p, one.clone(), 0.1, 0.0, 0.0, False, 0.0, False, None, None)
+    for bad in (torch.ones(2, device=DEVICE), torch.ones((), dtype=torch.float16, device=DEVICE)):
+        with pytest.raises(ValueError, match="lr_tensor: expected None or a float32/float64 tensor"):
+            amp.fused_adamw_(p, p, [torch.zeros(3, device=DEVICE)], [torch.zeros(3, device=DEVICE)], one.clone(),
+                             0.0, 0.9, 0.999, 1e-8, 0, False, None, None, lr_tensor=bad)
+        with pytest.raises(ValueError, match="lr_tensor: expected None or a float32/float64 tensor"):
+            amp.fused_sgd_(p, p, [], one.clone(), 0.0, 0.0, 0.0, False, 0.0, False, None, None, lr_tensor=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,14 +419,14 @@ def _adamw_fn(backend):
     if backend == "triton":
         return amp.fused_adamw_
     ext = _cuda_ext()
-    return lambda *args: ext.amp_fused_adamw_cuda(*args, _stream())
+    return lambda *args, lr_tensor=None: ext.amp_fused_adamw_cuda(*args, lr_tensor, _stream())
 
 
 def _sgd_fn(backend):
     if backend == "triton":
         return amp.fused_sgd_
     ext = _cuda_ext()
-    return lambda *args: ext.amp_fused_sgd_cuda(*args, _stream())
+    return lambda *args, lr_tensor=None: ext.amp_fused_sgd_cuda(*args, lr_tensor, _stream())
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -438,6 +479,84 @@ def test_gpu_no_host_sync(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert step.item() == 2.0
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+def test_gpu_cuda_graph_replays_the_current_tensor_lr(backend, lr_dtype):
+    """What a tensor lr is for: an AdamW and an SGD step captured in a CUDA graph, then a new lr written into the
+    tensor (lr.fill_, what an LR scheduler does) and the graph replayed: the update uses the new lr. A float lr
+    would replay the value it was captured with."""
+    adamw, sgd = _adamw_fn(backend), _sgd_fn(backend)
+    shapes = [(torch.float32, 70001), (torch.float16, 4097), (torch.bfloat16, 13), (torch.float32, 1)]
+    p, g, m, v = _opt_tensors(shapes, 4)  # DEVICE is cuda here
+    v = [x.abs() for x in v]
+    sp, b = [x.clone() for x in p], [x.clone() for x in m]
+    lr = torch.tensor(0.5, device="cuda", dtype=lr_dtype)
+    step_a, step_s, found_inf = (torch.zeros((), device="cuda") for _ in range(3))
+
+    def update():
+        adamw(p, g, m, v, step_a, 0.0, 0.9, 0.999, 1e-8, 0.1, False, None, found_inf, lr_tensor=lr)
+        sgd(sp, g, b, step_s, 0.0, 0.9, 0.0, True, 0.01, False, None, found_inf, lr_tensor=lr)
+
+    start = [[t.clone() for t in lst] for lst in (p, m, v, sp, b)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        update()  # warm-up: compiles the kernels and caches the Triton tables, as capture needs
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update()
+    for lst, lst0 in zip((p, m, v, sp, b), start):
+        for t, t0 in zip(lst, lst0):
+            t.copy_(t0)
+    step_a.fill_(3.0)
+    step_s.fill_(3.0)
+    lr.fill_(0.01)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert step_a.item() == step_s.item() == 4.0
+    new_lr = lr.item()
+    for i in range(len(shapes)):
+        p0, m0, v0, sp0, b0 = (lst[i] for lst in start)
+        hyper = (3.0, new_lr, 0.9, 0.999, 1e-8, 0.1, False, 1.0)
+        ref64 = _adamw_reference(p0, g[i], m0, v0, *hyper)
+        ref32 = _adamw_reference(p0, g[i], m0, v0, *hyper, compute=torch.float32)
+        for name, out, r64, r32 in zip(("param", "exp_avg", "exp_avg_sq"), (p[i], m[i], v[i]), ref64, ref32):
+            _check_close(f"replayed adamw {name}[{i}]", out, r64, r32)
+        if p0.dtype == torch.float32:  # the update itself, not hidden behind |p|
+            _check_close(f"replayed adamw delta[{i}]", p[i] - p0, ref64[0] - p0.double(), ref32[0] - p0)
+        args = (3.0, new_lr, 0.9, 0.0, True, 0.01, False, 1.0)
+        p64, b64 = _sgd_reference(sp0, g[i], b0, *args)
+        p32, b32 = _sgd_reference(sp0, g[i], b0, *args, compute=torch.float32)
+        _check_close(f"replayed sgd param[{i}]", sp[i], p64, p32)
+        _check_close(f"replayed sgd buf[{i}]", b[i], b64, b32)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_gpu_tensor_lr_no_host_sync(backend):
+    """Steps with a tensor lr changed in place between them issue no synchronizing CUDA call: the lr is read by
+    the kernels, never on the host."""
+    adamw, sgd = _adamw_fn(backend), _sgd_fn(backend)
+    p = [torch.randn(n, device="cuda") for n in (1000, 17, 4096)]
+    g = [torch.randn_like(x) for x in p]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    sp, b = [x.clone() for x in p], [torch.zeros_like(x) for x in p]
+    lr, found_inf, step_a, step_s = (torch.full((), x, device="cuda") for x in (1e-3, 0.0, 0.0, 0.0))
+    adamw(p, g, m, v, step_a, 0.0, 0.9, 0.999, 1e-8, 0.01, False, None, found_inf, lr_tensor=lr)
+    sgd(sp, g, b, step_s, 0.0, 0.9, 0.0, False, 0.0, False, None, found_inf, lr_tensor=lr)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for value in (5e-4, 2e-4):
+            lr.fill_(value)
+            adamw(p, g, m, v, step_a, 0.0, 0.9, 0.999, 1e-8, 0.01, False, None, found_inf, lr_tensor=lr)
+            sgd(sp, g, b, step_s, 0.0, 0.9, 0.0, False, 0.0, False, None, found_inf, lr_tensor=lr)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert step_a.item() == step_s.item() == 3.0
 
 
 # ---------------------------------------------------------------------------------------------------------

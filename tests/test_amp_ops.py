@@ -189,6 +189,13 @@ def _opcheck_all():
     torch.library.opcheck(torch.ops.effikern.fused_sgd_.default,
                           (p, [torch.randn(4)], [torch.zeros(4)], torch.zeros(()), 0.1, 0.9, 0.0, True, 0.0,
                            False, None, None))
+    # a tensor lr (lr_tensor): schema, fake function and every dispatch path take it too
+    torch.library.opcheck(torch.ops.effikern.fused_adamw_.default,
+                          (p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], torch.zeros(()), 0.0,
+                           0.9, 0.999, 1e-8, 0.01, False, None, torch.zeros(()), torch.full((), 1e-3)))
+    torch.library.opcheck(torch.ops.effikern.fused_sgd_.default,
+                          (p, [torch.randn(4)], [torch.zeros(4)], torch.zeros(()), 0.0, 0.9, 0.0, False, 0.0,
+                           False, None, None, torch.full((1,), 0.1, dtype=torch.float64)))
 
 
 # --- fused updates against the float64 contract ---------------------------------------------------------
@@ -327,6 +334,61 @@ def test_fused_sgd_matches_contract(backend, dtypes, config):
             torch.testing.assert_close(_cat([params[i] for i in pick]).double(), tp, **tol)
             if momentum:
                 torch.testing.assert_close(_cat([bufs[i] for i in pick]).double(), tb, **tol)
+
+
+# --- a tensor lr (lr_tensor): read when the update runs, so a scheduler reaches a captured CUDA graph -----------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lr_shape", [(), (1,)], ids=["0d", "1elem"])
+def test_fused_updates_take_lr_from_a_tensor(backend, lr_dtype, lr_shape):
+    """lr_tensor replaces lr (passed as 0.0 here, which would leave SGD's params unchanged) in every use of it,
+    AdamW's decay p *= 1 - lr * weight_decay included, and its value is read when the op runs: the second call
+    sees what was written into the same tensor in between, as an LR scheduler writes it."""
+    device = _setup(backend)
+    sizes = [3, 0, 1, 33, 70] if backend == "triton" else _sizes(backend, True)[:30]
+    dtypes = [torch.float32, torch.float16]
+    params, grads, ms, vs = _state_lists(sizes, dtypes, device)
+    sgd_params, bufs = [p.clone() for p in params], [m.clone() for m in ms]
+    lr_t = torch.zeros(lr_shape, dtype=lr_dtype, device=device)
+    hyper = dict(b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
+    for start, value in ((4.0, 3e-2), (5.0, 0.2)):
+        lr_t.fill_(value)
+        lr = float(lr_t)  # the tensor's own value (3e-2 rounded to fp32 for a float32 tensor)
+        before = [[t.clone() for t in lst] for lst in (params, grads, ms, vs, sgd_params, bufs)]
+        step_a, step_s = torch.full((), start, device=device), torch.full((), start, device=device)
+        with effikern.set_backend(backend):
+            torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step_a, 0.0, hyper["b1"], hyper["b2"],
+                                            hyper["eps"], hyper["wd"], False, None, None, lr_t)
+            torch.ops.effikern.fused_sgd_(sgd_params, grads, bufs, step_s, 0.0, 0.9, 0.0, True, 0.01, False,
+                                          None, torch.zeros((), device=device), lr_t)
+        assert step_a.item() == step_s.item() == start + 1
+        for dtype in dtypes:  # per dtype, over the concatenated tensors
+            pick = [i for i, p in enumerate(params) if p.dtype == dtype]
+            p0, g0, m0, v0, sp0, b0 = (_cat([lst[i] for i in pick]) for lst in before)
+            tol = _low_precision_tol(dtype)
+            tp, tm, tv = _adamw_truth(p0, g0, m0, v0, start, lr, **hyper, maximize=False, factor=1.0)
+            for got, want in ((params, tp), (ms, tm), (vs, tv)):
+                torch.testing.assert_close(_cat([got[i] for i in pick]).double(), want, **tol)
+            tsp, tb = _sgd_truth(sp0, g0, b0, False, lr, 0.9, 0.0, True, 0.01, False, 1.0)
+            torch.testing.assert_close(_cat([sgd_params[i] for i in pick]).double(), tsp, **tol)
+            torch.testing.assert_close(_cat([bufs[i] for i in pick]).double(), tb, **tol)
+
+
+def test_lr_tensor_errors_name_the_argument():
+    g = [torch.randn(3)]
+    adamw = (torch.ops.effikern.fused_adamw_, (g, g, g, g, torch.zeros(()), 0.0, 0.9, 0.999, 1e-8, 0.0, False,
+                                               None, None))
+    sgd = (torch.ops.effikern.fused_sgd_, (g, g, [], torch.zeros(()), 0.0, 0.0, 0.0, False, 0.0, False, None,
+                                           None))
+    for op, args in (adamw, sgd):
+        with pytest.raises(ValueError, match="lr_tensor must be a float32 or float64 tensor with 1 element, "
+                                             "got dtype float16"):
+            op(*args, torch.ones((), dtype=torch.float16))
+        with pytest.raises(ValueError, match=r"lr_tensor must be .* got dtype float32 and shape \(2,\)"):
+            op(*args, torch.ones(2))
+        with pytest.raises(ValueError, match="lr_tensor must be on the tensors' device cpu, got meta"):
+            op(*args, torch.ones((), device="meta"))
 
 
 def test_auto_split_across_backends_counts_one_step():

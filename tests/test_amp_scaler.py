@@ -78,6 +78,11 @@ FUSED_PAIRS = {
             lambda p: effikern.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01)),
     "torch_fused_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01),
                           lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)),
+    # a tensor lr (what a CUDA graph needs to follow an LR scheduler): the same skips and scale trajectory
+    "adamw_tensor_lr": (lambda p: torch.optim.AdamW(p, lr=torch.tensor(0.01)),
+                        lambda p: effikern.optim.AdamW(p, lr=torch.tensor(0.01))),
+    "sgd_tensor_lr": (lambda p: torch.optim.SGD(p, lr=torch.tensor(0.02), momentum=0.9),
+                      lambda p: effikern.optim.SGD(p, lr=torch.tensor(0.02), momentum=0.9)),
 }
 
 
@@ -238,8 +243,13 @@ def test_params_without_grads_and_inf_norm_clip():
 @pytest.mark.gpu
 @pytest.mark.parametrize("make_opt", [lambda p: effikern.optim.AdamW(p, lr=1e-3),
                                       lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
-                                      lambda p: effikern.optim.SGD(p, lr=1e-3, momentum=0.9)],
-                         ids=["effikern_adamw", "torch_fused_adamw", "effikern_sgd"])
+                                      lambda p: effikern.optim.SGD(p, lr=1e-3, momentum=0.9),
+                                      # a tensor lr is read by the kernels, never on the host
+                                      lambda p: effikern.optim.AdamW(p, lr=torch.tensor(1e-3, device="cuda")),
+                                      lambda p: effikern.optim.SGD(p, lr=torch.tensor(1e-3, device="cuda"),
+                                                                   momentum=0.9)],
+                         ids=["effikern_adamw", "torch_fused_adamw", "effikern_sgd", "effikern_adamw_tensor_lr",
+                              "effikern_sgd_tensor_lr"])
 def test_no_host_sync_per_step(make_opt):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     model = model.cuda().half()

@@ -107,6 +107,189 @@ def test_state_dict_interchange_both_ways(ours_cls, torch_cls, kwargs):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+# --- a tensor lr: read on the device at each step, so an LR scheduler reaches a captured CUDA graph ---------------
+
+TENSOR_LR_PAIRS = [(effikern.optim.AdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
+                   (effikern.optim.SGD, torch.optim.SGD, dict(momentum=0.9, dampening=0.2, weight_decay=0.01))]
+SCHEDULERS = {"step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3),
+              "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i) ** 2)}
+
+
+def _run_scheduled(opt_cls, kwargs, init, device, lr, scheduler="step", steps=6, backend="torch"):
+    """_run's steps with an LR scheduler stepped after each; returns (params, optimizer, scheduler)."""
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = opt_cls(params, lr=lr, **kwargs)
+    sched = SCHEDULERS[scheduler](opt)
+    gen = torch.Generator().manual_seed(1)
+    with effikern.set_backend(backend):
+        for i in range(steps):
+            for j, p in enumerate(params):
+                p.grad = None if (i == 2 and j == 0) else torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+            sched.step()
+    return params, opt, sched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", TENSOR_LR_PAIRS, ids=["adamw", "sgd"])
+@pytest.mark.parametrize("scheduler,lr_shape", [("step", ()), ("lambda", (1,))])
+def test_tensor_lr_with_a_scheduler_matches_torch(backend, ours_cls, torch_cls, kwargs, scheduler, lr_shape):
+    # torch.optim with a tensor lr and the same scheduler: the scheduler fill_s the group's tensor in place (it
+    # stays the tensor passed in) and every step must use the value it wrote.
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    init = _params(device)
+    lr = torch.full(lr_shape, 0.05, device=device)
+    ours, opt, _ = _run_scheduled(ours_cls, kwargs, init, device, lr, scheduler, backend=backend)
+    # fused=True: torch's implementation for a tensor lr on any device (its foreach AdamW refuses one on CUDA)
+    theirs, topt, _ = _run_scheduled(torch_cls, {**kwargs, "fused": True}, init, device,
+                                     torch.full(lr_shape, 0.05, device=device), scheduler)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == float(topt.param_groups[0]["lr"]) != 0.05
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", TENSOR_LR_PAIRS, ids=["adamw", "sgd"])
+def test_tensor_lr_is_read_by_the_kernels_never_on_the_host(backend, ours_cls, torch_cls, kwargs, monkeypatch):
+    # On a GPU a host read of the lr (float(lr), lr.item()) is a sync, and in a captured CUDA graph a frozen value:
+    # the tensor must go to the kernels as it is. Here every host-read method of that one tensor raises, and the
+    # value written into it in place between steps must still be what each step uses (against a float lr set
+    # to the same values).
+    skip_unavailable(backend, "cpu")
+    init = _params("cpu")
+    lr = torch.tensor(0.05)
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt, topt = ours_cls(ours, lr=lr, **kwargs), torch_cls(theirs, lr=0.05, **kwargs)
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__format__"):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _name=name, _original=original, **kw):
+            if self is lr:  # not an assert: pytest's explanation would print lr, through these very methods
+                raise AssertionError(f"the tensor lr was read on the host ({_name})")
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    gen = torch.Generator().manual_seed(2)
+    with effikern.set_backend(backend):
+        for value in (0.05, 0.01, 0.2, 0.0):
+            lr.fill_(value)
+            topt.param_groups[0]["lr"] = value
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn(a.shape, generator=gen)
+                b.grad = a.grad.clone()
+            opt.step()
+            topt.step()
+    monkeypatch.undo()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", TENSOR_LR_PAIRS, ids=["adamw", "sgd"])
+def test_tensor_lr_state_dict_round_trips_like_torch(ours_cls, torch_cls, kwargs):
+    # torch keeps a tensor lr in state_dict as a tensor, and load_state_dict gives the group a copy of it (the
+    # loaded groups are deep-copied): ours does the same, both ways, and training continues identically.
+    init = _params("cpu")
+    ours, opt, _ = _run_scheduled(ours_cls, kwargs, init, "cpu", torch.tensor(0.1), steps=3)
+    theirs, topt, _ = _run_scheduled(torch_cls, kwargs, init, "cpu", torch.tensor(0.1), steps=3)
+    saved = {"ours": copy.deepcopy(opt.state_dict()), "torch": copy.deepcopy(topt.state_dict())}
+    for sd in saved.values():
+        for key in ("lr", "initial_lr"):  # initial_lr: the scheduler's
+            assert isinstance(sd["param_groups"][0][key], torch.Tensor)
+        assert float(sd["param_groups"][0]["lr"]) == float(torch.tensor(0.1) * 0.3)
+    runs = [(ours, opt), (theirs, topt)]
+    for cls, source, params in ((torch_cls, "ours", ours), (ours_cls, "torch", theirs), (ours_cls, "ours", ours)):
+        twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        loaded = cls(twin, lr=torch.tensor(1.0), **kwargs)
+        sd = copy.deepcopy(saved[source])  # load_state_dict keeps references to the state's tensors (torch's too)
+        loaded.load_state_dict(sd)
+        lr = loaded.param_groups[0]["lr"]
+        assert isinstance(lr, torch.Tensor) and lr is not sd["param_groups"][0]["lr"]
+        assert float(lr) == float(sd["param_groups"][0]["lr"])
+        runs.append((twin, loaded))
+    gen = torch.Generator().manual_seed(7)
+    for value in (0.02, 0.005):  # what a scheduler would write into each group's tensor
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        for params, o in runs:
+            o.param_groups[0]["lr"].fill_(value)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+    for group in zip(*(params for params, _ in runs)):
+        for other in group[1:]:
+            torch.testing.assert_close(other, group[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ours_cls", [effikern.optim.AdamW, effikern.optim.SGD])
+def test_a_tensor_lr_the_kernels_cannot_take_is_refused(ours_cls):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    for bad, match in ((torch.tensor([0.1, 0.2]), "1 element, got dtype float32 and shape \\(2,\\)"),
+                       (torch.tensor(0.1, dtype=torch.float16), "float32 or float64 tensor with 1 element"),
+                       (torch.tensor(1), "float32 or float64 tensor with 1 element, got dtype int64"),
+                       (torch.tensor(-0.1), "lr must be a float >= 0 or a 1-element")):
+        with pytest.raises(ValueError, match=match):
+            ours_cls(p, lr=bad)
+    opt = ours_cls(p, lr=torch.tensor([0.1], dtype=torch.float64))  # shape [1] and float64 are fine
+    with pytest.raises(ValueError, match="1 element"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": torch.ones(2)})
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = torch.tensor(0.1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="in a loaded param group"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"].dtype == torch.float64  # refused before anything was loaded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", TENSOR_LR_PAIRS, ids=["adamw", "sgd"])
+def test_captured_step_follows_the_scheduler_on_gpu(backend, ours_cls, torch_cls, kwargs):
+    # The issue's case: opt.step() captured once in a CUDA graph and replayed every iteration while an LR
+    # scheduler changes the tensor lr, against torch's fused optimizer run eagerly with the same scheduler.
+    skip_unavailable(backend, "cuda")
+    init = _params("cuda", sizes=((7, 5), (5,), (1,), (3, 11), (4097,)))
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = ours_cls(ours, lr=torch.tensor(0.05, device="cuda"), **kwargs)
+    topt = torch_cls(theirs, lr=torch.tensor(0.05, device="cuda"), fused=True, **kwargs)
+    sched, tsched = SCHEDULERS["step"](opt), SCHEDULERS["step"](topt)
+    static_grads = [torch.zeros_like(p) for p in ours]  # what the graph reads: refilled before each replay
+    for p, g in zip(ours, static_grads):
+        p.grad = g
+    gen = torch.Generator(device="cuda").manual_seed(3)
+
+    def next_grads():
+        grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in ours]
+        for g, new, p in zip(static_grads, grads, theirs):
+            g.copy_(new)
+            p.grad = new.clone()
+
+    with effikern.set_backend(backend):
+        # Warm-up (the first step allocates the state; the kernels compile), on a side stream as capture asks.
+        next_grads()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        topt.step()
+        sched.step()
+        tsched.step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        for _ in range(5):
+            next_grads()
+            graph.replay()
+            topt.step()
+            sched.step()
+            tsched.step()
+    torch.cuda.synchronize()
+    assert float(opt.param_groups[0]["lr"]) == float(topt.param_groups[0]["lr"]) < 0.05 * 0.3
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments():
     p = [torch.nn.Parameter(torch.randn(3))]
     with pytest.raises(ValueError, match="betas"):

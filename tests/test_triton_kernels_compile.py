@@ -30,7 +30,8 @@ def test_triton_kernels_compile_for_sm90():
 
 # The fused GradScaler / optimizer kernels (kernels/amp.py), compiled as their launchers launch them with the
 # GPU configuration: each dtype x norm x write-back of the unscale pass, the norm finish, AdamW and SGD
-# variants, and the unaligned (scalar) path. Aligned launches must use 16-byte vector loads and stores.
+# variants (with a float lr and with a tensor lr), and the unaligned (scalar) path. Aligned launches must use
+# 16-byte vector loads and stores.
 _AMP_COMPILE = r"""
 import sys
 import torch
@@ -53,6 +54,12 @@ with compile_only(90) as compiled:
         amp.fused_adamw_(p, [g], [m], [v], zero.clone(), 1e-3, 0.9, 0.999, 1e-8, 0.01, maximize, one, zero)
         amp.fused_sgd_(p, [g], [m], zero.clone(), 0.1, 0.9, 0.0, True, 0.01, False, one, zero)
         amp.fused_sgd_(p, [g], [], zero.clone(), 0.1, 0.0, 0.0, False, 0.0, True, None, None)
+        # a tensor lr, loaded by the kernels: float32 and float64 storage
+        lr32, lr64 = torch.full((), 1e-3), torch.full((1,), 1e-3, dtype=torch.float64)
+        amp.fused_adamw_(p, [g], [m], [v], zero.clone(), 0.0, 0.9, 0.999, 1e-8, 0.01, False, one, zero,
+                         lr_tensor=lr64 if maximize else lr32)
+        amp.fused_sgd_(p, [g], [m], zero.clone(), 0.0, 0.9, 0.0, False, 0.01, False, None, zero,
+                       lr_tensor=lr32 if maximize else lr64)
     odd = torch.randn(1001, dtype=torch.float16)[1:]
     amp.unscale_check_norm([odd], one, zero.clone(), 2.0, True)
 _report(compiled, True)

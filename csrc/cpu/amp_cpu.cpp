@@ -393,6 +393,12 @@ float scalar_of(const c10::optional<at::Tensor>& t, float otherwise) {
   return t.has_value() ? t->item<float>() : otherwise;
 }
 
+// The learning rate: lr_tensor's value when given (float32 or float64, read once per call: a CPU tensor, so no
+// device sync; an LR scheduler changes it in place between steps), else lr.
+double lr_of(double lr, const c10::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr;
+}
+
 }  // namespace
 
 at::Tensor amp_unscale_check_norm_cpu(const std::vector<at::Tensor>& grads, const at::Tensor& inv_scale,
@@ -434,8 +440,9 @@ void amp_fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vecto
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                          const at::Tensor& step, double lr, double beta1, double beta2, double eps,
                          double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_factor,
-                         const c10::optional<at::Tensor>& found_inf) {
+                         const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor) {
   if (scalar_of(found_inf, 0.0f) != 0.0f) return;  // an overflow step: nothing changes, step included
+  lr = lr_of(lr, lr_tensor);
   float* step_ptr = step.data_ptr<float>();
   const double t = static_cast<double>(step_ptr[0]) + 1.0;
   AdamConsts c;
@@ -476,8 +483,10 @@ void amp_fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vecto
 void amp_fused_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                        const std::vector<at::Tensor>& momentum_buffers, const at::Tensor& step, double lr,
                        double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
-                       const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf) {
+                       const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf,
+                       const c10::optional<at::Tensor>& lr_tensor) {
   if (scalar_of(found_inf, 0.0f) != 0.0f) return;
+  lr = lr_of(lr, lr_tensor);
   float* step_ptr = step.data_ptr<float>();
   SgdConsts c;
   const float gf = scalar_of(grad_factor, 1.0f);

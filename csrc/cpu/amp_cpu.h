@@ -21,18 +21,21 @@ at::Tensor amp_unscale_check_norm_cpu(const std::vector<at::Tensor>& grads, cons
 
 /// torch.optim.AdamW's update on every (param, grad, exp_avg, exp_avg_sq), with grad * grad_factor as the
 /// gradient; nothing changes when found_inf is nonzero. step (float32, shared) is the count before this update
-/// and is incremented when the update happens.
+/// and is incremented when the update happens. lr_tensor: None, or a 1-element float32/float64 tensor whose
+/// value (read once per call) replaces lr.
 void amp_fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                          const at::Tensor& step, double lr, double beta1, double beta2, double eps,
                          double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_factor,
-                         const c10::optional<at::Tensor>& found_inf);
+                         const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor);
 
 /// torch.optim.SGD's update (momentum, dampening, nesterov, weight decay, maximize); momentum_buffers is empty
 /// when momentum == 0. step == 0 means the buffers are uninitialised (the first update sets buf = g).
+/// lr_tensor as in amp_fused_adamw_cpu.
 void amp_fused_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                        const std::vector<at::Tensor>& momentum_buffers, const at::Tensor& step, double lr,
                        double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
-                       const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf);
+                       const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf,
+                       const c10::optional<at::Tensor>& lr_tensor);
 
 }  // namespace effikern

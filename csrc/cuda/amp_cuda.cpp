@@ -64,6 +64,20 @@ const float* scalar_or_null(const c10::optional<at::Tensor>& t, const char* name
   return t->data_ptr<float>();
 }
 
+/// Sets h.lr_ptr / h.lr_f64 from a tensor lr (None: h.lr stays the learning rate). The kernels read it on the
+/// device, so a captured CUDA graph follows what an LR scheduler writes into it.
+template <typename Hyper>
+void set_device_lr(Hyper& h, const c10::optional<at::Tensor>& lr_tensor, const at::Device& device) {
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return;
+  const at::Tensor& t = *lr_tensor;
+  TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
+                  t.device() == device,
+              "effikern amp CUDA: lr_tensor must be a float32 or float64 tensor with 1 element on ", device, ", got ",
+              t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+  h.lr_ptr = t.data_ptr();
+  h.lr_f64 = t.scalar_type() == at::kDouble;
+}
+
 /// One dtype's share of the lists: per list the data pointers, and the shared element counts.
 struct Group {
   std::vector<std::vector<void*>> ptrs;
@@ -148,7 +162,8 @@ void amp_fused_adamw_cuda(const std::vector<at::Tensor>& params, const std::vect
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                           const at::Tensor& step, double lr, double beta1, double beta2, double eps,
                           double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_factor,
-                          const c10::optional<at::Tensor>& found_inf, int64_t stream) {
+                          const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
+                          int64_t stream) {
   const at::Device device = work_device(params.empty() ? step : params[0]);
   check_scalar(step, "step", device);
   const float* factor = scalar_or_null(grad_factor, "grad_factor", device);
@@ -156,7 +171,8 @@ void amp_fused_adamw_cuda(const std::vector<at::Tensor>& params, const std::vect
   const cudaStream_t s = as_stream(stream);
   const auto groups = group_by_dtype({&params, &grads, &exp_avgs, &exp_avg_sqs},
                                      {"params", "grads", "exp_avgs", "exp_avg_sqs"}, device);
-  const ka::AdamWHyper h{lr, beta1, beta2, eps, weight_decay, maximize};
+  ka::AdamWHyper h{lr, beta1, beta2, eps, weight_decay, maximize};
+  set_device_lr(h, lr_tensor, device);
   for (int d = 0; d < kNumDTypes; ++d) {
     const Group& g = groups[d];
     if (g.size() == 0) continue;
@@ -172,7 +188,7 @@ void amp_fused_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector
                         const std::vector<at::Tensor>& momentum_buffers, const at::Tensor& step, double lr,
                         double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
                         const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf,
-                        int64_t stream) {
+                        const c10::optional<at::Tensor>& lr_tensor, int64_t stream) {
   const at::Device device = work_device(params.empty() ? step : params[0]);
   check_scalar(step, "step", device);
   const float* factor = scalar_or_null(grad_factor, "grad_factor", device);
@@ -188,7 +204,8 @@ void amp_fused_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector
     names.push_back("momentum_buffers");
   }
   const auto groups = group_by_dtype(lists, names, device);
-  const ka::SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  ka::SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  set_device_lr(h, lr_tensor, device);
   for (int d = 0; d < kNumDTypes; ++d) {
     const Group& g = groups[d];
     if (g.size() == 0) continue;

@@ -26,12 +26,14 @@ at::Tensor amp_unscale_check_norm_cuda(const std::vector<at::Tensor>& grads, con
 /// torch.optim.AdamW's update over equal-length lists (element i of each: same shape and dtype, contiguous).
 /// step: 1-element float32 step count before the update, incremented on the device unless skipped;
 /// grad_factor: None or 1-element float32 multiplier of the grads; found_inf: None or 1-element float32,
-/// nonzero -> nothing changes.
+/// nonzero -> nothing changes. lr_tensor: None, or a 1-element float32/float64 tensor on the params' device
+/// whose value, read by the kernels at run time, replaces lr (a CUDA graph replays its current value).
 void amp_fused_adamw_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                           const at::Tensor& step, double lr, double beta1, double beta2, double eps,
                           double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_factor,
-                          const c10::optional<at::Tensor>& found_inf, int64_t stream);
+                          const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
+                          int64_t stream);
 
 /// torch.optim.SGD's update. momentum_buffers: empty when momentum == 0, else one per param; step == 0 means
 /// the buffers are uninitialised (set to the gradient). Other arguments as amp_fused_adamw_cuda.
@@ -39,6 +41,6 @@ void amp_fused_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector
                         const std::vector<at::Tensor>& momentum_buffers, const at::Tensor& step, double lr,
                         double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
                         const c10::optional<at::Tensor>& grad_factor, const c10::optional<at::Tensor>& found_inf,
-                        int64_t stream);
+                        const c10::optional<at::Tensor>& lr_tensor, int64_t stream);
 
 }  // namespace effikern

@@ -217,9 +217,17 @@ __global__ void __launch_bounds__(kThreads)
 // Optimizers. Hyper-parameters arrive in fp32 except what the bias corrections need in double.
 struct AdamWArgs {
   float decay, one_minus_beta1, beta2, one_minus_beta2, eps;
-  double lr_d, beta1_d, beta2_d;
+  double lr_d, beta1_d, beta2_d, weight_decay_d;
+  const void* lr_ptr;  // non-null: a tensor lr, read by every block in place of lr_d (and decay recomputed)
+  bool lr_f64;
   bool maximize;
 };
+
+/// A tensor lr's current value (float32 or float64 storage), read on the device: a CUDA graph replays whatever
+/// an LR scheduler last wrote there.
+__device__ __forceinline__ double device_lr(const void* p, bool f64) {
+  return f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
 
 /// AdamW. Floor: 7 x sizeof(T) per element (read p, g, m, v; write p, m, v).
 template <typename T>
@@ -231,7 +239,13 @@ __global__ void __launch_bounds__(kThreads)
   // t = step + 1 as torch computes it (fp32 tensor += 1); bias corrections in double as torch's (1 - beta2
   // at t = 1 cancels three digits).
   const double t = static_cast<double>(*step_ptr + 1.0f);
-  const float step_size = static_cast<float>(a.lr_d / (1.0 - pow(a.beta1_d, t)));
+  double lr = a.lr_d;
+  float decay = a.decay;
+  if (a.lr_ptr != nullptr) {  // as the host computes decay for a float lr: in double, rounded once
+    lr = device_lr(a.lr_ptr, a.lr_f64);
+    decay = static_cast<float>(1.0 - lr * a.weight_decay_d);
+  }
+  const float step_size = static_cast<float>(lr / (1.0 - pow(a.beta1_d, t)));
   const float inv_bc2_sqrt = static_cast<float>(1.0 / sqrt(1.0 - pow(a.beta2_d, t)));
 
   const ChunkPos c = chunk_pos(table);
@@ -258,7 +272,7 @@ __global__ void __launch_bounds__(kThreads)
         const float grad = a.maximize ? -(gv[r][e] * factor) : gv[r][e] * factor;
         mv[r][e] = mv[r][e] + a.one_minus_beta1 * (grad - mv[r][e]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
         vv[r][e] = vv[r][e] * a.beta2 + a.one_minus_beta2 * grad * grad;
-        pv[r][e] = pv[r][e] * a.decay - step_size * mv[r][e] / (sqrtf(vv[r][e]) * inv_bc2_sqrt + a.eps);
+        pv[r][e] = pv[r][e] * decay - step_size * mv[r][e] / (sqrtf(vv[r][e]) * inv_bc2_sqrt + a.eps);
       }
     }
 #pragma unroll
@@ -273,6 +287,8 @@ __global__ void __launch_bounds__(kThreads)
 
 struct SgdArgs {
   float lr, momentum, one_minus_dampening, weight_decay;
+  const void* lr_ptr;  // non-null: a tensor lr, read by every block in place of lr
+  bool lr_f64;
   bool nesterov, maximize;
 };
 
@@ -284,6 +300,7 @@ __global__ void __launch_bounds__(kThreads)
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const float factor = grad_factor != nullptr ? *grad_factor : 1.0f;
   const bool first = *step_ptr == 0.0f;  // torch: buf = clone(grad) when there is no buffer yet
+  const float lr = a.lr_ptr != nullptr ? static_cast<float>(device_lr(a.lr_ptr, a.lr_f64)) : a.lr;
 
   const ChunkPos c = chunk_pos(table);
   T* p = list_ptr<T>(table, 0, c);
@@ -310,7 +327,7 @@ __global__ void __launch_bounds__(kThreads)
           bv[r][e] = first ? grad : a.momentum * bv[r][e] + a.one_minus_dampening * grad;
           grad = a.nesterov ? grad + a.momentum * bv[r][e] : bv[r][e];
         }
-        pv[r][e] -= a.lr * grad;
+        pv[r][e] -= lr * grad;
       }
     }
 #pragma unroll
@@ -437,6 +454,9 @@ cudaError_t fused_adamw(DType dtype, void* const* params, void* const* grads, vo
   a.lr_d = h.lr;
   a.beta1_d = h.beta1;
   a.beta2_d = h.beta2;
+  a.weight_decay_d = h.weight_decay;
+  a.lr_ptr = h.lr_ptr;
+  a.lr_f64 = h.lr_f64;
   a.maximize = h.maximize;
   void* const* const lists[4] = {params, grads, exp_avgs, exp_avg_sqs};
   return dispatch(dtype, [&](auto tag) {
@@ -456,6 +476,8 @@ cudaError_t fused_sgd(DType dtype, void* const* params, void* const* grads, void
   a.momentum = static_cast<float>(h.momentum);
   a.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
   a.weight_decay = static_cast<float>(h.weight_decay);
+  a.lr_ptr = h.lr_ptr;
+  a.lr_f64 = h.lr_f64;
   a.nesterov = h.nesterov;
   a.maximize = h.maximize;
   const bool momentum = h.momentum != 0.0;

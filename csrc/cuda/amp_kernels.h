@@ -46,6 +46,11 @@ cudaError_t norm_finish(const float* partials, int64_t n, Norm norm, float* out,
 struct AdamWHyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
+  /// A tensor lr: when non-null, lr is read from this 1-element device buffer (float64 if lr_f64, else float32)
+  /// by the kernel at run time and `lr` above is ignored. What lets a CUDA graph replay the value an LR
+  /// scheduler wrote in place, where a host lr would be frozen into the captured launch.
+  const void* lr_ptr = nullptr;
+  bool lr_f64 = false;
 };
 
 /// torch.optim.AdamW's update, in place, on n_tensors (param, grad, exp_avg, exp_avg_sq) quadruples of
@@ -61,6 +66,8 @@ cudaError_t fused_adamw(DType dtype, void* const* params, void* const* grads, vo
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay;
   bool nesterov, maximize;
+  const void* lr_ptr = nullptr;  ///< as in AdamWHyper
+  bool lr_f64 = false;
 };
 
 /// torch.optim.SGD's update, in place. momentum_buffers: nullptr when h.momentum == 0, else one per param;

@@ -13,16 +13,23 @@ in kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
     non-finite norm.
 
 ``fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
-grad_factor, found_inf)``
+grad_factor, found_inf, lr_tensor=None)``
     torch.optim.AdamW's update with g = grads[i] * grad_factor; ``step`` (float32, 1 element, shared by the
     list) counts updates done before this one and is incremented on the device. Nothing changes (step
     included) when found_inf is nonzero: no host sync, which is what makes a scaled step capturable in a CUDA
     graph.
 
 ``fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
-grad_factor, found_inf)``
+grad_factor, found_inf, lr_tensor=None)``
     torch.optim.SGD's update; momentum_buffers is [] when momentum == 0; step == 0 means the buffers are
     uninitialised (the first update sets buf = g, as torch).
+
+``lr_tensor``: None, or a float32/float64 tensor with 1 element (shape [] or [1]) on the params' device
+that replaces ``lr`` (then ignored): every backend reads its value when the update runs, on the device for
+the GPU backends. A float lr is baked into the launch, so a CUDA graph replays the value it was captured
+with; a tensor lr is what an LR scheduler can change between replays (``lr_tensor.fill_(new)``: torch's
+schedulers do that to a tensor lr), as torch's capturable optimizers take it. Every use of lr follows it,
+AdamW's decay p *= 1 - lr * weight_decay included.
 
 Non-contiguous tensors, the same on every backend: where a param, its grad and its state are dense with the same
 strides (a channels_last conv weight: autograd gives its grad the param's layout, and the optimizers allocate
@@ -107,6 +114,21 @@ def _check_matching(ref: Sequence[torch.Tensor], ref_name: str, others: Dict[str
                                 f"got {b.dtype}")
 
 
+def _check_lr_tensor(t, device) -> None:
+    """lr_tensor: None or a float32/float64 tensor with 1 element on the params' device (its value is not
+    checked: that would read it on the host)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"lr_tensor must be None or a float32/float64 tensor with 1 element, got "
+                        f"{type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float64) or t.numel() != 1:
+        raise ValueError(f"lr_tensor must be a float32 or float64 tensor with 1 element, got dtype "
+                         f"{str(t.dtype).replace('torch.', '')} and shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"lr_tensor must be on the tensors' device {device}, got {t.device}")
+
+
 def _check_float(value, name: str, low=None, high=None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
@@ -127,7 +149,7 @@ def check_unscale_args(grads, inv_scale, found_inf, norm_type, write_back) -> to
 
 
 def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                     grad_factor, found_inf) -> torch.device:
+                     grad_factor, found_inf, lr_tensor=None) -> torch.device:
     device = _check_list(params, "params")
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         _check_list(lst, name, device)
@@ -144,11 +166,12 @@ def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta
     _check_float(weight_decay, "weight_decay", 0.0)
     _check_scalar_tensor(grad_factor, "grad_factor", device, optional=True)
     _check_scalar_tensor(found_inf, "found_inf", device, optional=True)
+    _check_lr_tensor(lr_tensor, device)
     return device
 
 
 def check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
-                   grad_factor, found_inf) -> torch.device:
+                   grad_factor, found_inf, lr_tensor=None) -> torch.device:
     device = _check_list(params, "params")
     _check_list(grads, "grads", device)
     _check_matching(params, "params", {"grads": grads})
@@ -167,6 +190,7 @@ def check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampenin
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     _check_scalar_tensor(grad_factor, "grad_factor", device, optional=True)
     _check_scalar_tensor(found_inf, "found_inf", device, optional=True)
+    _check_lr_tensor(lr_tensor, device)
     return device
 
 
@@ -214,17 +238,24 @@ def _skip(found_inf):
     return None if found_inf is None else found_inf.reshape(()) != 0
 
 
+def _device_lr(lr_tensor):
+    """lr_tensor's value as a 0-dim float64 tensor where it lives: read by the ops, not on the host."""
+    return lr_tensor.reshape(()).double()
+
+
 def reference_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                           maximize, grad_factor, found_inf):
+                           maximize, grad_factor, found_inf, lr_tensor=None):
     """The ``torch`` backend of fused_adamw_, written as torch.optim.AdamW's steps."""
     skip = _skip(found_inf)
     if params:
         g = _grad_f32(grads, grad_factor, maximize)
         p, m, v = _f32(params), _f32(exp_avgs), _f32(exp_avg_sqs)
+        lr = lr if lr_tensor is None else _device_lr(lr_tensor)
         t = step.reshape(()).double() + 1
         step_size = (lr / (1 - beta1**t)).float()
         bc2_sqrt = torch.sqrt(1 - beta2**t).float()
-        p = torch._foreach_mul(p, 1 - lr * weight_decay)
+        decay = 1 - lr * weight_decay  # a float, or a 0-dim tensor (_foreach_mul's tensor-scalar overload)
+        p = torch._foreach_mul(p, decay if lr_tensor is None else decay.float())
         m = torch._foreach_lerp(m, g, 1 - beta1)
         v = torch._foreach_mul(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
@@ -237,7 +268,7 @@ def reference_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1
 
 
 def reference_fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov,
-                         weight_decay, maximize, grad_factor, found_inf):
+                         weight_decay, maximize, grad_factor, found_inf, lr_tensor=None):
     """The ``torch`` backend of fused_sgd_, written as torch.optim.SGD's steps."""
     skip = _skip(found_inf)
     if params:
@@ -254,7 +285,10 @@ def reference_fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, da
             buf = [b.to(t.dtype).float() for b, t in zip(buf, params)]
             torch._foreach_copy_(list(momentum_buffers), _keep_if(skip, old, buf))
             g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
-        p = torch._foreach_add(p, g, alpha=-lr)
+        if lr_tensor is None:
+            p = torch._foreach_add(p, g, alpha=-lr)
+        else:  # alpha must be a Python number: multiply by the 0-dim tensor instead
+            p = torch._foreach_sub(p, torch._foreach_mul(g, _device_lr(lr_tensor).float()))
         torch._foreach_copy_(list(params), _keep_if(skip, _f32(params), p))
     step.add_(1.0 if skip is None else (~skip).float())
 
@@ -448,13 +482,13 @@ def _run_update(op: str, device, lists: Sequence[List[torch.Tensor]], written: S
 
 
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
-                 grad_factor, found_inf):
+                 grad_factor, found_inf, lr_tensor=None):
     device = check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                              grad_factor, found_inf)
+                              grad_factor, found_inf, lr_tensor)
 
     def call(fn, lists, step_):
         fn(*lists, step_, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-           bool(maximize), grad_factor, found_inf)
+           bool(maximize), grad_factor, found_inf, lr_tensor)
 
     _run_update("fused_adamw", device or step.device, [params, grads, exp_avgs, exp_avg_sqs], (0, 2, 3), step,
                 call)
@@ -464,29 +498,30 @@ def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, e
 def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                  exp_avg_sqs: List[torch.Tensor], step: torch.Tensor, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float, maximize: bool, grad_factor: Optional[torch.Tensor],
-                 found_inf: Optional[torch.Tensor]) -> None:
-    """torch.optim.AdamW's update over lists, grads times grad_factor, skipped on the device on found_inf."""
+                 found_inf: Optional[torch.Tensor], lr_tensor: Optional[torch.Tensor] = None) -> None:
+    """torch.optim.AdamW's update over lists, grads times grad_factor, skipped on the device on found_inf; the
+    learning rate is lr_tensor's value (read at run time) when given, else lr."""
     _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
-                 grad_factor, found_inf)
+                 grad_factor, found_inf, lr_tensor)
 
 
 @fused_adamw_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_factor,
-      found_inf):
+      found_inf, lr_tensor=None):
     check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                     grad_factor, found_inf)
+                     grad_factor, found_inf, lr_tensor)
 
 
 def _fused_sgd(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
-               grad_factor, found_inf):
+               grad_factor, found_inf, lr_tensor=None):
     device = check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov,
-                            weight_decay, grad_factor, found_inf)
+                            weight_decay, grad_factor, found_inf, lr_tensor)
     lists = [params, grads] + ([momentum_buffers] if momentum != 0.0 else [])
 
     def call(fn, got, step_):
         bufs = got[2] if momentum != 0.0 else []
         fn(got[0], got[1], bufs, step_, float(lr), float(momentum), float(dampening), bool(nesterov),
-           float(weight_decay), bool(maximize), grad_factor, found_inf)
+           float(weight_decay), bool(maximize), grad_factor, found_inf, lr_tensor)
 
     _run_update("fused_sgd", device or step.device, lists, (0, 2) if momentum != 0.0 else (0,), step, call)
 
@@ -495,17 +530,18 @@ def _fused_sgd(params, grads, momentum_buffers, step, lr, momentum, dampening, n
 def fused_sgd_(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
                step: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
                weight_decay: float, maximize: bool, grad_factor: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor]) -> None:
-    """torch.optim.SGD's update over lists, grads times grad_factor, skipped on the device when found_inf."""
+               found_inf: Optional[torch.Tensor], lr_tensor: Optional[torch.Tensor] = None) -> None:
+    """torch.optim.SGD's update over lists, grads times grad_factor, skipped on the device when found_inf; the
+    learning rate is lr_tensor's value (read at run time) when given, else lr."""
     _fused_sgd(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
-               grad_factor, found_inf)
+               grad_factor, found_inf, lr_tensor)
 
 
 @fused_sgd_.register_fake
 def _(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay, maximize,
-      grad_factor, found_inf):
+      grad_factor, found_inf, lr_tensor=None):
     check_sgd_args(params, grads, momentum_buffers, step, lr, momentum, dampening, nesterov, weight_decay,
-                   grad_factor, found_inf)
+                   grad_factor, found_inf, lr_tensor)
 
 
 # --- eager entry points ---------------------------------------------------------------------------------------

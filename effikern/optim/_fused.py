@@ -16,12 +16,23 @@ param without a gradient shares a counter with params that have one, it gets its
 copy, no sync), so the counts stay exactly torch's. A subclass may restart a param's state (SGD: a param
 that gets its first momentum buffer after earlier steps): a new state and a count of 0, like a fresh one.
 
+Learning rate: a group's ``lr`` is a float or, as torch's fused and capturable optimizers take it, a
+1-element float32/float64 tensor. A float is passed to the kernels by value, so a captured CUDA graph replays
+the lr it was captured with; a tensor goes to the ops as ``lr_tensor`` and is read on the device when the
+update runs, so what an LR scheduler writes into it (torch's schedulers ``fill_`` a tensor lr in place)
+reaches the next step and every replay of a captured one. It is never read on the host, except a CPU tensor
+for params on an accelerator, which torch's fused optimizers also treat as a plain number (a host read of
+host memory, not a device sync; such an lr is frozen in a captured graph), or an accelerator's tensor for CPU
+params. In state_dict it stays a tensor, as in torch's; load_state_dict gives the group a copy (torch
+deep-copies loaded groups), so a graph captured before loading still reads the old tensor: capture after.
+
 torch's flags: those that choose torch's implementation (foreach, fused, capturable) are accepted and not
 kept, since effikern's one implementation is all three; those effikern cannot honour (``_REFUSED``:
 differentiable, AdamW's amsgrad) raise ValueError at any value but torch's default, in the constructor,
 ``add_param_group`` and ``load_state_dict``, rather than running as something else.
 """
 
+import numbers
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -42,6 +53,34 @@ def scaling_tensors(optimizer) -> Tuple[Optional[torch.Tensor], Optional[torch.T
 
 def on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+LR_DTYPES = (torch.float32, torch.float64)  # what the kernels read a tensor lr as
+
+
+def check_lr(lr, where: str = "") -> None:
+    """ValueError unless lr is a number >= 0 or a 1-element float32/float64 tensor holding one (the value of a
+    tensor is read here: a host sync at setup only, as torch's constructors do)."""
+    value = lr
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.dtype not in LR_DTYPES:
+            raise ValueError(f"a tensor lr must be a float32 or float64 tensor with 1 element{where}, got "
+                             f"dtype {str(lr.dtype).replace('torch.', '')} and shape {tuple(lr.shape)}")
+        value = float(lr)
+    if not isinstance(value, numbers.Real) or not 0.0 <= value:
+        raise ValueError(f"lr must be a float >= 0 or a 1-element float32/float64 tensor{where}, got {lr!r}")
+
+
+def lr_args(lr, device: torch.device) -> Tuple[float, Optional[torch.Tensor]]:
+    """(lr, lr_tensor) for the update ops from a group's lr, for params on ``device`` (module docstring): a
+    float by value; a tensor as lr_tensor on ``device`` (read there by the kernels), except where the tensor
+    or the params are on the CPU and the other is not: read as a number then, as torch's fused optimizers read
+    a CPU lr (a CPU kernel needs the value on the host anyway; a non-blocking copy could be read too early)."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    if lr.device != device and "cpu" in (lr.device.type, device.type):
+        return float(lr), None
+    return 0.0, on(lr, device)  # lr is ignored when lr_tensor is given
 
 
 def check_dense_grads(params: List[torch.Tensor], name: str) -> None:
@@ -155,15 +194,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         return unshared_state_dict(super().state_dict())
 
     def add_param_group(self, param_group):
-        """torch's, refusing a group that sets a flag in ``_REFUSED`` (the constructor's groups come here)."""
+        """torch's, refusing a group that sets a flag in ``_REFUSED`` or an lr the kernels cannot take (the
+        constructor's groups come here)."""
         self._check_flags({**self.defaults, **param_group}, "")
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict):
-        """torch's (takes torch's state_dicts too); refuses one whose groups set a flag in ``_REFUSED``,
-        before anything is loaded."""
+        """torch's (takes torch's state_dicts too; a tensor lr is loaded as a copy, as torch does); refuses
+        one whose groups set a flag in ``_REFUSED`` or an lr the kernels cannot take, before anything is
+        loaded."""
         for group in state_dict["param_groups"]:
             self._check_flags(group, " (set in a loaded param group)")
+            if "lr" in group:
+                check_lr(group["lr"], " (in a loaded param group)")
         super().load_state_dict(state_dict)
         self._complete_loaded_state()
         merge_steps(self)

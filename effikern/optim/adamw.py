@@ -15,7 +15,10 @@ class AdamW(_fused.FusedOptimizer):
     scaled step needs no host sync and no separate unscale pass. Step counters are device tensors (see
     effikern.optim._fused).
 
-    Args: params, lr (float), betas (beta1, beta2), eps, weight_decay (decoupled, as torch), maximize.
+    Args: params, lr, betas (beta1, beta2), eps, weight_decay (decoupled, as torch), maximize. lr is a float
+    or, as torch's fused/capturable AdamW takes it, a 1-element float32/float64 tensor, read on the device at
+    each step (never on the host): an LR scheduler's in-place change reaches the next step, also in a captured
+    CUDA graph, where a float lr stays the value captured (effikern.optim._fused).
     torch's other flags, for configs written for torch: amsgrad and differentiable only at their default
     (False; ValueError otherwise, here and in a loaded state_dict); foreach, capturable and fused at any value
     (they pick torch's implementation; this one is multi-tensor, fused and capturable).
@@ -25,8 +28,7 @@ class AdamW(_fused.FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
-            raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+        _fused.check_lr(lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be a pair of floats in [0, 1), got {betas!r}")
         if not 0.0 <= eps:
@@ -44,7 +46,9 @@ class AdamW(_fused.FusedOptimizer):
     def _update(self, group, params, grad_factor, found_inf):
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
+        lr, lr_tensor = _fused.lr_args(group["lr"], params[0].device)
         _amp_ops.fused_adamw_eager(
             [p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], states[0]["step"], float(group["lr"]), float(beta1), float(beta2),
-            float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)
+            [s["exp_avg_sq"] for s in states], states[0]["step"], lr, float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]), grad_factor,
+            found_inf, lr_tensor)

@@ -16,6 +16,8 @@ class SGD(_fused.FusedOptimizer):
     that gets its buffer after earlier steps (momentum switched on later, a loaded state without one) starts
     again at 0. Loading a torch SGD state_dict (no ``step``) counts a param with a momentum buffer as stepped
     once. Takes ``grad_scale``/``found_inf`` from a grad scaler like effikern.optim.AdamW (no host sync).
+    lr is a float or a 1-element float32/float64 tensor read on the device at each step, as in
+    effikern.optim.AdamW.
 
     torch's other flags: differentiable only at its default (False; ValueError otherwise, here and in a loaded
     state_dict); foreach and fused at any value (they pick torch's implementation; this one is both).
@@ -23,8 +25,7 @@ class SGD(_fused.FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
-            raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+        _fused.check_lr(lr)
         if not 0.0 <= momentum:
             raise ValueError(f"momentum must be >= 0, got {momentum!r}")
         if not 0.0 <= weight_decay:
@@ -51,10 +52,11 @@ class SGD(_fused.FusedOptimizer):
     def _update(self, group, params, grad_factor, found_inf):
         momentum = float(group["momentum"])
         bufs = [] if momentum == 0.0 else [self.state[p]["momentum_buffer"] for p in params]
+        lr, lr_tensor = _fused.lr_args(group["lr"], params[0].device)
         _amp_ops.fused_sgd_eager(
             [p.detach() for p in params], [p.grad for p in params], bufs, self.state[params[0]]["step"],
-            float(group["lr"]), momentum, float(group["dampening"]), bool(group["nesterov"]),
-            float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf)
+            lr, momentum, float(group["dampening"]), bool(group["nesterov"]),
+            float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf, lr_tensor)
 
     def _complete_loaded_state(self):
         # A torch SGD state_dict has no step: a param with a momentum buffer has been stepped at least once.
