@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "dwsep_cpu_tiling.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace effikern {
@@ -248,22 +249,9 @@ EK_INLINE void load_converted(const scalar_t* __restrict src, int64_t n, T* __re
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// Scratch memory that is always written before it is read (std::vector would zero it first), aligned to a cache
-// line: malloc returns 16-byte aligned blocks (large ones at page + 16), so every 64-byte vector of a channels-last
-// row straddled two cache lines.
-constexpr std::size_t kScratchAlign = 64;
-struct AlignedDelete {
-  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kScratchAlign)); }
-};
-template <typename T>
-using Scratch = std::unique_ptr<T[], AlignedDelete>;
-template <typename T>
-Scratch<T> scratch(int64_t n) {
-  static_assert(std::is_trivially_default_constructible_v<T> && std::is_trivially_destructible_v<T>);
-  void* p = ::operator new[](static_cast<std::size_t>(std::max<int64_t>(n, 1)) * sizeof(T),
-                             std::align_val_t(kScratchAlign));
-  return Scratch<T>(static_cast<T*>(p));
-}
+// Scratch, scratch<T>(n): csrc/cpu/scratch.h (64-byte aligned, uninitialized).
+using effikern::Scratch;
+using effikern::scratch;
 
 }  // namespace dwsep_cpu
 }  // namespace effikern

@@ -29,8 +29,10 @@
 #include "int_math.h"
 #include "isa_dispatch.h"
 #include "output_alloc.h"
+#include "scratch.h"
 #include "simd.h"
 #include "sparse_gather_avx512.h"
+#include "sparse_row_stage.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -81,9 +83,11 @@ EK_INLINE void with_token_vectors(int64_t vectors, F&& f) {
 using isa::run_best_isa;
 using isa::vector_bytes;
 
+// Packed operands and accumulators: 64-byte aligned (csrc/cpu/scratch.h), so a packed row of 16 fp32 tokens is one
+// cache line, not two.
 template <typename A>
-std::unique_ptr<A[]> buffer(int64_t n) {
-  return std::unique_ptr<A[]>(new A[std::max<int64_t>(n, 1)]);
+Scratch<A> buffer(int64_t n) {
+  return scratch<A>(n);
 }
 
 // src [M, R] (row stride R) -> dst [ceil(M/T)][Rp][T], accumulation type, zero past M tokens and past R.
@@ -212,8 +216,10 @@ struct CsrRows {
     // U independent accumulator sets, entries dealt round-robin: with one set every entry waited for the previous
     // FMA (4 cycles of latency), which bounded the 16-token forward at ~4 cycles per nonzero.
     constexpr int U = NV >= 4 ? 1 : 4 / NV;
+    RowStage<S, A, TT> stage(out, M, O);
+    int64_t c = begin / O, o = begin % O - 1;  // (chunk, row) of pair i, stepped without a division per row
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = i / O, o = i % O;
+      if (++o == O) o = 0, ++c;
       const A* Pc = src + c * R * TT;
       typename W::V acc[U][NV] = {};
       for (int64_t s = o * P; s < (o + 1) * P; ++s) {
@@ -237,14 +243,13 @@ struct CsrRows {
         }
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
-      A lanes[TT];
+      A* lanes = stage.slot(c, o);
       for (int q = 0; q < NV; ++q) {
         typename W::V total = W::splat(b);
         for (int u = 0; u < U; ++u) total += acc[u][q];
         W::store(lanes + q * L, total);
       }
-      const int64_t tokens = std::min<int64_t>(TT, M - c * TT);
-      for (int64_t t = 0; t < tokens; ++t) out[(c * TT + t) * O + o] = static_cast<S>(lanes[t]);
+      stage.done();
     }
   }
 
@@ -289,7 +294,7 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
   using A = at::opmath_type<S>;
   CsrRows<S> k{nullptr, M, R, 0, panels(R), crow, idx, values, bias, out, O};
   if (M <= kGatherTokens) {
-    std::unique_ptr<A[]> own;
+    Scratch<A> own;
     if constexpr (std::is_same_v<S, A>) {
       k.src = src;
     } else {
