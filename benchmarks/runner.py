@@ -34,6 +34,8 @@ class Case:
     why that candidate cannot run this case}; it runs just before timing so only one case's tensors are alive.
     ``bytes`` is the compulsory traffic (each input read once, each output written once) and ``flops`` the
     arithmetic, both for the floor: time >= max(bytes / bandwidth, flops / peak).
+    ``cold``: on CPU, each timed call starts with the last-level cache emptied of the case's data (a model's
+    weights do not stay cached between its layers; a loop over one call keeps a small sparse weight in L3).
     """
 
     op: str
@@ -45,6 +47,7 @@ class Case:
     flops: int
     baseline: str
     build: Callable[[], Dict[str, Union[Callable, str]]]
+    cold: bool = False
 
 
 @dataclasses.dataclass
@@ -149,9 +152,12 @@ def _memory_settings() -> dict:
             "EFFIKERN_HUGE_PAGES": os.environ.get("EFFIKERN_HUGE_PAGES")}
 
 
-def _time_candidate(fn, device, quick):
+def _time_candidate(fn, device, quick, cold=False):
     fn()  # warm-up: compilation (torch.compile, Triton JIT, cudnn.benchmark) stays out of the numbers
-    ms = timing.median_ms(fn, device.type, quick)
+    if cold and device.type == "cpu":
+        ms = timing.cold_median_ms(fn, quick)
+    else:
+        ms = timing.median_ms(fn, device.type, quick)
     return ms, timing.peak_extra_mib(fn, device)
 
 
@@ -163,7 +169,7 @@ def _rows_for_case(family, case, device, quick, copy_gbps) -> List[Row]:
             measured[label] = (None, None, fn)
             continue
         try:
-            ms, mem = _time_candidate(fn, device, quick)
+            ms, mem = _time_candidate(fn, device, quick, case.cold)
             measured[label] = (ms, mem, getattr(fn, "note", ""))  # e.g. which kernel a backend ran (bench_sparse)
         except Exception as err:  # a backend failing on one case must not lose the rest of the run
             measured[label] = (None, None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")

@@ -66,3 +66,37 @@ def test_call_overhead_bench_runs(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert len(rows) == 8 and all(r["us"] > 0 for r in rows)
+
+
+def test_cold_timing_empties_the_cache_before_every_call(monkeypatch):
+    from effikern.benchmarks import timing
+
+    events = []
+
+    class Evict:
+        def sum(self):
+            events.append("evict")
+
+    monkeypatch.setattr(timing, "_evict_buffer", Evict())
+    ms = timing.cold_median_ms(lambda: events.append("call"), quick=True)
+    assert ms >= 0
+    assert events == ["evict", "call"] * (len(events) // 2) and len(events) >= 20
+
+
+def test_runner_times_cold_cases_cold_on_cpu(tmp_path, monkeypatch):
+    def build():
+        return {"torch": lambda: None, "cpp": lambda: None}
+
+    cold = runner.Case(op="mm", shape="s", dtype="fp32", layout="-", mode="fwd-cold", bytes=1, flops=1,
+                       baseline="torch", build=build, cold=True)
+    warm = runner.Case(op="mm", shape="s", dtype="fp32", layout="-", mode="fwd", bytes=1, flops=1,
+                       baseline="torch", build=build)
+    fake = types.ModuleType("effikern.benchmarks.bench_fake_cold")
+    fake.cases = lambda device, quick: [cold, warm]
+    monkeypatch.setitem(sys.modules, "effikern.benchmarks.bench_fake_cold", fake)
+    monkeypatch.setattr(runner.timing, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    monkeypatch.setattr(runner.timing, "cold_median_ms", lambda fn, quick: 7.0)
+    monkeypatch.setattr(runner.timing, "median_ms", lambda fn, device_type, quick: 3.0)
+    path = runner.run(("fake_cold",), device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
+    rows = json.loads(open(path).read())["rows"]
+    assert {r["mode"]: r["ms"] for r in rows} == {"fwd-cold": 7.0, "fwd": 3.0}
