@@ -42,7 +42,15 @@ void pack_b_from_rows_of_bt(const uint16_t* src, int64_t K, int64_t N, int64_t l
                             int64_t n1) {
   if (n1 < 0) n1 = N;
   const int64_t ldb = packed_cols(N), K2 = ceil_div(K, 2), n_zero_end = n1 == N ? ldb : n1;
-  for (int64_t q = 0; q < K2; ++q) std::memset(dst + (q * ldb + n0) * 2, 0, sizeof(uint16_t) * 2 * (n_zero_end - n0));
+  // Zero only what the copy below leaves unwritten: the columns past N (the task whose range ends at N) and, for an
+  // odd K, the second half of the last pair. (Zeroing the whole range first, then overwriting it, was 3% of a bf16
+  // 1152 -> 192 forward at 8x7x7.)
+  if (n_zero_end > n1) {
+    for (int64_t q = 0; q < K2; ++q) std::memset(dst + (q * ldb + n1) * 2, 0, sizeof(uint16_t) * 2 * (n_zero_end - n1));
+  }
+  if (K % 2 != 0) {
+    for (int64_t n = n0; n < n1; ++n) dst[((K / 2) * ldb + n) * 2 + 1] = 0;
+  }
   // Each K pair is adjacent in src: copy it whole, in 16 x 16 blocks of (n, pair) so that neither the reads nor
   // the writes stride across the whole matrix (a plain loop took 7% of a 384 -> 1536 forward).
   constexpr int64_t kB = 16;

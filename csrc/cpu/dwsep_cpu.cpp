@@ -76,6 +76,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 
@@ -105,10 +106,12 @@ struct ForwardTiles {
     const auto z = scratch<T>(pb.tile_elems());
     const auto ytile = scratch<T>(in_place || (bf16_dot && !nchw_out) ? 0 : pb.max_pixels() * g.Cout);
     const auto a16 = scratch<uint16_t>(bf16_dot ? L::bf16_operand_elems(pb) : 0);
+    int64_t staged_ih0 = std::numeric_limits<int64_t>::min();  // the first row win was last staged from
     for (int64_t task = begin; task < end; ++task) {
       const Tile tile = pb.plan.tile(task / pb.plan.per_image, task % pb.plan.per_image, g);
-      const int64_t P = tile.rows * g.Wo;
-      L::stage(pb, pb.x + tile.n * pb.image_in(), tile.oh0 * g.sh - g.ph, win.get());
+      const int64_t P = tile.rows * g.Wo, ih0 = tile.oh0 * g.sh - g.ph;
+      L::stage(pb, pb.x + tile.n * pb.image_in(), ih0, win.get(), /*zeros_kept=*/ih0 == staged_ih0);
+      staged_ih0 = ih0;
       L::template depthwise<B>(pb, win.get(), tile.rows, vbuf.get(), z.get());
       activation_forward<B>(pb.act, z.get(), P * pb.cp);
       scalar_t* y_img = y + tile.n * pb.image_out();
@@ -189,12 +192,14 @@ struct BackwardTiles {
     const auto ga = scratch<T>(pb.tile_elems());
     std::fill(ga.get(), ga.get() + pb.tile_elems(), T(0));
     const int64_t phase_tiles = (pb.plan.per_image - phase + 1) / 2;
+    int64_t staged_ih0 = std::numeric_limits<int64_t>::min();  // the first row win was last staged from
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile_index = phase + 2 * (task % phase_tiles);
       const Tile tile = pb.plan.tile(task / phase_tiles, tile_index, g);
       const int64_t P = tile.rows * g.Wo, ih0 = tile.oh0 * g.sh - g.ph;
       // Recompute z and a = act(z).
-      L::stage(pb, pb.x + tile.n * pb.image_in(), ih0, win.get());
+      L::stage(pb, pb.x + tile.n * pb.image_in(), ih0, win.get(), /*zeros_kept=*/ih0 == staged_ih0);
+      staged_ih0 = ih0;
       L::template depthwise<B>(pb, win.get(), tile.rows, gwin.get(), z.get());
       std::copy(z.get(), z.get() + P * pb.cp, a.get());
       activation_forward<B>(pb.act, a.get(), P * pb.cp);
@@ -258,9 +263,9 @@ void prepare_weights(const Geometry& g, const Window& win, bool channels_last, b
   p.b_pw = p.w_pw + g.C * g.Cout;
 
   const scalar_t* wd = dw_weight.data_ptr<scalar_t>();  // [C][taps]
-  if (channels_last) {  // [taps][cp], zero in the padding channels
-    std::fill(p.w_dw, p.w_dw + dw_elems, T(0));
+  if (channels_last) {  // [taps][cp], zero in the padding channels (the transpose writes the others)
     transpose(wd, g.C, taps, taps, p.w_dw, cp);
+    for (int64_t k = 0; k < taps; ++k) std::fill(p.w_dw + k * cp + g.C, p.w_dw + (k + 1) * cp, T(0));
     for (int64_t k = 0; k < taps; ++k) std::copy_n(p.w_dw + win.by_plane[k] * cp, cp, p.w_back + k * cp);
   } else {
     load_converted(wd, dw_elems, p.w_dw);

@@ -41,12 +41,14 @@ struct Planar {
   }
 
   // Zero the whole window with one fill, then copy the in-image runs: rows of small images are a few elements long,
-  // and per-row fills cost more than the copies.
+  // and per-row fills cost more than the copies. zeros_kept: last staged with the same ih0 (see the interleaved
+  // layout's stage), so the fill is skipped.
   template <typename scalar_t, typename T>
-  static EK_INLINE void stage(const Problem<scalar_t, T>& pb, const scalar_t* x_img, int64_t ih0, T* win) {
+  static EK_INLINE void stage(const Problem<scalar_t, T>& pb, const scalar_t* x_img, int64_t ih0, T* win,
+                              bool zeros_kept) {
     const Geometry& g = pb.g;
     const Window& w = pb.win;
-    std::fill(win, win + window_elems(pb), T(0));
+    if (!zeros_kept) std::fill(win, win + window_elems(pb), T(0));
     for (int64_t c = 0; c < g.C; ++c) {
       for (int64_t rho = 0; rho < g.sh; ++rho) {
         for (int64_t q = 0; q < g.sw; ++q) {
