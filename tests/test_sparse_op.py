@@ -55,6 +55,21 @@ def test_csr_panels(backend, fmt, dtype, lead):
     _run(backend, fmt, dtype, 300, 520, lead, 0.9)
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_packed_forward_row_tiles(threads, dtype):
+    """The packed forward stages output rows 16 at a time (csrc/cpu/sparse_row_stage.h): 70 tokens are two token
+    chunks (64 + 6) and 300 rows are 18 full tiles and one of 12, so one thread crosses a chunk with a part-full tile
+    and three threads start and end their ranges mid-tile."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run("cpp", "unstructured", dtype, 300, 520, (70,), 0.9)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.triton
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("fmt", ["unstructured", "2:4"])
