@@ -1,6 +1,7 @@
 """How one callable is timed, and the device's copy bandwidth (the roofline's ceiling)."""
 
 import statistics
+import time
 
 import torch
 
@@ -20,18 +21,24 @@ def median_ms(fn, device_type: str, quick: bool) -> float:
     return timer.blocked_autorange(min_run_time=0.3 if quick else 1.0).median * 1e3
 
 
+def _call_ms(fn, calls: int, before=None) -> list:
+    """Wall times of ``calls`` single calls of ``fn()`` in milliseconds (CPU), ``before()`` run untimed ahead of
+    each."""
+    times = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
 def min_ms(fn, calls: int) -> float:
     """Fastest of ``calls`` wall-clock calls of ``fn()`` in milliseconds (CPU), after one warm-up call. For the
     decision tables on the shared 2-core machine: a median there measures the other jobs."""
-    import time
-
     fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return min(_call_ms(fn, calls))
 
 
 # Read before each call of a cold timing: twice the 32 MiB L3 of the machines these ran on.
@@ -43,18 +50,10 @@ def cold_median_ms(fn, quick: bool) -> float:
     """Median wall time of ``fn()`` in milliseconds (CPU), each call timed alone right after reading a 64 MiB
     buffer, so the call's operands come from DRAM, not from the last-level cache. The buffer is read (not written):
     evicting clean lines costs the timed call no write-backs."""
-    import time
-
     global _evict_buffer
     if _evict_buffer is None:
         _evict_buffer = torch.ones(_EVICT_MIB * 2**20 // 4)
-    times = []
-    for _ in range(30 if quick else 100):
-        _evict_buffer.sum()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(_call_ms(fn, 30 if quick else 100, before=lambda: _evict_buffer.sum()))
 
 
 def _median_ms_cuda(fn, quick: bool) -> float:

@@ -87,12 +87,8 @@ EK_INLINE void with_token_vectors(int64_t vectors, F&& f) {
 using isa::run_best_isa;
 using isa::vector_bytes;
 
-// Packed operands and accumulators: 64-byte aligned (csrc/cpu/scratch.h), so a packed row of 16 fp32 tokens is one
-// cache line, not two.
-template <typename A>
-Scratch<A> buffer(int64_t n) {
-  return scratch<A>(n);
-}
+// Packed operands and accumulators live in scratch<A>(n) (csrc/cpu/scratch.h): 64-byte aligned, so a packed row of
+// 16 fp32 tokens is one cache line, not two.
 
 // src [M, R] (row stride R) -> dst [ceil(M/T)][Rp][T], accumulation type, zero past M tokens and past R.
 template <typename S, typename A>
@@ -308,7 +304,7 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
     if constexpr (std::is_same_v<S, A>) {
       k.src = src;
     } else {
-      own = buffer<A>(M * R);
+      own = scratch<A>(M * R);
       widen_rows(src, M, R, R, own.get());
       k.src = own.get();
     }
@@ -317,7 +313,7 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
   }
   const int64_t L = vector_bytes<CsrRows<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
   k.T = chunk_vectors<A>(M, L, R) * L;
-  auto P = buffer<A>(ceil_div(M, k.T) * R * k.T);
+  auto P = scratch<A>(ceil_div(M, k.T) * R * k.T);
   pack_tokens(src, M, R, R, k.T, P.get());
   k.src = P.get();
   parallel_run(k, ceil_div(M, k.T) * O, 16);
@@ -383,7 +379,7 @@ void csr_scatter_grad_input(const S* gy, int64_t M, int64_t N, int64_t K, const 
   using A = at::opmath_type<S>;
   const int64_t L = vector_bytes<CsrScatterPanels<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
   const int64_t T = chunk_vectors<A>(M, L, N) * L, chunks = ceil_div(M, T), P = panels(K);
-  auto Pg = buffer<A>(chunks * N * T);
+  auto Pg = scratch<A>(chunks * N * T);
   pack_tokens(gy, M, N, N, T, Pg.get());
   parallel_run(CsrScatterPanels<S>{Pg.get(), M, N, K, T, P, crow, idx, values, out}, chunks * P, 1);
 }
@@ -467,9 +463,9 @@ void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, c
   }
   const int64_t L = vector_bytes<CsrGradValues<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
   const int64_t T = chunk_vectors<A>(M, L, N + K) * L, chunks = ceil_div(M, T);
-  auto Pg = buffer<A>(chunks * N * T);
-  auto Px = buffer<A>(chunks * K * T);
-  auto acc = buffer<A>(nnz);
+  auto Pg = scratch<A>(chunks * N * T);
+  auto Px = scratch<A>(chunks * K * T);
+  auto acc = scratch<A>(nnz);
   pack_tokens(gy, M, N, N, T, Pg.get());
   pack_tokens(x, M, K, K, T, Px.get());
   // Chunk-outer: one chunk of the packed operands stays in L2 while every entry visits it.
@@ -566,7 +562,7 @@ void bsr_rows(const S* src, int64_t M, int64_t R, int64_t RB, const int32_t* cro
   using A = at::opmath_type<S>;
   const int64_t L = vector_bytes<BsrRows<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
   const int64_t Rp = ceil_div(R, RB) * RB, chunks = ceil_div(M, L);
-  auto P = buffer<A>(chunks * Rp * L);
+  auto P = scratch<A>(chunks * Rp * L);
   pack_tokens(src, M, R, Rp, L, P.get());
   BsrRows<S> k{P.get(), M, Rp, crow, idx, perm, values, bias, out, O, OB, RB, so, sr, block_rows};
   parallel_run(k, chunks * block_rows, 1);
@@ -627,8 +623,8 @@ void bsr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, i
   using A = at::opmath_type<S>;
   const int64_t L = vector_bytes<BsrGradValues<S>::kVectorize>() / static_cast<int64_t>(sizeof(A));
   const int64_t Nx = ceil_div(N, BR) * BR + kGradRows, Kx = ceil_div(K, BC) * BC + 2 * L;
-  auto gyf = buffer<A>(M * Nx);
-  auto xf = buffer<A>(M * Kx);
+  auto gyf = scratch<A>(M * Nx);
+  auto xf = scratch<A>(M * Kx);
   widen_rows(gy, M, N, Nx, gyf.get());
   widen_rows(x, M, K, Kx, xf.get());
   parallel_run(BsrGradValues<S>{gyf.get(), xf.get(), M, Nx, Kx, BR, BC, row, col, out}, nnzb, 1);
