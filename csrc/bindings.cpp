@@ -9,6 +9,7 @@
 #include "cpu/dwsep_cpu.h"
 #include "cpu/half_convert.h"
 #include "cpu/output_alloc.h"
+#include "cpu/scratch.h"
 #include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
 #include "cuda/amp_cuda.h"
@@ -99,6 +100,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("portable") = false);
   m.def("bf16_gemm_for_test", &bf16_gemm_for_test, "Test hook: bf16_gemm on fp32 A [M, K], B [K, N] (+ C0 [M, N])",
         py::arg("A"), py::arg("B"), py::arg("C0") = py::none());
+
+  m.def("dwsep_bwd_channel_groups_for_test", &effikern::dwsep_bwd_channel_groups_cpu,
+        "Test hook: how many channel slices the cpp dwsep backward runs x's backward as on `threads` threads");
+
+  m.def("scratch_cache_held_bytes", &effikern::scratch_cache::held_bytes,
+        "Bytes of large scratch blocks kept for reuse by later kernel calls (csrc/cpu/scratch.h)");
+  m.def("scratch_cache_release", &effikern::scratch_cache::release_all,
+        "Frees the large scratch blocks kept for reuse (csrc/cpu/scratch.h)");
 
   m.def("empty_output_like", [](const at::Tensor& like) { return effikern::empty_output_like(like); },
         "torch.empty_like(like), advised for transparent huge pages when large (csrc/cpu/output_alloc.h): for CPU "

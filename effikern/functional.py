@@ -42,6 +42,7 @@ def dwsep_conv2d(
         [N, Cout, Ho, Wo] in x's dtype and memory format. Under ``torch.autocast`` every input is cast to the
         autocast dtype first (as ``F.conv2d`` is) and the result is in that dtype.
     """
+    _checks.tensor(x, "x")  # before anything reads its device
     dtype = _autocast.autocast_dtype([x])
     if dtype is not None:
         x, dw_weight, dw_bias, pw_weight, pw_bias, residual = _autocast.cast(
@@ -139,6 +140,7 @@ def sparse_linear(x: torch.Tensor, sparse_weight, bias: Optional[torch.Tensor] =
     if not isinstance(sparse_weight, SparseWeight):
         raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight (effikern.sparse.from_dense), got "
                         f"{type(sparse_weight).__name__}")
+    _checks.tensor(x, "x")
     w = sparse_weight
     values = w.values
     dtype = _autocast.autocast_dtype([x])

@@ -15,6 +15,7 @@ The depthwise-separable rule (:func:`dwsep_rule`) is the first; a family adds it
 
 import copy
 import dataclasses
+import dis
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -90,8 +91,10 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
     Args:
         model: any ``nn.Module``.
         inplace: True (default) rewrites ``model`` itself; the fused modules share its Parameter objects, so
-            an optimizer built over ``model.parameters()`` beforehand keeps working and no weight is copied.
-            False rewrites a deep copy and leaves ``model`` untouched.
+            an optimizer built over ``model.parameters()`` beforehand keeps working and no weight is copied. The
+            one exception is a pruned layer made sparse: its bias is shared, but its kept weights become a new
+            Parameter ``values`` (requires_grad as the dense weight's): add it to such an optimizer, or build the
+            optimizer after optimize(). False rewrites a deep copy and leaves ``model`` untouched.
         rules: the rewrite rules to apply, in order (default ``RULES``).
 
     Returns:
@@ -140,6 +143,8 @@ def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
 
 
 def _rewrite_children(parent: nn.Module, prefix: str, rules, report) -> None:
+    if _is_effikern_module(parent):
+        return  # already fused: its children hold parameters it reads directly, and are never called
     # Only a plain Sequential promises that each child feeds the next; a subclass may override forward.
     runs = type(parent) is nn.Sequential
     names = [name for name, child in parent._modules.items() if child is not None]
@@ -157,6 +162,10 @@ def _rewrite_children(parent: nn.Module, prefix: str, rules, report) -> None:
         for name in names[i + 1:i + rewrite.length]:
             delattr(parent, name)
         i += rewrite.length
+
+
+def _is_effikern_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("effikern.")
 
 
 # --- the depthwise-separable rule ------------------------------------------------------------------------
@@ -237,9 +246,22 @@ def _describe(module: DepthwiseSeparableConv2d) -> str:
 
 
 def _match_block(module: nn.Module) -> Rewrite:
-    """A module whose traced forward is exactly input -> dw -> [bn] -> [act] -> pw -> output."""
+    """A module whose traced forward is exactly input -> dw -> [bn] -> [act] -> pw -> output.
+
+    torch.fx records one path through Python control flow, so a forward that branches (``if self.training``,
+    ``if self.use_act``) is left alone: the fused module could not take the other path later. So is a module with
+    hooks of its own, which the replacement would drop."""
+    hooks = _all_hooks(module)
+    if hooks:
+        return Rewrite(1, None, f"the module has hooks ({hooks}), which its replacement would not run")
+    branches = _control_flow(type(module).forward)
+    if branches:
+        return Rewrite(1, None, f"forward has Python control flow ({branches}), which tracing would freeze")
     try:
         graph = fx.symbolic_trace(module).graph
+        # The branches of methods forward calls: a different graph in the other training mode.
+        if _traced_code(graph) != _traced_code(_trace_in_other_mode(module)):
+            return Rewrite(1, None, "forward traces differently in train and eval mode")
     except Exception as err:  # noqa: BLE001 - any tracing failure just means "not provable"
         return Rewrite(1, None, f"torch.fx cannot trace forward ({type(err).__name__}: {_first_line(err)})")
     try:
@@ -250,6 +272,41 @@ def _match_block(module: nn.Module) -> Rewrite:
     except _Unproven as err:
         return Rewrite(1, None, f"forward is not dw -> [bn] -> [act] -> pw: {err}")
     return _build(dw, pw, act, bn, 1, "forward traced by torch.fx")
+
+
+def _all_hooks(module: nn.Module) -> str:
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *module._backward_hooks.values(), *module._backward_pre_hooks.values()]
+    return ", ".join(type(h).__name__ for h in hooks)
+
+
+def _control_flow(function) -> str:
+    """The conditional jumps and loops in ``function``'s own bytecode, named by line ("" when there are none)."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ""
+    # Every conditional jump's name has "IF_" in it (POP_JUMP_IF_FALSE, POP_JUMP_FORWARD_IF_TRUE, JUMP_IF_TRUE_OR_POP
+    # over Python 3.10-3.13); FOR_ITER is a loop.
+    jumps = [ins for ins in dis.get_instructions(code) if "IF_" in ins.opname or ins.opname == "FOR_ITER"]
+    if not jumps:
+        return ""
+    lines = sorted({getattr(getattr(ins, "positions", None), "lineno", None) for ins in jumps} - {None})
+    return ", ".join(f"line {line}" for line in lines) or f"{len(jumps)} branches or loops"
+
+
+def _trace_in_other_mode(module: nn.Module) -> fx.Graph:
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m in modes:
+            m.training = not modes[m]
+        return fx.symbolic_trace(module).graph
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _traced_code(graph: fx.Graph) -> str:
+    return graph.python_code("self").src
 
 
 def _first_line(err: Exception) -> str:

@@ -65,18 +65,25 @@ def _expand_blocks(keep: torch.Tensor, block_size, shape) -> torch.Tensor:
 class BlockMagnitude(prune.BasePruningMethod):
     """Prunes the ``amount`` (fraction or count) of (BR, BC) blocks with the smallest mean |w|."""
 
-    PRUNING_TYPE = "unstructured"  # the mask is computed over the whole tensor
+    # "global": torch.nn.utils.prune hands compute_mask the whole tensor and the previous mask, even when this is
+    # applied on top of another pruning. ("unstructured" hands it only the entries still kept, flattened, from which
+    # no block structure can be rebuilt: a second block pruning raised, a 2:4 one gave a mask that was not 2:4.)
+    PRUNING_TYPE = "global"
 
     def __init__(self, amount, block_size=(32, 32)):
         self.amount = amount
         self.block_size = block_size_pair(block_size)
 
     def compute_mask(self, t, default_mask):
+        """Drops ``amount`` of the blocks that ``default_mask`` still keeps (any entry), as torch's iterative pruning
+        takes its amount from what is left."""
         scores = _block_scores(t * default_mask, self.block_size)
-        drop = _count(self.amount, scores.numel())
-        keep = torch.ones_like(scores, dtype=torch.bool)
+        alive = _block_scores(default_mask, self.block_size) > 0
+        drop = _count(self.amount, int(alive.sum()))
+        keep = alive.clone()
         if drop:
-            keep.view(-1)[torch.topk(scores.view(-1), drop, largest=False).indices] = False
+            candidates = torch.where(alive, scores, torch.full_like(scores, math.inf))
+            keep.view(-1)[torch.topk(candidates.view(-1), drop, largest=False).indices] = False
         return default_mask * _expand_blocks(keep, self.block_size, t.shape).to(default_mask.dtype)
 
     @classmethod
@@ -87,7 +94,7 @@ class BlockMagnitude(prune.BasePruningMethod):
 class NMMagnitude(prune.BasePruningMethod):
     """Keeps the ``n`` largest |w| in every group of ``m`` consecutive inputs (2:4 by default)."""
 
-    PRUNING_TYPE = "unstructured"
+    PRUNING_TYPE = "global"  # the whole tensor, as BlockMagnitude
 
     def __init__(self, n=2, m=4):
         if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):

@@ -135,11 +135,14 @@ def _pow_f64(base, n):
 def _unscale_block(ptr, offs, n, inv_scale, acc, bad, nan_seen,
                    NORM: tl.constexpr, WRITE_BACK: tl.constexpr, MASKED: tl.constexpr):
     x = _load_f32(ptr, offs, n, MASKED)
-    # isfinite on the gradient as stored (torch checks before scaling); masked lanes load 0.
-    bad = bad | (x != x) | (tl.abs(x) == float("inf"))
     y = x * inv_scale
     if WRITE_BACK:
+        # Checked (and measured) is what the gradient holds afterwards: the product rounded to its dtype, so an
+        # fp16 product past 65504 (a scale below 1) is an overflow, not a silent inf in the gradient.
+        y = y.to(ptr.dtype.element_ty).to(tl.float32)
         _store(ptr, offs, n, y, MASKED)
+    # The product is non-finite iff the gradient is or the product overflowed; masked lanes load 0.
+    bad = bad | (y != y) | (tl.abs(y) == float("inf"))
     if NORM == 1:
         acc += y * y  # inf and nan propagate through the sum by themselves
     elif NORM == 2:
@@ -305,6 +308,8 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, n, factor, lr, weight_decay, momentum,
             buf = g  # torch: buf = clone(grad) on the first step; the buffer's old contents are never read
         else:
             buf = momentum * _load_f32(b_ptr, offs, n, MASKED) + one_minus_dampening * g
+        # Rounded to the buffer's dtype before it is used, as torch's buffer (held in the param's dtype) is.
+        buf = buf.to(b_ptr.dtype.element_ty).to(tl.float32)
         _store(b_ptr, offs, n, buf, MASKED)
         if NESTEROV:
             g = g + momentum * buf

@@ -351,8 +351,8 @@ def test_overflow_on_two_devices_skips_the_step(monkeypatch, pair):
     # the grads split under two device keys (cpu and cpu:0), an overflow in each.
     real = effikern.amp.grad_scaler._grads_by_device
 
-    def two_devices(optimizer):
-        (grads,) = real(optimizer).values()
+    def two_devices(optimizer, **kwargs):
+        (grads,) = real(optimizer, **kwargs).values()
         return {torch.device("cpu"): grads[:2], torch.device("cpu", 0): grads[2:]}
 
     monkeypatch.setattr(effikern.amp.grad_scaler, "_grads_by_device", two_devices)
@@ -368,3 +368,52 @@ def test_overflow_on_two_devices_skips_the_step(monkeypatch, pair):
     for b, p in zip(before, model.parameters()):
         assert torch.equal(b, p)
     assert scaler.get_scale() == 32.0
+
+
+def test_sparse_grads_are_coalesced_for_the_norm():
+    """Duplicate indices of an uncoalesced sparse grad are one entry of the gradient: the clip norm must count their
+    sum, not each part (it said 3.0 for a grad whose norm is sqrt(15))."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", init_scale=4.0)
+    scaler.scale(emb(torch.tensor([1, 2, 2])).sum()).backward()
+    norm = scaler.unscale_(opt, max_norm=100.0)
+    assert norm.item() == pytest.approx(math.sqrt(15.0))
+
+
+def test_growth_follows_torch_with_hysteresis():
+    """With hysteresis > 1 the scale update is effikern's own: it must grow exactly when torch's does (once the
+    tracker reaches growth_interval, never with an interval of 0)."""
+    for interval in (0, 1, 3):
+        theirs, ours = (torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=interval),
+                        GradScaler("cpu", init_scale=64.0, growth_interval=interval, hysteresis=2))
+        for scaler in (theirs, ours):
+            p = torch.nn.Parameter(torch.ones(2))
+            opt = torch.optim.SGD([p], lr=0.1)
+            scales = []
+            for _ in range(4):
+                opt.zero_grad()
+                scaler.scale(p.sum()).backward()
+                scaler.step(opt)
+                scaler.update()
+                scales.append(scaler.get_scale())
+            scaler.scales = scales
+        assert ours.scales == theirs.scales, interval
+
+
+def test_a_step_without_any_gradient_is_an_error_as_in_torch():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = GradScaler("cpu")
+    scaler.scale(torch.tensor(1.0))
+    with pytest.raises(AssertionError, match="No inf checks were recorded for this optimizer"):
+        scaler.step(opt)
+
+
+def test_float64_gradients_are_refused_clearly():
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = GradScaler("cpu")
+    scaler.scale(p.sum()).backward()
+    with pytest.raises(TypeError, match="gradient of param 0 .* is torch.float64"):
+        scaler.step(opt)

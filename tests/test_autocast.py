@@ -47,3 +47,13 @@ def test_ops_outside_autocast_keep_refusing_mixed_dtypes():
         assert "dw_weight" in str(err)
     else:
         raise AssertionError("mixed dtypes outside autocast must raise")
+
+
+def test_float64_is_left_alone_under_autocast_as_conv2d_is():
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    dw_w, pw_w = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(5, 4, 1, 1, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.conv2d(x, dw_w, None, 1, 1, 1, 4).dtype == torch.float64
+        y = effikern.functional.dwsep_conv2d(x, dw_w, None, pw_w, None, padding=1)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.conv2d(F.conv2d(x, dw_w, None, 1, 1, 1, 4), pw_w))

@@ -366,3 +366,19 @@ def test_oracle_rejects_a_wrong_gradient():
     low = s.float().requires_grad_()
     (base,) = torch.autograd.grad(eager(low, t.float(), y, 2.0, 0.5), low)
     assert rel_err(bad, g) > 2 * rel_err(base, g) + 2e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_double_backward_is_refused_not_dropped(backend):
+    """The student's gradient is saved without a graph: a backward with create_graph=True must say so, not return
+    a graph-less gradient (which silently dropped the second-order terms of a gradient penalty)."""
+    skip_unavailable(backend, "cpu")
+    student = torch.randn(3, 5, requires_grad=True)
+    teacher, target = torch.randn(3, 5), torch.tensor([0, 2, 4])
+    with effikern.set_backend(backend):
+        loss = effikern.functional.distillation_loss(student, teacher, target, 2.0, 0.5)
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(loss, student, create_graph=True)
+        (grad,) = torch.autograd.grad(effikern.functional.distillation_loss(student, teacher, target, 2.0, 0.5),
+                                      student)
+    assert grad.shape == student.shape

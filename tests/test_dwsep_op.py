@@ -231,6 +231,37 @@ def test_gradcheck_float64(backend, activation):
     assert torch.autograd.gradcheck(f, (x, dw_w, dw_b, pw_w, pw_b, res), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
 
 
+# Backwards the cpp kernel runs as channel slices, one per thread, on 2 and 3 threads (backward_channel_groups in
+# csrc/cpu/dwsep_cpu.cpp): one small image has too few tiles per phase (a 7x7 kernel needs 6-row tiles).
+SLICED_CONFIGS = {
+    # 40 channels: slices of 16 and 24 (whole 16-channel vectors); channels_last kernels.
+    "n1_c40_h14_k7_cl": (1, 40, 14, 14, (7, 7), 1, 3, 1, 24, "gelu", True, True, True, CL),
+    # 16x16 NCHW runs the planar kernels; 48 channels are three slices on three threads.
+    "n1_c48_h16_k7_nchw": (1, 48, 16, 16, (7, 7), 1, 3, 1, 20, "relu6", False, True, False, NCHW),
+    # A small NCHW image goes through the channels_last kernels; 33 channels: slices of 16 and 17.
+    "n1_c33_h7_k5_nchw": (1, 33, 7, 7, (5, 5), 1, 2, 1, 12, "silu", True, False, False, NCHW),
+}
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cfg", list(SLICED_CONFIGS), ids=str)
+def test_cpp_backward_in_channel_slices(cfg, dtype, threads):
+    skip_unavailable("cpp", "cpu")
+    config = SLICED_CONFIGS[cfg]
+    _, low, args, _ = _make(config, dtype, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        groups = effikern._ext.require().dwsep_bwd_channel_groups_for_test(
+            low[0], low[1], low[3], _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]), threads)
+        assert groups > 1, "the config no longer exercises the channel-slice backward"
+        _check_forward_and_backward("cpp", config, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def test_empty_batch(backend):
     skip_unavailable(backend, "cpu")
@@ -260,7 +291,10 @@ def _valid_args():
     (lambda a: a.__setitem__(1, torch.randn(4, 1, 3, 3, dtype=torch.float64)), {}, r"dw_weight must have the dtype"),
     (lambda a: a.__setitem__(0, torch.randint(0, 3, (2, 4, 8, 8))), {}, r"x must have dtype"),
     (lambda a: a.__setitem__(1, torch.randn(4, 1, 11, 11)), {}, r"larger than the padded input"),
+    (lambda a: a.__setitem__(0, torch.randn(2, 4, 0, 8)), {"padding": 1}, r"x must have an image of at least 1x1"),
+    (lambda a: a.__setitem__(0, [[1.0]]), {}, r"x must be a torch.Tensor, got list"),
     (lambda a: None, {"stride": 0}, r"stride must be >= 1"),
+    (lambda a: None, {"padding": 2**62}, r"padding must be <= 2147483647"),
     (lambda a: None, {"padding": (1, 2, 3)}, r"padding must be an int or a pair"),
     (lambda a: None, {"activation": "tanh"}, r"activation must be None or one of"),
     (lambda a: None, {"residual": torch.randn(2, 6, 7, 7)}, r"residual must have shape \(2, 6, 6, 6\)"),
@@ -321,7 +355,7 @@ def test_compile_fullgraph(backend):
 def test_eager_path_is_the_op_without_the_dispatcher(cfg):
     """functional.dwsep_conv2d in plain eager mode runs ops.dwsep.EagerDwsepConv2d (the op's implementation and
     gradients without the dispatcher's autograd layer): bit for bit the registered op's output and gradients, the
-    residual's included; once differentiable, like the op."""
+    residual's included."""
     skip_unavailable("cpp", "cpu")
     tensors, low, args, _ = _make(CONFIGS[cfg], torch.float32, "cpu")
     leaves = [t.requires_grad_() if t is not None else None for t in low]
@@ -336,9 +370,9 @@ def test_eager_path_is_the_op_without_the_dispatcher(cfg):
                    list(_pair(args["dilation"])), args["activation"], res)
         y_op = torch.ops.effikern.dwsep_conv2d(*op_args)
         grads_op = torch.autograd.grad(y_op, present, g)
+        # create_graph=True: a gradient with a graph, as the op gives (test_double_backward_goes_through_the_reference)
         (g_x,) = torch.autograd.grad(y, [x], g.clone().requires_grad_(), create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            g_x.sum().backward()
+        assert g_x.requires_grad
     assert torch.equal(y, y_op)
     for a, b in zip(grads, grads_op):
         assert torch.equal(a, b)
@@ -389,3 +423,35 @@ def test_auto_runs_the_measured_bf16_backward_where_pytorch_is_slow(cfg):
         y = _run("auto", [x.detach().clone().requires_grad_(), dw_w, dw_b, pw_w, pw_b, res], args)
         assert type(y.grad_fn).__name__ == "EagerDwsepConv2dBackward"  # the op's eager path, not eager autograd
     _check_forward_and_backward("auto", config, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", ["functional", "op"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_double_backward_goes_through_the_reference(backend, path):
+    """A backward with create_graph=True (a gradient penalty) must give gradients that carry a graph: the kernels'
+    do not, so the op's formula takes them through the reference's differentiable convolutions then. The eager
+    path once returned the kernels' graph-less gradients and silently dropped the second-order terms."""
+    skip_unavailable(backend, "cpu")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    dw_w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    dw_b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    pw_w = torch.randn(5, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    params = [dw_w, dw_b, pw_w]
+
+    def fused(t):
+        if path == "op":
+            return torch.ops.effikern.dwsep_conv2d(t, dw_w, dw_b, pw_w, None, [1, 1], [1, 1], [1, 1], "silu", None)
+        return F_DWSEP(t, dw_w, dw_b, pw_w, None, padding=1, activation="silu")
+
+    def two_convs(t):
+        z = torch.nn.functional.conv2d(t, dw_w, dw_b, 1, 1, 1, 4)
+        return torch.nn.functional.conv2d(torch.nn.functional.silu(z), pw_w)
+
+    def penalized_grads(f):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(f(x).sum() + gx.square().sum(), params)
+
+    with effikern.set_backend(backend):
+        got = penalized_grads(fused)
+    for g, expected in zip(got, penalized_grads(two_convs)):
+        torch.testing.assert_close(g, expected)

@@ -303,3 +303,34 @@ def test_from_modules_rejects_asymmetric_same_padding():
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DepthwiseSeparableConv2d(4, 6, 3, **kwargs)
+
+
+def test_pruning_the_children_after_construction_is_followed():
+    """torch.nn.utils.prune on the children: the fused forward reads their weights without calling them, so it must
+    run their pruning hooks itself (weight = weight_orig * weight_mask, after every optimizer step)."""
+    from effikern.prune import prune_model
+
+    module = DepthwiseSeparableConv2d(8, 16, 3, padding=1, activation="relu").double()
+    prune_model(module, 0.5)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    for _ in range(2):
+        optimizer.zero_grad()
+        module(x).square().mean().backward()
+        optimizer.step()
+    dw, pw = module.depthwise, module.pointwise
+    expected = F.conv2d(F.relu(F.conv2d(x, dw.weight_orig * dw.weight_mask, dw.bias, padding=1, groups=8)),
+                        pw.weight_orig * pw.weight_mask, pw.bias)
+    assert module.fused
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_a_hooked_child_runs_unfused_so_its_hook_runs():
+    module = DepthwiseSeparableConv2d(4, 6, 3, padding=1)
+    calls = []
+    module.pointwise.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    x = torch.randn(2, 4, 5, 5)
+    y = module(x)
+    assert not module.fused and "pointwise has hooks" in repr(module)
+    assert calls == [y.shape]
+    torch.testing.assert_close(y, module.pointwise(module.depthwise(x)))

@@ -395,3 +395,35 @@ def test_sgd_momentum_enabled_later_starts_from_the_gradient(how):
             o.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_state_after_a_skipped_first_step_loads_into_torch():
+    """A first step skipped on the device (found_inf) leaves a zero momentum buffer with a step count of 0: torch's
+    SGD, which skips on the host and allocates nothing, would read that buffer as started (buf = 0.9 * 0 + 0.5 * g,
+    not buf = g). The state_dict leaves such buffers out."""
+    p = torch.nn.Parameter(torch.randn(4))
+    ours = effikern.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    p.grad = torch.ones(4)
+    ours.found_inf = torch.tensor(1.0)
+    ours.step()
+    del ours.found_inf
+    start = p.detach().clone()
+    theirs = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    theirs.load_state_dict(ours.state_dict())
+    theirs.step()
+    fresh = torch.nn.Parameter(start.clone())
+    fresh.grad = torch.ones(4)
+    torch.optim.SGD([fresh], lr=0.1, momentum=0.9, dampening=0.5).step()
+    torch.testing.assert_close(p.detach(), fresh.detach(), rtol=0, atol=0)
+    assert "momentum_buffer" in ours.state[p]  # the optimizer's own state is untouched
+
+
+@pytest.mark.parametrize("ours_cls", [effikern.optim.AdamW, effikern.optim.SGD])
+def test_an_unsupported_dtype_is_refused_before_any_update(ours_cls):
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = ours_cls([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="param 0 of param group 1 has dtype torch.float64"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(2)) and len(opt.state) == 0

@@ -71,6 +71,50 @@ class BranchingBlock(PlainBlock):
         return self.pointwise(z if z.sum() > 0 else -z)
 
 
+class UntraceableBlock(PlainBlock):
+    """No branch, but a call torch.fx cannot trace."""
+
+    def forward(self, x):
+        return self.pointwise(self.act(self.depthwise(x))) * len(x)
+
+
+class TrainingBranchBlock(PlainBlock):
+    """fx would record only the branch of the mode it traced in: fused, train mode would lose the dropout."""
+
+    def forward(self, x):
+        z = self.depthwise(x)
+        if self.training:
+            z = F.dropout(z, 0.5)
+        return self.pointwise(z)
+
+
+class HelperTrainingBranchBlock(PlainBlock):
+    """The same branch inside a method forward calls: no jump in forward's own code."""
+
+    def drop(self, z):
+        return F.dropout(z, 0.5) if self.training else z
+
+    def forward(self, x):
+        return self.pointwise(self.drop(self.depthwise(x)))
+
+
+class ClampingHardtanh(nn.Hardtanh):
+    """A subclass with its own forward: its (0, 6) bounds prove nothing."""
+
+    def forward(self, x):
+        return x.clamp(0, 1)
+
+
+class TanhGELU(nn.GELU):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+def _with_own_hook(block):
+    block.register_forward_hook(lambda module, args, out: out.clamp(min=0))
+    return block
+
+
 def mobilenet():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
@@ -144,10 +188,16 @@ def test_inplace_keeps_parameters_so_an_existing_optimizer_still_trains_them():
     (FunctionalBlock(4, 6, F.gelu, approximate="tanh"), False, "calls gelu with {'approximate': 'tanh'}"),
     (FunctionalBlock(4, 6, torch.tanh), False, "tanh"),
     (PlainBlock(4, 6, nn.Tanh()), False, "expected a 1x1 nn.Conv2d after depthwise, got Tanh"),
-    (BranchingBlock(4, 6), False, "torch.fx cannot trace forward"),
+    (BranchingBlock(4, 6), False, "forward has Python control flow (line"),
+    (UntraceableBlock(4, 6), False, "torch.fx cannot trace forward"),
+    (TrainingBranchBlock(4, 6), False, "forward has Python control flow"),
+    (HelperTrainingBranchBlock(4, 6), False, "forward traces differently in train and eval mode"),
+    (PlainBlock(4, 6, ClampingHardtanh(0.0, 6.0)), False, "clamp (call_method clamp) is not a fusable step"),
+    (PlainBlock(4, 6, TanhGELU()), False, "tanh (call_function tanh) is not a fusable step"),
+    (_with_own_hook(PlainBlock(4, 6)), False, "the module has hooks"),
 ])
 def test_blocks_replaced_only_when_forward_is_the_chain(block, replaced, reason):
-    model = nn.Sequential(block.double(), nn.ReLU())
+    model = nn.Sequential(block.double(), nn.ReLU()).eval()  # eval: some blocks drop out in training
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     expected = model(x)
     optimized, report = effikern.optimize(model, inplace=False)
@@ -175,6 +225,18 @@ def test_sequential_run_left_with_reason(edit, reason):
     model = edit(dw_bn_act_pw_bn(4, 6, 1))
     _, report = effikern.optimize(model)
     assert [(e.name, e.action, e.reason) for e in report.entries] == [("0", "left", reason)]
+
+
+@pytest.mark.parametrize("activation", [ClampingHardtanh(0.0, 6.0), TanhGELU()], ids=lambda m: type(m).__name__)
+def test_activation_subclasses_are_not_fused(activation):
+    """isinstance(module, nn.Hardtanh) once fused a subclass with its own forward as relu6."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), activation, nn.Conv2d(4, 6, 1)).eval()
+    x = 4 * torch.randn(2, 4, 5, 5)
+    expected = model(x)
+    model, report = effikern.optimize(model)
+    assert [e.action for e in report.entries] == ["left"]
+    assert f"got {type(activation).__name__}" in report.entries[0].reason
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_sequential_subclass_runs_are_not_matched():
@@ -208,3 +270,17 @@ def test_custom_rule_plugs_in():
     optimized, report = effikern.optimize(model, rules=[*RULES, drop_dropout])
     assert [(e.name, e.action) for e in report.entries] == [("0", "left"), ("1", "replaced")]
     assert isinstance(optimized[1], nn.Identity)
+
+
+def test_optimizing_twice_leaves_fused_modules_alone():
+    """A second optimize() must not look inside a DepthwiseSeparableConv2d: its pointwise child, pruned, was once
+    swapped for a SparseConv2d1x1, which the fused forward cannot read (AttributeError on the next call)."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 128, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_((torch.rand_like(model[1].weight) > 0.9).float())
+    x = torch.randn(1, 64, 8, 8)
+    expected = model(x)
+    model, _ = effikern.optimize(model)
+    model, report = effikern.optimize(model)
+    assert report.entries == [] and isinstance(model[0], DepthwiseSeparableConv2d)
+    torch.testing.assert_close(model(x), expected)

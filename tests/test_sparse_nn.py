@@ -198,3 +198,32 @@ def test_optimize_reports_why_not(monkeypatch):
     monkeypatch.setattr(optimize_module, "SPARSE_FASTER", {})
     _, report = effikern.optimize(model, inplace=False)
     assert "no measurement shows the sparse kernel faster" in report.left[0].reason
+
+
+def test_from_linear_shares_the_bias_and_keeps_frozen_weights_frozen():
+    """optimize() promises that an optimizer built before it keeps training the model: the bias is the dense layer's
+    own Parameter, and a frozen weight gives frozen values (they were a fresh, trainable clone)."""
+    dense = nn.Linear(64, 32)
+    prune_model(dense, 0.9)
+    dense.weight_orig.requires_grad_(False)
+    optimizer = torch.optim.SGD([dense.bias], lr=1.0)
+    model, _ = effikern.optimize(nn.Sequential(dense))
+    sparse = model[0]
+    assert isinstance(sparse, SparseLinear) and sparse.bias is dense.bias and not sparse.values.requires_grad
+    before = sparse.bias.detach().clone()
+    model(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(sparse.bias.detach(), before)
+
+
+def test_loading_another_pattern_keeps_the_module_dtype():
+    a, b = nn.Linear(40, 24), nn.Linear(40, 24)
+    with torch.no_grad():
+        a.weight[torch.rand(24, 40) < 0.7] = 0
+        b.weight[torch.rand(24, 40) < 0.5] = 0
+    checkpoint = SparseLinear.from_linear(a).bfloat16().state_dict()
+    module = SparseLinear.from_linear(b)
+    module.load_state_dict(checkpoint)
+    assert module.values.dtype == module.bias.dtype == torch.float32
+    torch.testing.assert_close(module(torch.randn(2, 40)).shape, (2, 24))
+    torch.testing.assert_close(module.values, checkpoint["values"].float())

@@ -178,19 +178,22 @@ std::vector<T*> pointers(const std::vector<at::Tensor>& ts) {
 struct NormPart {
   double sumsq = 0.0;
   float amax = 0.0f;
-  float nonfinite = 0.0f;  // x * 0 summed: 0 for finite x, nan as soon as one x is inf or nan
+  float nonfinite = 0.0f;  // v * 0 summed: 0 for finite v, nan as soon as one v is inf or nan
 };
 
+// v = x * inv, checked (nonfinite) and measured (sum, amax) as the gradient holds it afterwards: with write-back,
+// rounded to the gradient's dtype, so a product that overflows there (an fp16 or bf16 grad, a scale below 1) is
+// found instead of left as a silent inf.
 template <typename D>
 EK_AMP_INLINE void unscale_body(typename D::raw* p, int64_t n, float inv, bool write, NormPart& out) {
   float sum = 0.0f, amax = 0.0f, nf = 0.0f;
   if (write) {
 #pragma omp simd reduction(+ : sum, nf) reduction(max : amax)
     for (int64_t i = 0; i < n; ++i) {
-      const float x = D::load(p[i]);
-      const float v = x * inv;
-      p[i] = D::store(v);
-      nf += x * 0.0f;
+      const auto stored = D::store(D::load(p[i]) * inv);
+      p[i] = stored;
+      const float v = D::load(stored);
+      nf += v * 0.0f;
       sum += v * v;
       const float a = std::fabs(v);
       amax = amax > a ? amax : a;
@@ -198,9 +201,8 @@ EK_AMP_INLINE void unscale_body(typename D::raw* p, int64_t n, float inv, bool w
   } else {
 #pragma omp simd reduction(+ : sum, nf) reduction(max : amax)
     for (int64_t i = 0; i < n; ++i) {
-      const float x = D::load(p[i]);
-      const float v = x * inv;
-      nf += x * 0.0f;
+      const float v = D::load(p[i]) * inv;
+      nf += v * 0.0f;
       sum += v * v;
       const float a = std::fabs(v);
       amax = amax > a ? amax : a;
@@ -216,11 +218,19 @@ EK_AMP_CLONES void unscale_f32(float* p, int64_t n, float inv, bool write, NormP
 }
 void unscale_f16(uint16_t* p, int64_t n, float inv, bool write, NormPart& out) {
   alignas(64) float buf[kBlock];
+  NormPart unused;
   for (int64_t s = 0; s < n; s += kBlock) {
     const int64_t k = std::min(kBlock, n - s);
     half_block_to_f32(p + s, buf, k);
-    unscale_f32(buf, k, inv, write, out);
-    if (write) f32_block_to_half(buf, p + s, k);
+    if (!write) {
+      unscale_f32(buf, k, inv, false, out);
+      continue;
+    }
+    // Checked and measured as stored (unscale_body): scale, round to fp16, read back.
+    unscale_f32(buf, k, inv, true, unused);
+    f32_block_to_half(buf, p + s, k);
+    half_block_to_f32(p + s, buf, k);
+    unscale_f32(buf, k, 1.0f, false, out);
   }
 }
 EK_AMP_CLONES void unscale_bf16(uint16_t* p, int64_t n, float inv, bool write, NormPart& out) {
@@ -431,8 +441,11 @@ at::Tensor amp_unscale_check_norm_cpu(const std::vector<at::Tensor>& grads, cons
   } else if (std::isinf(norm_type)) {
     norm = total.amax;
   }
-  // The inf-norm's max skips nans; a non-finite grad must still give a non-finite norm (the contract).
-  if (norm_type != 0.0 && nonfinite) norm = std::numeric_limits<float>::quiet_NaN();
+  // A non-finite value makes the norm non-finite (the contract), as torch's: NaN when one was NaN (then the sum of
+  // squares is NaN too; inf * inf is not), else inf. The vectorized max alone may drop a NaN.
+  if (norm_type != 0.0 && nonfinite) {
+    norm = std::isnan(total.sumsq) ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  }
   return at::full({}, norm, inv_scale.options());
 }
 

@@ -154,12 +154,22 @@ struct ForwardTiles {
 // One chunk's partial sums of the weight and bias gradients, in the layouts the Layout accumulates them in. The
 // bias gradients sum N*Ho*Wo terms one by one; in fp32 that came out 7x less accurate than torch's own reduction,
 // so they are summed in double (a few hundred values per tile: free).
+// The weight partials are scratch (kept between calls when large, scratch.h): as std::vectors, one 384 -> 1536
+// pointwise weight's 2.4 MB partial came back from the kernel as fresh pages on every call.
 template <typename T>
 struct GradPartials {
-  std::vector<T> pw_w, dw_w;
+  Scratch<T> pw_w, dw_w;  // [Cout][C] or [C][Cout] (Layout::pw_grad_transposed); [C][taps] or [taps][cp]
   std::vector<double> pw_b, dw_b;
   GradPartials(const Geometry& g, int64_t cp)
-      : pw_w(g.Cout * g.C, T(0)), dw_w(cp * g.taps(), T(0)), pw_b(g.Cout, 0.0), dw_b(cp, 0.0) {}
+      : pw_w(zeroed<T>(g.Cout * g.C)), dw_w(zeroed<T>(cp * g.taps())), pw_b(g.Cout, 0.0), dw_b(cp, 0.0) {}
+
+ private:
+  template <typename A>
+  static Scratch<A> zeroed(int64_t n) {
+    Scratch<A> buf = scratch<A>(n);
+    std::fill(buf.get(), buf.get() + n, A(0));
+    return buf;
+  }
 };
 
 // The tiles t = phase, phase + 2, ... of every image, numbered n * phase_tiles + k; this chunk runs [begin, end).
@@ -210,32 +220,64 @@ struct BackwardTiles {
         if (bf16_dot) {
           const auto* gy_img = reinterpret_cast<const uint16_t*>(grad_y + tile.n * pb.image_out());
           L::pointwise_backward_bf16(pb, a.get(), gy_img + tile.oh0 * g.Wo * g.Cout, P, ga.get(), dw_batch,
-                                     part.pw_w.data());
+                                     part.pw_w.get());
           bf16_done = true;
         }
       }
-      if (!bf16_done) L::pointwise_backward(pb, a.get(), G, P, ga.get(), tbuf.get(), part.pw_w.data());
+      if (!bf16_done) L::pointwise_backward(pb, a.get(), G, P, ga.get(), tbuf.get(), part.pw_w.get());
       // Activation, then depthwise: grad_dw_b, grad_dw_w and grad_x.
       activation_backward<B>(pb.act, ga.get(), z.get(), P * pb.cp);
       L::bias_grads(pb, G, ga.get(), P, part.pw_b.data(), part.dw_b.data());
-      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), gzv.get(), gwin.get(), part.dw_w.data(),
+      L::template depthwise_backward<B>(pb, win.get(), tile.rows, ga.get(), gzv.get(), gwin.get(), part.dw_w.get(),
                                         gradx_tile(gx_plan, grad_x, halo, pb.image_in(), tile, tile_index, ih0));
     }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
-      if (bf16_dot) L::flush_dw_batch(pb, dw_batch, part.pw_w.data());
+      if (bf16_dot) L::flush_dw_batch(pb, dw_batch, part.pw_w.get());
     }
   }
 };
 
-// Sums one member of the partials in chunk order (deterministic) into a tensor of the given shape.
-template <typename T, typename A>
-at::Tensor reduce_partials(const std::vector<GradPartials<T>>& parts, std::vector<A> GradPartials<T>::*member,
-                           at::IntArrayRef shape) {
-  at::Tensor out = at::zeros(shape, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
-  A* o = out.data_ptr<A>();
+// out[i] = sum over chunks, in chunk order (deterministic), of part(chunk)[i], for i < n.
+template <typename T, typename A, typename Get>
+void sum_partials(const std::vector<GradPartials<T>>& parts, Get part, int64_t n, A* out) {
+  std::fill(out, out + n, A(0));
   for (const auto& p : parts) {
-    const std::vector<A>& v = p.*member;
-    for (size_t i = 0; i < v.size(); ++i) o[i] += v[i];
+    const auto* v = part(p);
+    for (int64_t i = 0; i < n; ++i) out[i] += v[i];
+  }
+}
+
+// The partials of one member in a new tensor of the given shape and the member's element type.
+template <typename T, typename A, typename Get>
+at::Tensor reduce_partials(const std::vector<GradPartials<T>>& parts, Get part, at::IntArrayRef shape) {
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+  sum_partials<T, A>(parts, part, out.numel(), out.data_ptr<A>());
+  return out;
+}
+
+// The pointwise weight's gradient [Cout, C] in T, summed over the chunks straight into that layout: from [C][Cout]
+// partials the sum is also the transpose, in 32 x 32 blocks (a zeroed sum, then a transposing copy, each a fresh
+// 2.4 MB tensor at 384 -> 1536, cost more than the kernel's own dW GEMMs at N = 1).
+template <typename T>
+at::Tensor pw_weight_grad(const std::vector<GradPartials<T>>& parts, const Geometry& g, bool transposed) {
+  at::Tensor out = empty_output({g.Cout, g.C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* o = out.data_ptr<T>();
+  if (!transposed) {
+    sum_partials<T, T>(parts, [](const GradPartials<T>& p) { return p.pw_w.get(); }, g.Cout * g.C, o);
+    return out;
+  }
+  constexpr int64_t kB = 32;
+  for (int64_t c0 = 0; c0 < g.C; c0 += kB) {
+    for (int64_t co0 = 0; co0 < g.Cout; co0 += kB) {
+      const int64_t c1 = std::min(g.C, c0 + kB), co1 = std::min(g.Cout, co0 + kB);
+      for (int64_t co = co0; co < co1; ++co) std::fill(o + co * g.C + c0, o + co * g.C + c1, T(0));
+      for (const auto& p : parts) {
+        const T* v = p.pw_w.get();
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t co = co0; co < co1; ++co) o[co * g.C + c] += v[c * g.Cout + co];
+        }
+      }
+    }
   }
   return out;
 }
@@ -299,9 +341,10 @@ template <class L, typename scalar_t, typename T>
 Problem<scalar_t, T> make_problem(const Geometry& g, bool backward, int64_t act, const at::Tensor& x,
                                   const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
                                   const at::Tensor& pw_weight, const c10::optional<at::Tensor>& pw_bias,
-                                  PreparedWeights<T>& w, bool pw_in_T = true) {
+                                  PreparedWeights<T>& w, bool pw_in_T = true,
+                                  int64_t threads = at::get_num_threads()) {
   constexpr bool cl = std::is_same_v<L, Interleaved>;
-  const TilePlan plan = plan_tiles(g, backward);
+  const TilePlan plan = plan_tiles(g, backward, threads);
   Window win = make_window(g, plan.rows);
   const int64_t cp = cl ? round_up(g.C, kMaxLanes) : g.C;
   prepare_weights<scalar_t, T>(g, win, cl, backward, pw_in_T, cp, dw_weight, dw_bias, pw_weight, pw_bias, w);
@@ -344,13 +387,15 @@ void forward_impl(const Geometry& g, const at::Tensor& x, const at::Tensor& dw_w
   });
 }
 
+// threads: how many threads the tiles run on (1: serially, as one channel group of backward_by_channel_groups).
 template <class L, typename scalar_t>
 std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, const at::Tensor& x,
                                       const at::Tensor& dw_weight, const c10::optional<at::Tensor>& dw_bias,
-                                      const at::Tensor& pw_weight, int64_t act) {
+                                      const at::Tensor& pw_weight, int64_t act, int64_t threads) {
   using T = at::opmath_type<scalar_t>;
   PreparedWeights<T> w;
-  auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w);
+  auto pb = make_problem<L, scalar_t, T>(g, /*backward=*/true, act, x, dw_weight, dw_bias, pw_weight, c10::nullopt, w,
+                                         /*pw_in_T=*/true, threads);
   Scratch<uint16_t> w16;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> && L::kBf16Backward) {
     if (bf16_gemm::available()) {
@@ -369,8 +414,10 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
   const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
 
   // Fixed chunks (one per thread) own the partial sums, so the reduction order does not depend on scheduling.
-  const int64_t chunks = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<GradPartials<T>> parts(chunks, GradPartials<T>(g, cp));
+  const int64_t chunks = std::max<int64_t>(1, threads);
+  std::vector<GradPartials<T>> parts;
+  parts.reserve(chunks);
+  for (int64_t ch = 0; ch < chunks; ++ch) parts.emplace_back(g, cp);
   for (int64_t phase = 0; phase < std::min<int64_t>(2, pb.plan.per_image); ++phase) {
     const int64_t tasks = g.N * ((pb.plan.per_image - phase + 1) / 2);
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -381,16 +428,92 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
     });
   }
 
-  at::Tensor gpw = L::pw_grad_transposed(pb) ? reduce_partials(parts, &GradPartials<T>::pw_w, {g.C, g.Cout}).t()
-                                             : reduce_partials(parts, &GradPartials<T>::pw_w, {g.Cout, g.C});
-  at::Tensor gdw = L::kDwGradTransposed
-                       ? reduce_partials(parts, &GradPartials<T>::dw_w, {g.taps(), cp}).narrow(1, 0, g.C).t()
-                       : reduce_partials(parts, &GradPartials<T>::dw_w, {g.C, g.taps()});
-  const at::Tensor gdb = reduce_partials(parts, &GradPartials<T>::dw_b, {cp}).narrow(0, 0, g.C);
-  const at::Tensor gpb = reduce_partials(parts, &GradPartials<T>::pw_b, {g.Cout});
+  const at::Tensor gpw = pw_weight_grad(parts, g, L::pw_grad_transposed(pb));
+  const auto dw_w = [](const GradPartials<T>& p) { return p.dw_w.get(); };
+  at::Tensor gdw = L::kDwGradTransposed ? reduce_partials<T, T>(parts, dw_w, {g.taps(), cp}).narrow(1, 0, g.C).t()
+                                        : reduce_partials<T, T>(parts, dw_w, {g.C, g.taps()});
+  const at::Tensor gdb =
+      reduce_partials<T, double>(parts, [](const GradPartials<T>& p) { return p.dw_b.data(); }, {cp}).narrow(0, 0, g.C);
+  const at::Tensor gpb =
+      reduce_partials<T, double>(parts, [](const GradPartials<T>& p) { return p.pw_b.data(); }, {g.Cout});
   const at::ScalarType dt = x.scalar_type();
   return {gx, gdw.to(dt).contiguous().view({g.C, 1, g.kh, g.kw}), gdb.to(dt).contiguous(),
           gpw.to(dt).contiguous().view({g.Cout, g.C, 1, 1}), gpb.to(dt)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Channel groups for a backward with too few tiles.
+//
+// The backward's tiles run in two phases, and a tile must be at least (kh-1)*dh/sh rows tall, so a small batch of
+// small images has few tiles per phase: one 14x14 image with a 7x7 kernel is three tiles (6 + 6 + 2 rows), phases of
+// two tiles and one, and on two threads 12 of its 14 rows ran one after the other while PyTorch's GEMMs used both
+// cores. Every step of the backward is separable by input channel, though: the depthwise parts are per channel, and
+// for a channel slice S, grad_A[:, S] = G W[:, S] and grad_W_pw[:, S] = G^T A[:, S] need only that slice of A and
+// W. So such a backward runs as independent problems over channel slices, one per thread, each serially over all
+// its tiles; the only duplicated work is reading grad_y (and summing it for the pointwise bias) once per slice.
+
+// Rows on the critical path of the two-phase tile-parallel backward (chunks as backward_impl assigns them).
+inline int64_t tile_parallel_rows(const Geometry& g, const TilePlan& plan, int64_t threads) {
+  int64_t total = 0;
+  for (int64_t phase = 0; phase < std::min<int64_t>(2, plan.per_image); ++phase) {
+    const int64_t phase_tiles = (plan.per_image - phase + 1) / 2, tasks = g.N * phase_tiles;
+    int64_t longest = 0;
+    for (int64_t ch = 0; ch < threads; ++ch) {
+      int64_t rows = 0;
+      for (int64_t task = tasks * ch / threads; task < tasks * (ch + 1) / threads; ++task) {
+        rows += plan.tile(task / phase_tiles, phase + 2 * (task % phase_tiles), g).rows;
+      }
+      longest = std::max(longest, rows);
+    }
+    total += longest;
+  }
+  return total;
+}
+
+// How many channel slices the backward should run as (1: tile-parallel as usual). Slices are whole 16-channel
+// vectors. The split must shorten the critical path by a quarter, a margin for the slices' duplicated grad_y work
+// and narrower GEMMs.
+inline int64_t backward_channel_groups(const Geometry& g, int64_t threads) {
+  const int64_t groups = std::min(threads, g.C / kMaxLanes);
+  if (groups < 2 || g.N == 0) return 1;
+  const int64_t tiled = tile_parallel_rows(g, plan_tiles(g, /*backward=*/true, threads), threads);
+  const double split = static_cast<double>(g.N * g.Ho) / static_cast<double>(groups);
+  return 1.25 * split < static_cast<double>(tiled) ? groups : 1;
+}
+
+// The backward over `groups` channel slices, in parallel; each slice is a whole problem run on one thread. The
+// results are the same as backward_impl's up to the order of fp32 sums.
+template <class L, typename scalar_t>
+std::vector<at::Tensor> backward_by_channel_groups(const Geometry& g, int64_t groups, const at::Tensor& gy,
+                                                   const at::Tensor& x, const at::Tensor& dw_weight,
+                                                   const c10::optional<at::Tensor>& dw_bias,
+                                                   const at::Tensor& pw_weight, int64_t act) {
+  const at::MemoryFormat fmt = std::is_same_v<L, Interleaved> ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous;
+  const int64_t blocks = ceil_div(g.C, kMaxLanes);
+  std::vector<std::vector<at::Tensor>> slices(groups);
+  std::vector<int64_t> first(groups + 1);
+  for (int64_t i = 0; i <= groups; ++i) first[i] = std::min(g.C, blocks * i / groups * kMaxLanes);
+  at::Tensor gx = empty_output_like(x);
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c0 = first[i], cs = first[i + 1] - c0;
+      Geometry gs = g;
+      gs.C = cs;
+      c10::optional<at::Tensor> db;
+      if (dw_bias.has_value()) db = dw_bias->narrow(0, c0, cs);
+      slices[i] = backward_impl<L, scalar_t>(gs, gy, x.narrow(1, c0, cs).contiguous(fmt), dw_weight.narrow(0, c0, cs),
+                                             db, pw_weight.narrow(1, c0, cs).contiguous(), act, /*threads=*/1);
+      gx.narrow(1, c0, cs).copy_(slices[i][0]);
+    }
+  });
+  auto gather = [&](size_t k, int64_t dim) {
+    std::vector<at::Tensor> parts;
+    for (const auto& s : slices) parts.push_back(s[k]);
+    return at::cat(parts, dim);
+  };
+  // grad of the pointwise bias: every slice summed the same grad_y in the same order; take the first.
+  return {gx, gather(1, 0), gather(2, 0), gather(3, 1), slices[0][4]};
 }
 
 // NCHW images of at most this many pixels run through the channels_last kernels, x (and grad_y) converted on the
@@ -431,9 +554,18 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, 
   TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt));
   const at::Tensor gy = grad_y.contiguous(fmt);
   std::vector<at::Tensor> out;
+  const int64_t threads = at::get_num_threads(), groups = backward_channel_groups(g, threads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwsep_bwd_cpu", [&] {
-    out = channels_last ? backward_impl<Interleaved, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation)
-                        : backward_impl<Planar, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation);
+    if (groups > 1) {
+      out = channels_last ? backward_by_channel_groups<Interleaved, scalar_t>(g, groups, gy, x, dw_weight, dw_bias,
+                                                                              pw_weight, activation)
+                          : backward_by_channel_groups<Planar, scalar_t>(g, groups, gy, x, dw_weight, dw_bias,
+                                                                         pw_weight, activation);
+    } else {
+      out = channels_last
+                ? backward_impl<Interleaved, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation, threads)
+                : backward_impl<Planar, scalar_t>(g, gy, x, dw_weight, dw_bias, pw_weight, activation, threads);
+    }
   });
   return out;
 }
@@ -444,6 +576,13 @@ bool is_small_nchw(const at::Tensor& x) {
 
 }  // namespace
 }  // namespace dwsep_cpu
+
+int64_t dwsep_bwd_channel_groups_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t threads) {
+  const auto g = dwsep_cpu::make_geometry(x, dw_weight, pw_weight, stride, padding, dilation);
+  return dwsep_cpu::backward_channel_groups(g, threads);
+}
 
 using dwsep_cpu::backward;
 using dwsep_cpu::forward;

@@ -36,4 +36,10 @@ std::vector<at::Tensor> dwsep_bwd_cpu(const at::Tensor& grad_y, const at::Tensor
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       int64_t activation);
 
+// How many channel slices dwsep_bwd_cpu would run x's backward as on `threads` threads (1: tile-parallel; see
+// backward_channel_groups in dwsep_cpu.cpp). For tests, which must know which path they exercise.
+int64_t dwsep_bwd_channel_groups_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t threads);
+
 }  // namespace effikern

@@ -69,7 +69,8 @@ struct TilePlan {
   Tile tile(int64_t n, int64_t t, const Geometry& g) const { return {n, t * rows, std::min(rows, g.Ho - t * rows)}; }
 };
 
-inline TilePlan plan_tiles(const Geometry& g, bool backward) {
+// threads: how many threads run the tiles (the backward sizes its tiles for them).
+inline TilePlan plan_tiles(const Geometry& g, bool backward, int64_t threads) {
   const int64_t pixels = std::max(kMinTilePixels, kTileBytes / (4 * g.C));
   int64_t rows = ceil_div(pixels, g.Wo);
   if (backward) {
@@ -78,7 +79,7 @@ inline TilePlan plan_tiles(const Geometry& g, bool backward) {
     const int64_t min_rows = std::max<int64_t>(1, (g.kh - 1) * g.dh / g.sh);
     // With few images, shorter tiles (down to that minimum) until each phase has a tile per thread: one 14x14
     // image in two tiles left the whole backward on one core while PyTorch's GEMMs used all of them.
-    const int64_t wanted = ceil_div(2 * static_cast<int64_t>(at::get_num_threads()), g.N);
+    const int64_t wanted = ceil_div(2 * threads, g.N);
     if (ceil_div(g.Ho, rows) < wanted) rows = ceil_div(g.Ho, wanted);
     rows = std::max(rows, min_rows);
   }

@@ -183,8 +183,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < U; ++r) {
 #pragma unroll
       for (int e = 0; e < K; ++e) {
-        bad |= !isfinite(v[r][e]);  // the gradient as stored, as torch checks it
         v[r][e] *= inv_scale;
+        // Checked (and measured) is what the gradient holds afterwards: with write-back the product rounded to
+        // T, so an fp16 product past 65504 (a scale below 1) is an overflow, not a silent inf in the gradient.
+        if constexpr (kWriteBack) v[r][e] = to_f32(from_f32<T>(v[r][e]));
+        bad |= !isfinite(v[r][e]);
         if constexpr (kNorm == Norm::kL2) acc += v[r][e] * v[r][e];
         if constexpr (kNorm == Norm::kInf) acc = nan_max(acc, fabsf(v[r][e]));
       }
@@ -324,7 +327,8 @@ __global__ void __launch_bounds__(kThreads)
         float grad = a.maximize ? -(gv[r][e] * factor) : gv[r][e] * factor;
         if (a.weight_decay != 0.0f) grad += a.weight_decay * pv[r][e];
         if constexpr (kMomentum) {
-          bv[r][e] = first ? grad : a.momentum * bv[r][e] + a.one_minus_dampening * grad;
+          // Rounded to T before it is used, as torch's buffer (held in the param's dtype) is.
+          bv[r][e] = to_f32(from_f32<T>(first ? grad : a.momentum * bv[r][e] + a.one_minus_dampening * grad));
           grad = a.nesterov ? grad + a.momentum * bv[r][e] : bv[r][e];
         }
         pv[r][e] -= lr * grad;

@@ -114,7 +114,7 @@ class GradScaler(torch.amp.GradScaler):
 
     def _unscale_check(self, optimizer, state, write_back: bool, max_norm=None, norm_type=2.0):
         """The one fused pass over the optimizer's grads; records found_inf and the factor the step owes."""
-        grads = _grads_by_device(optimizer)
+        grads = _grads_by_device(optimizer, coalesce_all=max_norm is not None)
         inv_scale = self._scale.double().reciprocal().float()
         want = float(norm_type) if max_norm is not None else 0.0
         found: Dict[torch.device, torch.Tensor] = {}
@@ -124,7 +124,9 @@ class GradScaler(torch.amp.GradScaler):
             norm_d = amp_ops.unscale_check_norm_eager(gs, _to(inv_scale, device), found[device], want,
                                                            write_back)
             norms.append(norm_d.to(self._scale.device))
-        if not found:  # no grads at all (e.g. this rank holds no shard): nothing found, on the scale's device
+        if not found and (self.process_group is not None or self._reduce_norm):
+            # No grads on this rank (e.g. it holds no shard): it must still join the collectives, with nothing found.
+            # A single-process scaler records nothing, and step() raises as torch's does.
             found[self._scale.device] = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         norm = None
         if max_norm is not None:
@@ -186,6 +188,8 @@ class GradScaler(torch.amp.GradScaler):
         kind = _fold_kind(optimizer)
         if state["stage"] is OptState.READY:
             self._unscale_check(optimizer, state, write_back=kind is None)
+        if not state["found_inf_per_device"]:
+            raise AssertionError("No inf checks were recorded for this optimizer.")  # torch's words
         # Clamped to 1, on the device: torch's fused kernels skip only when found_inf == 1, so a sum of 2.0
         # (an overflow on each of two devices) would have them apply the inf/nan grads.
         found_inf = sum(_to(f, self._scale.device) for f in state["found_inf_per_device"].values())
@@ -231,7 +235,7 @@ class GradScaler(torch.amp.GradScaler):
         left = torch.where(found, torch.clamp(tracker - 1, min=0), torch.full_like(tracker, self._hysteresis))
         backoff = found & (left == 0)
         successful = torch.where(found, torch.zeros_like(growth), growth + 1)
-        grow = successful >= self._growth_interval
+        grow = ~found & (successful == self._growth_interval)  # == as torch's kernel: interval 0 never grows
         grown = scale * self._growth_factor
         new = torch.where(backoff, scale * self._backoff_factor, scale)
         new = torch.where(grow & torch.isfinite(grown), grown, new)
@@ -294,21 +298,29 @@ def _check_clip_args(max_norm, norm_type) -> None:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
 
 
-def _grads_by_device(optimizer) -> Dict[torch.device, List[torch.Tensor]]:
+def _grads_by_device(optimizer, coalesce_all: bool = False) -> Dict[torch.device, List[torch.Tensor]]:
+    """The optimizer's gradients by device (a sparse one as its values). coalesce_all: coalesce every sparse grad,
+    not only fp16 ones, because a norm over duplicate indices counted separately is not the grad's norm."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ValueError("the optimizer has no params: GradScaler has no gradients to unscale")
     out: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
     with torch.no_grad():
-        for p in params:
+        for i, p in enumerate(params):
             if p.grad is None:
                 continue
             grad = p.grad
+            if grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"effikern.amp.GradScaler: the gradient of param {i} (counting over the param "
+                                f"groups) is {grad.dtype}; the fused pass takes float32, float16 and bfloat16 "
+                                "(torch.amp.GradScaler handles the others)")
             if grad.is_sparse:
                 # As torch: duplicate indices of a scaled fp16 sparse grad may overflow when summed, so check
                 # the coalesced values (coalescing fp16 needs an fp32 detour).
                 if grad.dtype is torch.float16:
                     p.grad = grad.float().coalesce().half()
+                elif coalesce_all:
+                    p.grad = grad.coalesce()
                 grad = p.grad._values()
             out[grad.device].append(grad)
     return out

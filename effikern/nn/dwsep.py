@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 
 from .. import functional
 from ..ops import _checks
@@ -107,10 +108,15 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """True when forward runs the one fused op; False while ``bn`` normalizes with batch statistics."""
+        """True when forward runs the one fused op; False while ``bn`` normalizes with batch statistics, or while a
+        child has hooks (other than ``torch.nn.utils.prune``'s), which run only when the child itself is called."""
         return self._unfused_reason() is None
 
     def _unfused_reason(self) -> Optional[str]:
+        for name in ("depthwise", "bn", "pointwise"):
+            child = getattr(self, name)
+            if child is not None and _hooks_other_than_pruning(child):
+                return f"{name} has hooks, which run only when it is called"
         bn = self.bn
         if bn is None:
             return None
@@ -125,6 +131,10 @@ class DepthwiseSeparableConv2d(nn.Module):
         """x [N, C, H, W], residual [N, Cout, Ho, Wo] or None -> [N, Cout, Ho, Wo] in x's memory format."""
         if not self.fused:
             return self._forward_unfused(x, residual)
+        # The children are not called on the fused path, so their pruning hooks (torch.nn.utils.prune: weight =
+        # weight_orig * weight_mask, recomputed before each call) are run here instead.
+        _apply_pruning(self.depthwise)
+        _apply_pruning(self.pointwise)
         dw_weight, dw_bias = self._depthwise_parameters()
         dw = self.depthwise
         return functional.dwsep_conv2d(
@@ -135,7 +145,9 @@ class DepthwiseSeparableConv2d(nn.Module):
     def _forward_unfused(self, x, residual):
         # Batch statistics need the whole depthwise output before normalizing it, which the fused
         # kernel never materializes; run the layers one by one, as the unfused model would.
-        z = self.bn(self.depthwise(x))
+        z = self.depthwise(x)
+        if self.bn is not None:
+            z = self.bn(z)
         y = self.pointwise(apply_activation(z, self.activation))
         return y if residual is None else y + residual
 
@@ -195,6 +207,18 @@ def conv_padding(padding, kernel_size, stride, dilation, name: str) -> Tuple[int
 
 
 # --- from_modules validation: every message names the argument ---------------------------------------------
+
+def _hooks_other_than_pruning(module: nn.Module) -> bool:
+    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
+    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _apply_pruning(module: nn.Module) -> None:
+    """Runs ``module``'s torch.nn.utils.prune hooks, as calling it would (they take no input)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            hook(module, ())
+
 
 def _check_plain(module: nn.Module, name: str) -> None:
     """The fused module reproduces only a layer's math: hooks would silently stop running."""

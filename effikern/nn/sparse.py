@@ -47,7 +47,8 @@ def choose_format(weight: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[s
 class _SparseMatmul(nn.Module):
     """Shared state and conversions of the sparse layers: ``values`` (Parameter), the pattern buffers, ``bias``."""
 
-    def __init__(self, sparse_weight: SparseWeight, bias: Optional[torch.Tensor] = None):
+    def __init__(self, sparse_weight: SparseWeight, bias: Optional[torch.Tensor] = None,
+                 values_requires_grad: bool = True):
         super().__init__()
         if not isinstance(sparse_weight, SparseWeight):
             raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight, got {type(sparse_weight).__name__}")
@@ -55,13 +56,15 @@ class _SparseMatmul(nn.Module):
         self.format = sw.format
         self.out_features, self.in_features = sw.shape
         self.block_size = sw.block_size
-        self.values = nn.Parameter(sw.values.detach().clone())
+        self.values = nn.Parameter(sw.values.detach().clone(), requires_grad=values_requires_grad)
         for name in _STATE:
             self.register_buffer(name, getattr(sw, name))
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
+            # A Parameter is shared (from_linear / from_conv and optimize(): an optimizer built over the dense
+            # layer keeps training it, a frozen one stays frozen); a plain tensor is copied.
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
 
@@ -105,7 +108,10 @@ class _SparseMatmul(nn.Module):
             if incoming is None and current is not None and name == "value_mask":
                 self.value_mask = None
             elif incoming is not None and (current is None or current.shape != incoming.shape):
-                fresh = torch.empty_like(incoming, device=self.values.device)
+                # The checkpoint's shapes; values keep this module's dtype (the copy below converts, as it does
+                # when the shapes match), the index arrays the checkpoint's.
+                dtype = self.values.dtype if name == "values" else incoming.dtype
+                fresh = torch.empty_like(incoming, device=self.values.device, dtype=dtype)
                 if name == "values":
                     self.values = nn.Parameter(fresh, requires_grad=self.values.requires_grad)
                 else:
@@ -116,6 +122,11 @@ class _SparseMatmul(nn.Module):
         block = f", block_size={self.block_size}" if self.block_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}{block}, "
                 f"density={self.sparse_weight.density:.3f}, bias={self.bias is not None}")
+
+
+def _trainable_weight(layer: nn.Module) -> bool:
+    """Whether the dense layer's weight trains (weight_orig's flag when torch.nn.utils.prune holds it)."""
+    return getattr(layer, "weight_orig", layer.weight).requires_grad
 
 
 def _convert(weight, mask, format, block_size):
@@ -141,8 +152,7 @@ class SparseLinear(_SparseMatmul):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight, mask = pruned_weight_and_mask(linear)
-        bias = None if linear.bias is None else linear.bias.detach()
-        return cls(_convert(weight, mask, format, block_size), bias)
+        return cls(_convert(weight, mask, format, block_size), linear.bias, _trainable_weight(linear))
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense ``nn.Linear`` (pruned weights 0), on this module's device and dtype."""
@@ -174,8 +184,7 @@ class SparseConv2d1x1(_SparseMatmul):
         weight, mask = pruned_weight_and_mask(conv)
         weight = weight.reshape(weight.shape[0], weight.shape[1])
         mask = None if mask is None else mask.reshape(weight.shape)
-        bias = None if conv.bias is None else conv.bias.detach()
-        return cls(_convert(weight, mask, format, block_size), bias)
+        return cls(_convert(weight, mask, format, block_size), conv.bias, _trainable_weight(conv))
 
     def to_conv(self) -> nn.Conv2d:
         """An equivalent dense 1x1 ``nn.Conv2d``."""

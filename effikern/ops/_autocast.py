@@ -15,7 +15,8 @@ import torch
 
 def autocast_dtype(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
     """The autocast dtype for the device of the first tensor, or None when autocast is off there."""
-    first = next((t for t in tensors if t is not None), None)
+    # Only tensors say where autocast applies; anything else is left for the op's argument checks to name.
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None:
         return None
     device_type = first.device.type
@@ -26,8 +27,13 @@ def autocast_dtype(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.
 
 
 def cast(tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype):
-    """Floating-point tensors cast to ``dtype`` (others, and None, unchanged)."""
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    """Floating-point tensors cast to ``dtype``; float64 ones, non-floating ones and None unchanged, as autocast
+    leaves float64 alone for the ops it casts to a lower precision."""
+    return [t.to(dtype) if _castable(t) else t for t in tensors]
+
+
+def _castable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
 
 
 def off_if(dtype: Optional[torch.dtype], x: torch.Tensor):

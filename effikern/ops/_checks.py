@@ -1,12 +1,12 @@
 """Argument checks shared by the ops. Every failure names the argument, what was expected and what was given."""
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 
-def pair(value, name: str, minimum: int) -> Tuple[int, int]:
-    """An int or a pair of ints -> (int, int), each >= minimum."""
+def pair(value, name: str, minimum: int, maximum: Optional[int] = None) -> Tuple[int, int]:
+    """An int or a pair of ints -> (int, int), each >= minimum (and <= maximum when given)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -15,6 +15,8 @@ def pair(value, name: str, minimum: int) -> Tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in value):
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    if maximum is not None and any(v > maximum for v in value):
+        raise ValueError(f"{name} must be <= {maximum}, got {tuple(value)}")
     return int(value[0]), int(value[1])
 
 

@@ -41,20 +41,28 @@ def must_dispatch(tensors: Iterable[Optional[torch.Tensor]], autograd: bool = Tr
 def op_without_dispatcher(name: str, forward_impl, setup_context, gradients):
     """An autograd.Function called ``name`` that runs an op's own implementation (``forward_impl(*inputs)``) and its
     autograd formula (the ``setup_context(ctx, inputs, output)`` and ``gradients(ctx, *grads)`` the registered op
-    uses) without the dispatcher, for eager calls where :func:`must_dispatch` (autograd=False) is False. Not twice
-    differentiable, like the ops, whose gradient ops register no autograd. Built with ``type`` so that the graph
-    node is named after it (``<name>Backward``)."""
+    uses) without the dispatcher, for eager calls where :func:`must_dispatch` (autograd=False) is False. Built with
+    ``type`` so that the graph node is named after it (``<name>Backward``).
+
+    A backward taken with ``create_graph=True`` runs ``gradients`` with grad mode on, as the registered op's does, so
+    the op's formula decides (a differentiable path, or an error): gradients computed by a kernel carry no graph, and
+    returning them would silently drop the second-order terms."""
 
     def forward(ctx, *inputs):
         output = forward_impl(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
+    differentiable_once = once_differentiable(gradients)
+
     def backward(ctx, *grads):
-        return gradients(ctx, *grads)
+        if torch.is_grad_enabled():  # the engine runs backward in grad mode exactly when create_graph=True
+            return gradients(ctx, *grads)
+        return differentiable_once(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(backward),
         "__module__": forward_impl.__module__,
     })
+

@@ -43,10 +43,11 @@ def activation_name(activation: Union[None, str, nn.Module]) -> str:
 
 
 def module_activation_name(module: nn.Module) -> Optional[str]:
-    """The fused-activation name equivalent to ``module``, or None when there is none."""
-    if isinstance(module, nn.GELU):
+    """The fused-activation name equivalent to ``module``, or None when there is none. Exact types only: a subclass
+    may override forward, so it proves nothing."""
+    if type(module) is nn.GELU:
         return "gelu" if module.approximate == "none" else None
-    if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
+    if type(module) is nn.Hardtanh:
         return "relu6" if (module.min_val, module.max_val) == (0.0, 6.0) else None
     return _MODULES.get(type(module))
 

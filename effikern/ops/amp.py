@@ -208,13 +208,16 @@ def reference_unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_b
     if not grads:
         return norm
     unscaled = torch._foreach_mul(_f32(grads), inv_scale.reshape(()))
-    # torch's own check kernel, on the fp32 products multiplied by exactly 1: a product is non-finite iff its
-    # grad is (inv_scale is a finite positive number).
+    if write_back:
+        # Checked (and measured) is what the gradients hold afterwards: the products rounded to their dtypes, so an
+        # fp16 product past 65504 (a scale below 1) is an overflow, not a silent inf in the gradient.
+        torch._foreach_copy_(list(grads), unscaled)
+        unscaled = [u if g.dtype == torch.float32 else g.float() for u, g in zip(unscaled, grads)]
+    # torch's own check kernel, on the fp32 values multiplied by exactly 1: non-finite iff the gradient was or the
+    # product overflowed.
     checked = torch.zeros((), dtype=torch.float32, device=found_inf.device)
     torch._amp_foreach_non_finite_check_and_unscale_(unscaled, checked, torch.ones_like(checked))
     found_inf.copy_(torch.maximum(found_inf, checked.reshape(found_inf.shape)))
-    if write_back:
-        torch._foreach_copy_(list(grads), unscaled)
     nonempty = [u for u in unscaled if u.numel()]  # the inf-norm of an empty tensor is an error in torch
     if norm_type != 0.0 and nonempty:
         per_tensor = torch._foreach_norm(nonempty, norm_type)

@@ -257,6 +257,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.needs_input_grad[0]:  # only the teacher required grad: it gets none
         return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradient has no graph to differentiate again
+        raise RuntimeError(
+            "effikern.distillation_loss is not twice differentiable: the student's gradient is computed by the forward "
+            "kernel and saved without a graph (saving the logits instead would double its memory), so a backward "
+            "with create_graph=True (double backward, gradient penalties) cannot go through it; compute such a loss "
+            "with PyTorch ops (F.kl_div of F.log_softmax and F.softmax, F.cross_entropy)"
+        )
     if not ctx.compute_grad:
         raise RuntimeError("effikern.distillation_loss was called with compute_grad=False, so it kept no "
                            "gradient for student_logits; call it with compute_grad=True to backpropagate")

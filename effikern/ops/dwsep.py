@@ -27,6 +27,11 @@ _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
 
 
+# Stride, padding and dilation above this are refused: the kernels' index arithmetic (H + 2 * padding, ...) is
+# 64-bit, and no real convolution comes near it.
+_MAX_GEOMETRY = 2**31 - 1
+
+
 def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual):
     """Validates every argument of the op; returns the output shape (N, Cout, Ho, Wo)."""
     _checks.tensor(x, "x", 4)
@@ -34,6 +39,8 @@ def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilat
     n, c, h, w = x.shape
     if c == 0:
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    if h == 0 or w == 0:  # as F.conv2d: only the batch may be empty
+        raise ValueError(f"x must have an image of at least 1x1 (H, W >= 1), got shape {tuple(x.shape)}")
     _checks.tensor(dw_weight, "dw_weight", 4)
     _checks.tensor(pw_weight, "pw_weight", 4)
     if dw_weight.shape[1] != 1 or dw_weight.shape[0] != c:
@@ -56,9 +63,9 @@ def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilat
         _checks.shape(pw_bias, "pw_bias", (cout,), f"[Cout={cout}]")
     _checks.same_dtype_device(x, "x", dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight,
                               pw_bias=pw_bias, residual=residual)
-    sh, sw = _checks.pair(stride, "stride", 1)
-    ph, pw = _checks.pair(padding, "padding", 0)
-    dh, dw = _checks.pair(dilation, "dilation", 1)
+    sh, sw = _checks.pair(stride, "stride", 1, _MAX_GEOMETRY)
+    ph, pw = _checks.pair(padding, "padding", 0, _MAX_GEOMETRY)
+    dh, dw = _checks.pair(dilation, "dilation", 1, _MAX_GEOMETRY)
     if activation not in CODES:
         raise ValueError(f"activation must be one of {sorted(CODES)}, got {activation!r}")
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
@@ -309,14 +316,34 @@ def _setup_context(ctx, inputs, output):
 
 def _gradients(ctx, grad_y, conv_backward):
     """Autograd's gradients for the op's 10 inputs, through ``conv_backward`` (the registered backward op, or its
-    implementation on the eager path)."""
+    implementation on the eager path). With ``create_graph=True`` (grad mode on here) they are taken through the
+    reference's differentiable PyTorch ops instead (:func:`_differentiable_gradients`)."""
     x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
-    gx, gdw, gdwb, gpw, gpwb = conv_backward(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
+    if torch.is_grad_enabled():
+        gx, gdw, gdwb, gpw, gpwb = _differentiable_gradients(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
+    else:
+        gx, gdw, gdwb, gpw, gpwb = conv_backward(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
     has_dw_b, has_pw_b = ctx.has_bias
     return (
         gx, gdw, gdwb if has_dw_b else None, gpw, gpwb if has_pw_b else None,
         None, None, None, None, grad_y if ctx.has_residual else None,
     )
+
+
+def _differentiable_gradients(grad_y, x, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation):
+    """The op's gradients as a graph, for a backward with create_graph=True (double backward: gradient penalties,
+    higher-order derivatives): autograd through :func:`reference` (two ``F.conv2d``), which PyTorch can
+    differentiate again. The fused kernels' gradients carry no graph. Slower than the kernels, and only taken when
+    asked for. Gradients for inputs that do not require grad are None."""
+    inputs = [x, dw_weight, dw_bias, pw_weight]
+    wanted = [t is not None and t.requires_grad for t in inputs]
+    with torch.enable_grad():
+        y = reference(x, dw_weight, dw_bias, pw_weight, None, stride, padding, dilation, activation, None)
+        found = torch.autograd.grad(y, [t for t, w in zip(inputs, wanted) if w], grad_y, create_graph=True,
+                                    allow_unused=True) if any(wanted) else ()
+    found = iter(found)
+    gx, gdw, gdwb, gpw = [next(found) if w else None for w in wanted]
+    return gx, gdw, gdwb, gpw, grad_y.sum((0, 2, 3))
 
 
 def _backward(ctx, grad_y):

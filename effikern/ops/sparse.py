@@ -398,18 +398,42 @@ def _setup_context(ctx, inputs, output):
 
 def _gradients(ctx, grad_y, grad_input, grad_values):
     """(grad_x, grad_values, grad_bias) for the inputs that need one, through the given gradient functions (the
-    registered ops, or their implementations on the eager path), as autograd wants them for the 13 inputs."""
+    registered ops, or their implementations on the eager path), as autograd wants them for the 13 inputs. With
+    create_graph=True (grad mode on here) through :func:`_differentiable_gradients` instead."""
     x, values, crow, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
     need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[9]
     grad_y = grad_y.contiguous()
     grad_x = grad_vals = grad_bias = None
-    if need_x:
+    if torch.is_grad_enabled():
+        grad_x, grad_vals = _differentiable_gradients(ctx, grad_y, need_x, need_values)
+    elif need_x:
         grad_x = grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, ctx.fmt, ctx.n, ctx.k)
-    if need_values:
+    if need_values and not torch.is_grad_enabled():
         grad_vals = grad_values(grad_y, x, crow, row, col, value_mask, list(values.shape), ctx.fmt)
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(-1, ctx.n).sum(0, dtype=_math_dtype(grad_y)).to(grad_y.dtype)
     return grad_x, grad_vals, None, None, None, None, None, None, None, grad_bias, None, None, None
+
+
+def _differentiable_gradients(ctx, grad_y, need_x, need_values):
+    """(grad_x, grad_values) as a graph, for a backward with create_graph=True (double backward: gradient penalties,
+    higher-order derivatives): autograd through the reference (the dense W built from the values, a dense matmul),
+    which PyTorch can differentiate again; the kernels' gradients carry no graph. Materializes the dense W, and is
+    only taken when asked for. grad_values keeps value_mask's zeros, as the kernels' does."""
+    x, values, crow, row, t_crow, t_row, t_perm, col, value_mask = ctx.saved_tensors
+    wanted = [t for t, need in ((x, need_x), (values, need_values)) if need]
+    if not wanted:
+        return None, None
+    dense = _dense_bsr if ctx.fmt == "block" else _dense_csr
+    with torch.enable_grad():
+        w = dense(crow, col, values, ctx.n, ctx.k)
+        y = x.to(w.dtype) @ w.t()
+        found = iter(torch.autograd.grad(y, wanted, grad_y.to(w.dtype), create_graph=True))
+    grad_x = next(found).to(x.dtype) if need_x else None
+    grad_vals = next(found).to(values.dtype) if need_values else None
+    if grad_vals is not None and value_mask is not None:
+        grad_vals = grad_vals.masked_fill(~value_mask, 0)
+    return grad_x, grad_vals
 
 
 def _backward(ctx, grad_y):

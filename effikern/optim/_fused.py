@@ -83,13 +83,25 @@ def lr_args(lr, device: torch.device) -> Tuple[float, Optional[torch.Tensor]]:
     return 0.0, on(lr, device)  # lr is ignored when lr_tensor is given
 
 
-def check_dense_grads(params: List[torch.Tensor], name: str) -> None:
-    for p in params:
-        if p.grad.is_sparse:
-            raise RuntimeError(f"effikern.optim.{name} does not support sparse gradients")
-        if p.grad.dtype != p.dtype:
-            raise TypeError(f"effikern.optim.{name}: a gradient must have its param's dtype ({p.dtype}), "
-                            f"got {p.grad.dtype}")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_params(optimizer, name: str) -> None:
+    """Every param with a gradient, in every group, before any is updated: a bad one found mid-step had left the
+    groups before it updated and the rest not."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"param {i} of param group {g}"
+            if p.dtype not in _KERNEL_DTYPES:
+                raise TypeError(f"effikern.optim.{name}: {where} has dtype {p.dtype}; the fused kernels take float32, "
+                                "float16 and bfloat16 (torch.optim handles the others)")
+            if p.grad.is_sparse:
+                raise RuntimeError(f"effikern.optim.{name} does not support sparse gradients ({where})")
+            if p.grad.dtype != p.dtype:
+                raise TypeError(f"effikern.optim.{name}: a gradient must have its param's dtype ({p.dtype}), "
+                                f"got {p.grad.dtype} ({where})")
 
 
 def step_groups(optimizer, group, new_state, starts) -> Dict[int, List[torch.Tensor]]:
@@ -181,8 +193,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         factor, found_inf = scaling_tensors(self)
+        check_params(self, type(self).__name__)
         for group in self.param_groups:
-            check_dense_grads([p for p in group["params"] if p.grad is not None], type(self).__name__)
             for members in step_groups(self, group, lambda p, group=group: self._new_state(group, p),
                                        lambda p, group=group: self._starts(group, p)).values():
                 device = members[0].device

@@ -58,6 +58,17 @@ class SGD(_fused.FusedOptimizer):
             lr, momentum, float(group["dampening"]), bool(group["nesterov"]),
             float(group["weight_decay"]), bool(group["maximize"]), grad_factor, found_inf, lr_tensor)
 
+    def state_dict(self):
+        """torch's layout, loadable by torch.optim.SGD too: a momentum buffer whose step count is still 0 (allocated
+        for a step the grad scaler skipped on the device) is left out, as torch, which skips on the host, never
+        allocated it; torch would read a zero buffer as a started one (buf = momentum * 0 + (1 - dampening) * g
+        instead of buf = g). Reads those counts: a host sync, at save time only."""
+        out = super().state_dict()
+        unstarted = {k for k, v in out["state"].items() if "momentum_buffer" in v and float(v["step"]) == 0.0}
+        out["state"] = {k: ({n: t for n, t in v.items() if n != "momentum_buffer"} if k in unstarted else v)
+                        for k, v in out["state"].items()}
+        return out
+
     def _complete_loaded_state(self):
         # A torch SGD state_dict has no step: a param with a momentum buffer has been stepped at least once.
         for state in self.state.values():
