@@ -159,16 +159,19 @@ struct ForwardTiles {
 template <typename T>
 struct GradPartials {
   Scratch<T> pw_w, dw_w;  // [Cout][C] or [C][Cout] (Layout::pw_grad_transposed); [C][taps] or [taps][cp]
+  int64_t pw_elems, dw_elems;
   std::vector<double> pw_b, dw_b;
   GradPartials(const Geometry& g, int64_t cp)
-      : pw_w(zeroed<T>(g.Cout * g.C)), dw_w(zeroed<T>(cp * g.taps())), pw_b(g.Cout, 0.0), dw_b(cp, 0.0) {}
-
- private:
-  template <typename A>
-  static Scratch<A> zeroed(int64_t n) {
-    Scratch<A> buf = scratch<A>(n);
-    std::fill(buf.get(), buf.get() + n, A(0));
-    return buf;
+      : pw_w(scratch<T>(g.Cout * g.C)),
+        dw_w(scratch<T>(cp * g.taps())),
+        pw_elems(g.Cout * g.C),
+        dw_elems(cp * g.taps()),
+        pw_b(g.Cout, 0.0),
+        dw_b(cp, 0.0) {}
+  // Called by the thread that accumulates into them, before its first tile (the scratch is uninitialized).
+  void zero() {
+    std::fill(pw_w.get(), pw_w.get() + pw_elems, T(0));
+    std::fill(dw_w.get(), dw_w.get() + dw_elems, T(0));
   }
 };
 
@@ -256,8 +259,9 @@ at::Tensor reduce_partials(const std::vector<GradPartials<T>>& parts, Get part, 
 }
 
 // The pointwise weight's gradient [Cout, C] in T, summed over the chunks straight into that layout: from [C][Cout]
-// partials the sum is also the transpose, in 32 x 32 blocks (a zeroed sum, then a transposing copy, each a fresh
-// 2.4 MB tensor at 384 -> 1536, cost more than the kernel's own dW GEMMs at N = 1).
+// partials the sum is also the transpose, in 32 x 32 blocks summed in a local tile (partials read along Cout, the
+// result written along C), in parallel over blocks of Cout. (A zeroed sum, then a transposing copy, each a fresh
+// 2.4 MB tensor at 384 -> 1536, cost more than the kernel's own dW GEMMs at N = 1.)
 template <typename T>
 at::Tensor pw_weight_grad(const std::vector<GradPartials<T>>& parts, const Geometry& g, bool transposed) {
   at::Tensor out = empty_output({g.Cout, g.C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
@@ -267,18 +271,25 @@ at::Tensor pw_weight_grad(const std::vector<GradPartials<T>>& parts, const Geome
     return out;
   }
   constexpr int64_t kB = 32;
-  for (int64_t c0 = 0; c0 < g.C; c0 += kB) {
-    for (int64_t co0 = 0; co0 < g.Cout; co0 += kB) {
-      const int64_t c1 = std::min(g.C, c0 + kB), co1 = std::min(g.Cout, co0 + kB);
-      for (int64_t co = co0; co < co1; ++co) std::fill(o + co * g.C + c0, o + co * g.C + c1, T(0));
-      for (const auto& p : parts) {
-        const T* v = p.pw_w.get();
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t co = co0; co < co1; ++co) o[co * g.C + c] += v[c * g.Cout + co];
+  at::parallel_for(0, ceil_div(g.Cout, kB), 1, [&](int64_t b0, int64_t b1) {
+    T acc[kB][kB];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t co0 = b * kB, nco = std::min(kB, g.Cout - co0);
+      for (int64_t c0 = 0; c0 < g.C; c0 += kB) {
+        const int64_t nc = std::min(kB, g.C - c0);
+        for (int64_t i = 0; i < nc; ++i) std::fill(acc[i], acc[i] + nco, T(0));
+        for (const auto& p : parts) {
+          for (int64_t i = 0; i < nc; ++i) {
+            const T* row = p.pw_w.get() + (c0 + i) * g.Cout + co0;
+            for (int64_t j = 0; j < nco; ++j) acc[i][j] += row[j];
+          }
+        }
+        for (int64_t j = 0; j < nco; ++j) {
+          for (int64_t i = 0; i < nc; ++i) o[(co0 + j) * g.C + c0 + i] = acc[i][j];
         }
       }
     }
-  }
+  });
   return out;
 }
 
@@ -422,6 +433,7 @@ std::vector<at::Tensor> backward_impl(const Geometry& g, const at::Tensor& gy, c
     const int64_t tasks = g.N * ((pb.plan.per_image - phase + 1) / 2);
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t ch = cb; ch < ce; ++ch) {
+        if (phase == 0) parts[ch].zero();
         run_best_isa(BackwardTiles<L, scalar_t, T>{pb, gy_ptr, gx_ptr, gx_plan, halo.get(), parts[ch], phase,
                                                     tasks * ch / chunks, tasks * (ch + 1) / chunks});
       }

@@ -6,11 +6,12 @@ in kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
 
 ``unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back) -> norm``
     grads: list of N tensors (N >= 0, any shapes, float32/float16/bfloat16 mixed, one device); inv_scale,
-    found_inf: float32 1-element tensors. Sets found_inf to 1.0 when any grad holds an inf or nan (never
-    resets it). With ``write_back`` every grad becomes grad * inv_scale (fp32 math, rounded to its dtype),
-    else grads are only read. Returns a new 0-dim float32 tensor: the norm of all grad * inv_scale together
-    (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0). A non-finite grad gives a
-    non-finite norm.
+    found_inf: float32 1-element tensors. With ``write_back`` every grad becomes grad * inv_scale (fp32 math,
+    rounded to its dtype), else grads are only read. Sets found_inf to 1.0 (never resets it) when any value
+    v = grad * inv_scale is inf or nan, v taken as the grad holds it afterwards with ``write_back`` (rounded to its
+    dtype: an fp16 product past 65504 counts) and in fp32 without. Returns a new 0-dim float32 tensor: the norm
+    of all those v together (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0); with a
+    non-finite v it is nan if some v is nan, else inf (as torch's norms).
 
 ``fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
 grad_factor, found_inf, lr_tensor=None)``
