@@ -7,6 +7,8 @@ import torch
 from sparse_util import random_mask
 
 from effikern.sparse import PANEL, csr_coordinates, from_dense, is_2of4, is_block, n_panels
+from effikern.nn import SparseLinear
+from effikern.sparse import SparseWeight
 from effikern.sparse.formats import segment_coordinates
 
 FORMATS = ["unstructured", "block", "2:4"]
@@ -196,3 +198,39 @@ class TestErrors:
     def test_block_size(self):
         with pytest.raises(ValueError, match="block_size must be"):
             from_dense(torch.randn(4, 4), None, "block", (0, 4))
+
+
+def _rebuilt(sw, **replace):
+    arrays = dict(sw.arrays(), **replace)
+    return SparseWeight(sw.format, sw.shape, sw.values, arrays["crow"], arrays["col"], arrays["row"],
+                        arrays["t_crow"], arrays["t_row"], arrays["t_perm"], sw.value_mask, sw.block_size)
+
+
+def test_hand_built_index_arrays_are_checked():
+    """The C++ kernels trust the index arrays: a crow past the stored entries made them read out of bounds (a
+    segfault). A SparseWeight built by hand, or loaded from a checkpoint, is checked first."""
+    torch.manual_seed(0)
+    sw = from_dense(torch.randn(6, 300), torch.rand(6, 300) > 0.5)  # two panels, the second 44 columns wide
+    _rebuilt(sw)  # the arrays as built pass
+    crow = sw.crow.clone()
+    crow[-1] = 10**6
+    with pytest.raises(ValueError, match="crow must start at 0, never decrease and end at"):
+        _rebuilt(sw, crow=crow)
+    col = sw.col.clone()
+    last_panel = int(sw.crow[1])  # the first entry of row 0's second panel
+    col[last_panel] = 250
+    with pytest.raises(ValueError, match="col holds an offset past the end of its panel"):
+        _rebuilt(sw, col=col)
+    block = from_dense(torch.randn(8, 16), None, "block", (4, 4))
+    bad = block.col.clone()
+    bad[0] = 4
+    with pytest.raises(ValueError, match=r"col must hold indices in \[0, 4\)"):
+        _rebuilt(block, col=bad)
+    dense = torch.nn.Linear(300, 6)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand(6, 300) > 0.5)
+    state = SparseLinear.from_linear(dense, format="unstructured").state_dict()
+    state["crow"] = state["crow"].clone()
+    state["crow"][-1] += 1
+    with pytest.raises(ValueError, match="crow must start at 0"):
+        SparseLinear.from_linear(dense, format="unstructured").load_state_dict(state)

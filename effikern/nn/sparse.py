@@ -72,7 +72,8 @@ class _SparseMatmul(nn.Module):
     def sparse_weight(self) -> SparseWeight:
         """The current weight as a SparseWeight (sharing this module's tensors)."""
         return SparseWeight(self.format, (self.out_features, self.in_features), self.values, self.crow, self.col,
-                            self.row, self.t_crow, self.t_row, self.t_perm, self.value_mask, self.block_size)
+                            self.row, self.t_crow, self.t_row, self.t_perm, self.value_mask, self.block_size,
+                            validate=False)  # checked when built or loaded
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight [out_features, in_features] (pruned positions 0)."""
@@ -117,6 +118,9 @@ class _SparseMatmul(nn.Module):
                 else:
                     setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A checkpoint's index arrays are checked before any kernel trusts them.
+        if all(prefix + name in state_dict for name in ("values", "crow", "col")):
+            self.sparse_weight.validate()
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.block_size else ""

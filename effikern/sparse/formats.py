@@ -90,6 +90,24 @@ def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple
     return t_crow, _int32(row[order]), _int32(order)
 
 
+def _check_range(name: str, index: torch.Tensor, bound: int) -> None:
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+        raise ValueError(f"{name} must hold indices in [0, {bound}), got [{int(index.min())}, {int(index.max())}]")
+
+
+def _check_offsets(name: str, ptr: torch.Tensor, offsets: torch.Tensor, n_major: int, n_minor: int) -> None:
+    """Panelled CSR: each entry's offset lies inside its segment's panel (the last panel may be narrower)."""
+    if not offsets.numel():
+        return
+    p = n_panels(n_minor)
+    counts = (ptr[1:] - ptr[:-1]).long()
+    panel = torch.repeat_interleave(torch.arange(n_major * p, device=ptr.device) % p, counts,
+                                    output_size=offsets.numel())
+    width = torch.clamp(n_minor - panel * PANEL, max=PANEL)
+    if bool((offsets.long() >= width).any()):
+        raise ValueError(f"{name} holds an offset past the end of its panel ({n_minor} columns in panels of {PANEL})")
+
+
 class SparseWeight:
     """A pruned dense weight [out_features, in_features] in one of ``FORMATS`` (module docstring for the arrays).
 
@@ -99,7 +117,9 @@ class SparseWeight:
     def __init__(self, fmt: str, shape: Tuple[int, int], values: torch.Tensor, crow: torch.Tensor,
                  col: torch.Tensor, row: torch.Tensor, t_crow: torch.Tensor, t_row: torch.Tensor,
                  t_perm: torch.Tensor, value_mask: Optional[torch.Tensor] = None,
-                 block_size: Optional[Tuple[int, int]] = None):
+                 block_size: Optional[Tuple[int, int]] = None, validate: bool = True):
+        """``validate``: check the index arrays' contents (:meth:`validate`; reads them on the host once). Off only
+        where they come from a weight already checked or built here (from_dense, ``to``, a module's forward)."""
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
         self.format = fmt
@@ -109,6 +129,38 @@ class SparseWeight:
         self.crow, self.col, self.row = crow, col, row
         self.t_crow, self.t_row, self.t_perm = t_crow, t_row, t_perm
         self.value_mask = value_mask
+        if validate:
+            self.validate()
+
+    def validate(self) -> "SparseWeight":
+        """Checks what the kernels trust: every pointer array starts at 0, never decreases and ends at the number of
+        stored entries, and every index lies inside the weight (an offset within a panel inside that panel's
+        columns, a block index inside the block grid), in the forward arrays and, when present, the training ones.
+        A hand-built weight that broke this made the C++ kernels read out of bounds. Raises ValueError naming the
+        array; returns self."""
+        n, k = self.shape
+        nnz = self.values.shape[0] if self.values.dim() else 0
+        expected = {"crow": (nnz, self.col)}
+        if self.has_training_arrays() and self.t_perm.numel():
+            expected["t_crow"] = (nnz, self.t_row)
+        for name, (count, entries) in expected.items():
+            ptr = getattr(self, name).long()
+            if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != count or bool((ptr[1:] < ptr[:-1]).any()):
+                raise ValueError(f"{name} must start at 0, never decrease and end at the {count} stored entries")
+            if entries.numel() != count:
+                raise ValueError(f"{name} points at {count} entries, but there are {entries.numel()}")
+        if self.format == "block":
+            br, bc = self.block_size
+            _check_range("col", self.col, math.ceil(k / bc))
+            if "t_crow" in expected:
+                _check_range("t_row", self.t_row, math.ceil(n / br))
+        else:
+            _check_offsets("col", self.crow, self.col, n, k)
+            if "t_crow" in expected:
+                _check_offsets("t_row", self.t_crow, self.t_row, k, n)
+        if "t_crow" in expected:
+            _check_range("t_perm", self.t_perm, nnz)
+        return self
 
     @property
     def out_features(self) -> int:
@@ -139,7 +191,7 @@ class SparseWeight:
         moved = {name: t.to(device) for name, t in self.arrays().items()}
         return SparseWeight(self.format, self.shape, self.values.detach().to(device=device, dtype=dtype), **moved,
                             value_mask=None if self.value_mask is None else self.value_mask.to(device),
-                            block_size=self.block_size)
+                            block_size=self.block_size, validate=False)
 
     def drop_training_arrays(self) -> "SparseWeight":
         """Frees row and the transposed view: inference, and the cpp backend's CSR backward, need only values, crow
@@ -214,7 +266,7 @@ def to_unstructured(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -
     by_col = torch.argsort(col * n + row, stable=True)  # the entries in (column, row) order
     t_crow, t_row_offset, _ = _panelled(col[by_col], row[by_col], k, n)
     return SparseWeight("unstructured", (n, k), values, crow, col_offset, seg, t_crow, t_row_offset,
-                        _int32(by_col))
+                        _int32(by_col), validate=False)
 
 
 def to_2of4(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseWeight:
@@ -253,7 +305,7 @@ def to_block(weight: torch.Tensor, mask: Optional[torch.Tensor] = None,
     block_mask = mask_tiles[row, col]
     t_crow, t_row, t_perm = _transposed_view(row, col, kb)
     sw = SparseWeight("block", (n, k), values, _offsets(torch.bincount(row, minlength=nb)), _int32(col),
-                      _int32(row), t_crow, t_row, t_perm, block_size=(br, bc))
+                      _int32(row), t_crow, t_row, t_perm, block_size=(br, bc), validate=False)
     if not bool(block_mask.all()):
         sw.value_mask = block_mask.contiguous()
     return sw
