@@ -10,8 +10,9 @@ in kernels/amp.py, ``cuda`` in csrc/cuda/amp_*):
     rounded to its dtype), else grads are only read. Sets found_inf to 1.0 (never resets it) when any value
     v = grad * inv_scale is inf or nan, v taken as the grad holds it afterwards with ``write_back`` (rounded to its
     dtype: an fp16 product past 65504 counts) and in fp32 without. Returns a new 0-dim float32 tensor: the norm
-    of all those v together (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0); with a
-    non-finite v it is nan if some v is nan, else inf (as torch's norms).
+    of all those v together (norm_type 2.0: Euclidean; inf: max |.|; 0.0: not computed, returns 0), of v in fp32
+    or as stored (backends may differ by that one rounding per element); whenever found_inf is set by this call it
+    is nan if some v is nan, else inf (as torch's norms).
 
 ``fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize,
 grad_factor, found_inf, lr_tensor=None)``
