@@ -89,19 +89,26 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def check_params(optimizer, name: str) -> None:
     """Every param with a gradient, in every group, before any is updated: a bad one found mid-step had left the
     groups before it updated and the rest not."""
-    for g, group in enumerate(optimizer.param_groups):
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            where = f"param {i} of param group {g}"
-            if p.dtype not in _KERNEL_DTYPES:
-                raise TypeError(f"effikern.optim.{name}: {where} has dtype {p.dtype}; the fused kernels take float32, "
-                                "float16 and bfloat16 (torch.optim handles the others)")
-            if p.grad.is_sparse:
-                raise RuntimeError(f"effikern.optim.{name} does not support sparse gradients ({where})")
-            if p.grad.dtype != p.dtype:
-                raise TypeError(f"effikern.optim.{name}: a gradient must have its param's dtype ({p.dtype}), "
-                                f"got {p.grad.dtype} ({where})")
+    # Every step, over every param: so the common case is three attribute reads per param, and the messages are
+    # built only on failure (an f-string per param cost ~1 ms per step over 1000 params).
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            grad = p.grad
+            if grad is not None and (p.dtype not in _KERNEL_DTYPES or grad.dtype != p.dtype or grad.is_sparse):
+                _refuse(optimizer, p, name)
+
+
+def _refuse(optimizer, p, name: str) -> None:
+    g, i = next((g, i) for g, group in enumerate(optimizer.param_groups)
+                for i, q in enumerate(group["params"]) if q is p)
+    where = f"param {i} of param group {g}"
+    if p.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"effikern.optim.{name}: {where} has dtype {p.dtype}; the fused kernels take float32, "
+                        "float16 and bfloat16 (torch.optim handles the others)")
+    if p.grad.is_sparse:
+        raise RuntimeError(f"effikern.optim.{name} does not support sparse gradients ({where})")
+    raise TypeError(f"effikern.optim.{name}: a gradient must have its param's dtype ({p.dtype}), "
+                    f"got {p.grad.dtype} ({where})")
 
 
 def step_groups(optimizer, group, new_state, starts) -> Dict[int, List[torch.Tensor]]:
