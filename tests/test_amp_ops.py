@@ -495,3 +495,44 @@ def test_a_nonfinite_norm_is_inf_or_nan_as_torch_says(backend, bad, norm_is):
             norm = torch.ops.effikern.unscale_check_norm(grads, torch.full((), 0.25, device=device),
                                                          torch.zeros((), device=device), norm_type, False)
             assert (math.isinf(norm.item()) if norm_is == "inf" else math.isnan(norm.item())), (norm_type, norm)
+
+
+def test_ten_thousand_tensors_on_cpp():
+    """The issue's range is 1 to 10,000+ tensors: one call over 10,500 (sizes 0-6, mixed dtypes, one infinite) on the
+    cpp backend against the reference, for the check+norm pass and for both fused optimizers. (The GPU test only
+    builds the launch table for that many.)"""
+    device = _setup("cpp")
+    sizes = [i % 7 for i in range(10_500)]
+    grads = _grads(sizes, DTYPES, device)
+    inv = torch.full((), 0.25, device=device)
+    norms = {}
+    for backend in ("torch", "cpp"):
+        found = torch.zeros((), device=device)
+        work = [g.clone() for g in grads]
+        with effikern.set_backend(backend):
+            norms[backend] = torch.ops.effikern.unscale_check_norm(work, inv, found, 2.0, True).item()
+        assert found.item() == 0.0
+        norms[backend, "grads"] = work
+    assert norms["cpp"] == pytest.approx(norms["torch"], rel=1e-5)
+    for a, b in zip(norms["cpp", "grads"], norms["torch", "grads"]):
+        torch.testing.assert_close(a, b, rtol=ULP[a.dtype], atol=0)
+    grads[-1].view(-1)[-1] = INF  # the last tensor holds 6 elements (10,499 % 7)
+    found = torch.zeros((), device=device)
+    with effikern.set_backend("cpp"):
+        torch.ops.effikern.unscale_check_norm(grads, inv, found, 0.0, False)
+    assert found.item() == 1.0
+
+    results, state = {}, _state_lists(sizes, DTYPES, device)
+    for backend in ("torch", "cpp"):
+        params, grads2, exp_avgs, exp_avg_sqs = [[t.clone() for t in lst] for lst in state]
+        bufs = [b.clone() for b in exp_avgs]
+        with effikern.set_backend(backend):
+            torch.ops.effikern.fused_adamw_(params, grads2, exp_avgs, exp_avg_sqs, torch.zeros((), device=device),
+                                            1e-3, 0.9, 0.999, 1e-8, 0.01, False, None, None)
+            sgd_params = [p.clone() for p in params]
+            torch.ops.effikern.fused_sgd_(sgd_params, grads2, bufs, torch.zeros((), device=device), 0.05, 0.9, 0.0,
+                                          False, 0.0, False, None, None)
+        results[backend] = (params, exp_avgs, exp_avg_sqs, sgd_params, bufs)
+    for got, want in zip(results["cpp"], results["torch"]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **_low_precision_tol(a.dtype))
