@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .nn._hooks import hooks, run_pruning_hooks
 from .nn.dwsep import DepthwiseSeparableConv2d
 from .ops.activation import module_activation_name
 
@@ -119,13 +120,9 @@ def _leaf_pruned_weights(model: nn.Module) -> None:
     created explicitly by the user support the deepcopy protocol"); the pruning hook recomputes it before each
     forward anyway, so the value is unchanged and training is unaffected.
     """
-    from torch.nn.utils.prune import BasePruningMethod
-
     with torch.no_grad():
         for module in model.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, BasePruningMethod):
-                    hook(module, ())
+            run_pruning_hooks(module)
 
 
 def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
@@ -251,9 +248,9 @@ def _match_block(module: nn.Module) -> Rewrite:
     torch.fx records one path through Python control flow, so a forward that branches (``if self.training``,
     ``if self.use_act``) is left alone: the fused module could not take the other path later. So is a module with
     hooks of its own, which the replacement would drop."""
-    hooks = _all_hooks(module)
-    if hooks:
-        return Rewrite(1, None, f"the module has hooks ({hooks}), which its replacement would not run")
+    own = _hook_names(hooks(module))
+    if own:
+        return Rewrite(1, None, f"the module has hooks ({own}), which its replacement would not run")
     branches = _control_flow(type(module).forward)
     if branches:
         return Rewrite(1, None, f"forward has Python control flow ({branches}), which tracing would freeze")
@@ -274,10 +271,8 @@ def _match_block(module: nn.Module) -> Rewrite:
     return _build(dw, pw, act, bn, 1, "forward traced by torch.fx")
 
 
-def _all_hooks(module: nn.Module) -> str:
-    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
-             *module._backward_hooks.values(), *module._backward_pre_hooks.values()]
-    return ", ".join(type(h).__name__ for h in hooks)
+def _hook_names(found) -> str:
+    return ", ".join(type(h).__name__ for h in found)
 
 
 def _control_flow(function) -> str:
@@ -399,7 +394,7 @@ def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
     if mask is None and sparsity < _ZERO_FRACTION:
         return None  # an ordinary dense layer: not this rule's business
     kind = "Linear" if is_linear else "1x1 Conv2d"
-    extra = _foreign_hooks(module)
+    extra = _hook_names(hooks(module, skip_pruning=True))
     if extra:
         return Rewrite(1, None, f"pruned {kind}: has hooks other than pruning's ({extra}), which would be lost")
     fmt, block = sparse_nn.choose_format(weight.reshape(weight.shape[0], -1), kept.reshape(weight.shape[0], -1))
@@ -424,12 +419,6 @@ def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
     return Rewrite(1, new, f"{what}: measured faster than dense at >= {least:.0%} sparsity ({tokens} tokens)")
 
 
-def _foreign_hooks(module) -> str:
-    from torch.nn.utils.prune import BasePruningMethod
-
-    hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
-    hooks += list(module._forward_hooks.values()) + list(module._backward_hooks.values())
-    return ", ".join(type(h).__name__ for h in hooks)
 
 
 RULES: List[Rule] = [dwsep_rule, sparse_rule]

@@ -298,9 +298,6 @@ def _check_clip_args(max_norm, norm_type) -> None:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
 
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _grads_by_device(optimizer, coalesce_all: bool = False) -> Dict[torch.device, List[torch.Tensor]]:
     """The optimizer's gradients by device (a sparse one as its values). coalesce_all: coalesce every sparse grad,
     not only fp16 ones, because a norm over duplicate indices counted separately is not the grad's norm."""
@@ -313,7 +310,7 @@ def _grads_by_device(optimizer, coalesce_all: bool = False) -> Dict[torch.device
             if p.grad is None:
                 continue
             grad = p.grad
-            if grad.dtype not in _FUSED_DTYPES:
+            if grad.dtype not in amp_ops.DTYPES:
                 raise TypeError(f"effikern.amp.GradScaler: the gradient of param {i} (counting over the param "
                                 f"groups) is {grad.dtype}; the fused pass takes float32, float16 and bfloat16 "
                                 "(torch.amp.GradScaler handles the others)")

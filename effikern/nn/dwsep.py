@@ -8,11 +8,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn.utils.prune import BasePruningMethod
 
 from .. import functional
 from ..ops import _checks
 from ..ops.activation import activation_name, apply_activation
+from ._hooks import hooks, run_pruning_hooks
 
 
 class DepthwiseSeparableConv2d(nn.Module):
@@ -115,7 +115,7 @@ class DepthwiseSeparableConv2d(nn.Module):
     def _unfused_reason(self) -> Optional[str]:
         for name in ("depthwise", "bn", "pointwise"):
             child = getattr(self, name)
-            if child is not None and _hooks_other_than_pruning(child):
+            if child is not None and hooks(child, skip_pruning=True):
                 return f"{name} has hooks, which run only when it is called"
         bn = self.bn
         if bn is None:
@@ -133,8 +133,8 @@ class DepthwiseSeparableConv2d(nn.Module):
             return self._forward_unfused(x, residual)
         # The children are not called on the fused path, so their pruning hooks (torch.nn.utils.prune: weight =
         # weight_orig * weight_mask, recomputed before each call) are run here instead.
-        _apply_pruning(self.depthwise)
-        _apply_pruning(self.pointwise)
+        run_pruning_hooks(self.depthwise)
+        run_pruning_hooks(self.pointwise)
         dw_weight, dw_bias = self._depthwise_parameters()
         dw = self.depthwise
         return functional.dwsep_conv2d(
@@ -208,23 +208,9 @@ def conv_padding(padding, kernel_size, stride, dilation, name: str) -> Tuple[int
 
 # --- from_modules validation: every message names the argument ---------------------------------------------
 
-def _hooks_other_than_pruning(module: nn.Module) -> bool:
-    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
-    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
-
-
-def _apply_pruning(module: nn.Module) -> None:
-    """Runs ``module``'s torch.nn.utils.prune hooks, as calling it would (they take no input)."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, BasePruningMethod):
-            hook(module, ())
-
-
 def _check_plain(module: nn.Module, name: str) -> None:
     """The fused module reproduces only a layer's math: hooks would silently stop running."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-             module._backward_pre_hooks)
-    if any(hooks):
+    if hooks(module):
         raise ValueError(f"{name} has forward/backward hooks, which the fused module would not run")
 
 

@@ -13,7 +13,6 @@ forward and as much per gradient op, so eager calls go through an autograd.Funct
 from typing import Iterable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
@@ -53,16 +52,11 @@ def op_without_dispatcher(name: str, forward_impl, setup_context, gradients):
         setup_context(ctx, inputs, output)
         return output
 
-    differentiable_once = once_differentiable(gradients)
-
-    def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # the engine runs backward in grad mode exactly when create_graph=True
-            return gradients(ctx, *grads)
-        return differentiable_once(ctx, *grads)
+    def backward(ctx, *grads):  # in grad mode exactly when create_graph=True (the engine sets it)
+        return gradients(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
         "__module__": forward_impl.__module__,
     })
-

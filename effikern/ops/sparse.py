@@ -406,10 +406,11 @@ def _gradients(ctx, grad_y, grad_input, grad_values):
     grad_x = grad_vals = grad_bias = None
     if torch.is_grad_enabled():
         grad_x, grad_vals = _differentiable_gradients(ctx, grad_y, need_x, need_values)
-    elif need_x:
-        grad_x = grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, ctx.fmt, ctx.n, ctx.k)
-    if need_values and not torch.is_grad_enabled():
-        grad_vals = grad_values(grad_y, x, crow, row, col, value_mask, list(values.shape), ctx.fmt)
+    else:
+        if need_x:
+            grad_x = grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, ctx.fmt, ctx.n, ctx.k)
+        if need_values:
+            grad_vals = grad_values(grad_y, x, crow, row, col, value_mask, list(values.shape), ctx.fmt)
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(-1, ctx.n).sum(0, dtype=_math_dtype(grad_y)).to(grad_y.dtype)
     return grad_x, grad_vals, None, None, None, None, None, None, None, grad_bias, None, None, None

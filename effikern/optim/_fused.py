@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..ops import amp as _amp_ops
+
 
 def scaling_tensors(optimizer) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_factor, found_inf) from the attributes a grad scaler set, or (None, None)."""
@@ -83,9 +85,6 @@ def lr_args(lr, device: torch.device) -> Tuple[float, Optional[torch.Tensor]]:
     return 0.0, on(lr, device)  # lr is ignored when lr_tensor is given
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def check_params(optimizer, name: str) -> None:
     """Every param with a gradient, in every group, before any is updated: a bad one found mid-step had left the
     groups before it updated and the rest not."""
@@ -94,7 +93,7 @@ def check_params(optimizer, name: str) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             grad = p.grad
-            if grad is not None and (p.dtype not in _KERNEL_DTYPES or grad.dtype != p.dtype or grad.is_sparse):
+            if grad is not None and (p.dtype not in _amp_ops.DTYPES or grad.dtype != p.dtype or grad.is_sparse):
                 _refuse(optimizer, p, name)
 
 
@@ -102,7 +101,7 @@ def _refuse(optimizer, p, name: str) -> None:
     g, i = next((g, i) for g, group in enumerate(optimizer.param_groups)
                 for i, q in enumerate(group["params"]) if q is p)
     where = f"param {i} of param group {g}"
-    if p.dtype not in _KERNEL_DTYPES:
+    if p.dtype not in _amp_ops.DTYPES:
         raise TypeError(f"effikern.optim.{name}: {where} has dtype {p.dtype}; the fused kernels take float32, "
                         "float16 and bfloat16 (torch.optim handles the others)")
     if p.grad.is_sparse:

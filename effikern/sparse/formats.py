@@ -96,15 +96,9 @@ def _check_range(name: str, index: torch.Tensor, bound: int) -> None:
 
 
 def _check_offsets(name: str, ptr: torch.Tensor, offsets: torch.Tensor, n_major: int, n_minor: int) -> None:
-    """Panelled CSR: each entry's offset lies inside its segment's panel (the last panel may be narrower)."""
-    if not offsets.numel():
-        return
-    p = n_panels(n_minor)
-    counts = (ptr[1:] - ptr[:-1]).long()
-    panel = torch.repeat_interleave(torch.arange(n_major * p, device=ptr.device) % p, counts,
-                                    output_size=offsets.numel())
-    width = torch.clamp(n_minor - panel * PANEL, max=PANEL)
-    if bool((offsets.long() >= width).any()):
+    """Panelled CSR: each entry's offset lies inside its segment's panel (the last panel may be narrower), i.e. its
+    column inside the weight."""
+    if offsets.numel() and bool((csr_coordinates(ptr, offsets, n_major, n_minor)[1] >= n_minor).any()):
         raise ValueError(f"{name} holds an offset past the end of its panel ({n_minor} columns in panels of {PANEL})")
 
 
