@@ -224,7 +224,7 @@ def test_hand_built_index_arrays_are_checked():
     block = from_dense(torch.randn(8, 16), None, "block", (4, 4))
     bad = block.col.clone()
     bad[0] = 4
-    with pytest.raises(ValueError, match=r"col must hold indices in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"col must hold block indices in \[0, 4\)"):
         _rebuilt(block, col=bad)
     dense = torch.nn.Linear(300, 6)
     with torch.no_grad():

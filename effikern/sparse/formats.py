@@ -90,18 +90,6 @@ def _transposed_view(row: torch.Tensor, col: torch.Tensor, n_cols: int) -> Tuple
     return t_crow, _int32(row[order]), _int32(order)
 
 
-def _check_range(name: str, index: torch.Tensor, bound: int) -> None:
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
-        raise ValueError(f"{name} must hold indices in [0, {bound}), got [{int(index.min())}, {int(index.max())}]")
-
-
-def _check_offsets(name: str, ptr: torch.Tensor, offsets: torch.Tensor, n_major: int, n_minor: int) -> None:
-    """Panelled CSR: each entry's offset lies inside its segment's panel (the last panel may be narrower), i.e. its
-    column inside the weight."""
-    if offsets.numel() and bool((csr_coordinates(ptr, offsets, n_major, n_minor)[1] >= n_minor).any()):
-        raise ValueError(f"{name} holds an offset past the end of its panel ({n_minor} columns in panels of {PANEL})")
-
-
 class SparseWeight:
     """A pruned dense weight [out_features, in_features] in one of ``FORMATS`` (module docstring for the arrays).
 
@@ -127,33 +115,20 @@ class SparseWeight:
             self.validate()
 
     def validate(self) -> "SparseWeight":
-        """Checks what the kernels trust: every pointer array starts at 0, never decreases and ends at the number of
-        stored entries, and every index lies inside the weight (an offset within a panel inside that panel's
-        columns, a block index inside the block grid), in the forward arrays and, when present, the training ones.
-        A hand-built weight that broke this made the C++ kernels read out of bounds. Raises ValueError naming the
-        array; returns self."""
-        n, k = self.shape
+        """Checks what the kernels trust (``effikern/sparse/checks.py``): pointers that run from 0 to the stored
+        entries without decreasing, every index inside the weight and sorted within its segment, and training arrays
+        (when present) that describe the same entries. A hand-built weight that broke this made the C++ kernels read
+        out of bounds. Raises ValueError naming the array; returns self."""
+        from .checks import check_index_arrays  # checks imports this module's panel helpers
+
         nnz = self.values.shape[0] if self.values.dim() else 0
-        expected = {"crow": (nnz, self.col)}
-        if self.has_training_arrays() and self.t_perm.numel():
-            expected["t_crow"] = (nnz, self.t_row)
-        for name, (count, entries) in expected.items():
-            ptr = getattr(self, name).long()
-            if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != count or bool((ptr[1:] < ptr[:-1]).any()):
-                raise ValueError(f"{name} must start at 0, never decrease and end at the {count} stored entries")
-            if entries.numel() != count:
-                raise ValueError(f"{name} points at {count} entries, but there are {entries.numel()}")
-        if self.format == "block":
-            br, bc = self.block_size
-            _check_range("col", self.col, math.ceil(k / bc))
-            if "t_crow" in expected:
-                _check_range("t_row", self.t_row, math.ceil(n / br))
-        else:
-            _check_offsets("col", self.crow, self.col, n, k)
-            if "t_crow" in expected:
-                _check_offsets("t_row", self.t_crow, self.t_row, k, n)
-        if "t_crow" in expected:
-            _check_range("t_perm", self.t_perm, nnz)
+        for name, t in self.arrays().items():
+            want = torch.uint8 if name in ("col", "t_row") and self.format != "block" else torch.int32
+            if not isinstance(t, torch.Tensor) or t.dtype != want:
+                raise ValueError(f"{name} must be a {want} tensor, got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        check_index_arrays(self.format, self.shape, nnz, self.block_size, self.crow, self.col, self.row,
+                           self.t_crow, self.t_row, self.t_perm)
         return self
 
     @property

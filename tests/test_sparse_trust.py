@@ -1,0 +1,152 @@
+"""The raw sparse ops check the contents of index arrays they did not build (effikern/sparse/checks.py) before any
+kernel trusts them, once per set of arrays: a hand-made crow past the stored entries, an offset past the last panel,
+a duplicated entry, a wrong row or a transposed view of other entries gives a ValueError naming the array, on every
+backend, instead of an out-of-bounds access or a silently wrong gradient."""
+
+import pytest
+import torch
+from backend_util import device_for, skip_unavailable
+
+import effikern
+from effikern.ops import sparse as sparse_ops
+from effikern.sparse import SparseWeight, from_dense
+
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _weight(fmt="unstructured", device="cpu"):
+    """6 x 300 at ~50%: two column panels (the second 44 columns wide), so offsets can point past the weight."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 300, generator=g)
+    mask = torch.rand(6, 300, generator=g) > 0.5
+    if fmt == "block":
+        return from_dense(w, None, "block", (2, 4)).to(device)
+    return from_dense(w, mask, fmt).to(device)
+
+
+def _forward(sw, x):
+    a = sw.arrays()
+    return torch.ops.effikern.sparse_linear(x, sw.values, a["crow"], a["col"], a["row"], a["t_crow"], a["t_row"],
+                                            a["t_perm"], sw.value_mask, None, sw.format, *sw.shape)
+
+
+def _grad_input(sw, gy):
+    a = sw.arrays()
+    return torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, a["crow"], a["col"], a["t_crow"], a["t_row"],
+                                                       a["t_perm"], sw.format, *sw.shape)
+
+
+def _grad_values(sw, gy, x):
+    a = sw.arrays()
+    return torch.ops.effikern.sparse_linear_grad_values(gy, x, a["crow"], a["row"], a["col"], sw.value_mask,
+                                                        list(sw.values.shape), sw.format)
+
+
+def _replaced(sw, **arrays):
+    """A copy of sw with some arrays replaced, unchecked (as a caller of the raw op could hand them over)."""
+    a = dict(sw.arrays(), **arrays)
+    return SparseWeight(sw.format, sw.shape, sw.values, a["crow"], a["col"], a["row"], a["t_crow"], a["t_row"],
+                        a["t_perm"], sw.value_mask, sw.block_size, validate=False)
+
+
+def _first_two_in_one_segment(ptr):
+    """Index of the first entry whose segment holds at least two entries."""
+    counts = ptr[1:].long() - ptr[:-1].long()
+    return int(ptr[int((counts >= 2).nonzero()[0])])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_refuses_bad_forward_arrays(backend):
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    sw = _weight(device=device)
+    x = torch.randn(3, 300, device=device)
+    crow = sw.crow.clone()
+    crow[-1] = 10**6
+    col = sw.col.clone()
+    col[int(sw.crow[1])] = 250  # row 0's second panel holds 44 columns
+    dup = sw.col.clone()
+    i = _first_two_in_one_segment(sw.crow)
+    dup[i + 1] = dup[i]
+    with effikern.set_backend(backend):
+        _forward(sw, x)  # the arrays as built pass
+        with pytest.raises(ValueError, match="crow must start at 0, never decrease and end at"):
+            _forward(_replaced(sw, crow=crow), x)
+        with pytest.raises(ValueError, match="col holds an offset past the end of its panel"):
+            _forward(_replaced(sw, col=col), x)
+        with pytest.raises(ValueError, match="col must be strictly increasing within each segment"):
+            _forward(_replaced(sw, col=dup), x)
+    block = _weight("block", device)
+    bad = block.col.clone()
+    bad[0] = 75  # the grid is 3 x 75 blocks
+    with effikern.set_backend(backend), pytest.raises(ValueError, match=r"col must hold block indices in \[0, 75\)"):
+        _forward(_replaced(block, col=bad), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["unstructured", "block"])
+def test_backward_refuses_bad_training_arrays(backend, fmt):
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    sw = _weight(fmt, device)
+    x = torch.randn(3, 300, device=device)
+    gy = torch.randn(3, 6, device=device)
+    row = sw.row.clone()
+    row[0] += 1
+    repeated = sw.t_perm.clone()
+    repeated[1] = repeated[0]
+    swapped = sw.t_perm.clone()
+    swapped[[0, -1]] = swapped[[-1, 0]]  # still a permutation, but entry 0 now sits where entry -1 does
+    t_row = sw.t_row.clone()
+    t_row[-1] = 255 if fmt != "block" else 10**6
+    with effikern.set_backend(backend):
+        _grad_input(sw, gy), _grad_values(sw, gy, x)
+        with pytest.raises(ValueError, match="row must hold each stored entry's"):
+            _grad_values(_replaced(sw, row=row), gy, x)
+        with pytest.raises(ValueError, match="t_perm must be a permutation"):
+            _grad_input(_replaced(sw, t_perm=repeated), gy)
+        with pytest.raises(ValueError, match="the transposed view .* must describe the entries of crow and col"):
+            _grad_input(_replaced(sw, t_perm=swapped), gy)
+        with pytest.raises(ValueError, match="t_row"):
+            _grad_input(_replaced(sw, t_row=t_row), gy)
+
+
+def test_checked_once_until_changed_in_place(monkeypatch):
+    """The check runs the first time a set of arrays is seen, not every call; an in-place change to an array (or to
+    a view of it) bumps its version counter, and the next call checks again."""
+    calls = []
+    real = sparse_ops.check_index_arrays
+    monkeypatch.setattr(sparse_ops, "check_index_arrays", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sw = _weight()
+    x = torch.randn(2, 300)
+    with effikern.set_backend("cpp"):
+        for _ in range(3):
+            _forward(sw, x)
+        assert len(calls) == 1
+        sw.crow[1:].view(-1)[-1] = 10**6  # through a view
+        with pytest.raises(ValueError, match="crow must start at 0"):
+            _forward(sw, x)
+        assert len(calls) == 2
+
+
+def test_inference_tensors_are_checked_every_call(monkeypatch):
+    calls = []
+    real = sparse_ops.check_index_arrays
+    monkeypatch.setattr(sparse_ops, "check_index_arrays", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        sw = _weight()
+        x = torch.randn(2, 300)
+        with effikern.set_backend("cpp"):
+            _forward(sw, x), _forward(sw, x)
+    assert len(calls) == 2
+
+
+def test_sparse_weight_validate_checks_the_training_arrays():
+    sw = _weight()
+    row = sw.row.clone()
+    row[-1] = 0
+    with pytest.raises(ValueError, match="row must hold"):
+        _replaced(sw, row=row).validate()
+    with pytest.raises(ValueError, match="t_perm must be a permutation"):
+        _replaced(sw, t_perm=torch.zeros_like(sw.t_perm)).validate()
+    sw.drop_training_arrays().validate()  # dropped arrays are not checked
