@@ -150,3 +150,23 @@ def test_sparse_weight_validate_checks_the_training_arrays():
     with pytest.raises(ValueError, match="t_perm must be a permutation"):
         _replaced(sw, t_perm=torch.zeros_like(sw.t_perm)).validate()
     sw.drop_training_arrays().validate()  # dropped arrays are not checked
+
+
+@pytest.mark.parametrize("fmt", ["unstructured", "2:4", "block"])
+@pytest.mark.parametrize("shape,kept", [((300, 520), 0.3), ((257, 4), 0.5), ((1, 8), 1.0), ((5, 12), 0.0)])
+def test_weights_built_here_pass(fmt, shape, kept):
+    """No false alarm: several panels in both views (300 x 520: 3 column panels, 2 row panels in the transposed
+    view), a single row, an all-pruned weight; and a corrupted transposed view of the same weight is caught."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(shape, generator=g) < kept
+    if fmt == "2:4":
+        mask = mask.reshape(shape[0], -1, 4)
+        mask[..., 2:] = False
+        mask = mask.reshape(shape)
+    sw = from_dense(torch.randn(shape, generator=g), mask, fmt, (4, 8) if fmt == "block" else None)
+    sw.validate()
+    if sw.nnz and sw.values.shape[0] > 1:
+        swapped = sw.t_perm.clone()
+        swapped[[0, -1]] = swapped[[-1, 0]]
+        with pytest.raises(ValueError, match="transposed view"):
+            _replaced(sw, t_perm=swapped).validate()
