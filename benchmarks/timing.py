@@ -1,5 +1,7 @@
 """How one callable is timed, and the device's copy bandwidth (the roofline's ceiling)."""
 
+import ctypes
+import os
 import statistics
 import time
 
@@ -90,7 +92,10 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
 
 
 def peak_extra_mib(fn, device: torch.device):
-    """Peak memory above what was allocated before ``fn()`` ran, in MiB (GPU only; None on CPU)."""
+    """Peak memory above what was held before ``fn()`` ran, in MiB. GPU: the caching allocator's peak. CPU (Linux):
+    the process's peak resident set (:func:`cpu_peak_extra_mib`); None elsewhere."""
+    if device.type == "cpu":
+        return cpu_peak_extra_mib(fn)
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -99,3 +104,56 @@ def peak_extra_mib(fn, device: torch.device):
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def cpu_peak_extra_mib(fn):
+    """Peak resident memory of the process during ``fn()`` above its resident set just before, in MiB; None where
+    Linux's /proc cannot reset the peak.
+
+    Why resident memory: it counts every allocator alike (PyTorch's tensors, oneDNN's scratchpads, the cpp kernels'
+    own scratch), where PyTorch's CPU memory profiler sees only its own tensors. Writing "5" to
+    /proc/self/clear_refs resets VmHWM (the peak) to the current resident set. Memory freed before the call but
+    still resident would hide part of the call's need, so first: Python garbage, effikern's scratch cache (it is
+    the kernels' working memory: a cold call must count it) and glibc's free lists (malloc_trim) go back to the
+    system. Page granularity: 4 KiB, or 2 MiB where transparent huge pages back a tensor."""
+    if not os.access(_CLEAR_REFS, os.W_OK):
+        return None
+    import gc
+
+    gc.collect()
+    _release_cpu_caches()
+    base = _status_kib("VmRSS")
+    with open(_CLEAR_REFS, "w") as f:
+        f.write("5")
+    fn()
+    peak = _status_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
+
+
+def _release_cpu_caches():
+    from effikern import _ext
+
+    ext = _ext.extension()  # None when not built: then nothing of ours is cached
+    if ext is not None and hasattr(ext, "scratch_cache_release"):
+        ext.scratch_cache_release()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _status_kib(key):
+    """A /proc/self/status field in KiB (VmRSS, VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

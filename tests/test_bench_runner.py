@@ -100,3 +100,28 @@ def test_runner_times_cold_cases_cold_on_cpu(tmp_path, monkeypatch):
     path = runner.run(("fake_cold",), device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
     rows = json.loads(open(path).read())["rows"]
     assert {r["mode"]: r["ms"] for r in rows} == {"fwd-cold": 7.0, "fwd": 3.0}
+
+
+def test_cpu_peak_memory_counts_a_transient_allocation():
+    """The CPU peak is the resident set's high-water mark during the call: a 64 MiB tensor made and freed inside
+    the call counts, one kept from before does not, and it counts again on the next call (glibc's free lists and
+    the scratch cache are emptied first, so memory freed earlier does not hide the call's need)."""
+    import pytest
+
+    from effikern.benchmarks import timing
+
+    kept = torch.ones(16 * 2**20)  # 64 MiB held before the call
+
+    def transient():
+        t = torch.empty(16 * 2**20)
+        t.fill_(1.0)  # touch every page
+        return float(t[-1]) + float(kept[0])
+
+    first = timing.peak_extra_mib(transient, torch.device("cpu"))
+    if first is None:
+        pytest.skip("/proc/self/clear_refs is not writable here (not Linux)")
+    second = timing.peak_extra_mib(transient, torch.device("cpu"))
+    idle = timing.peak_extra_mib(lambda: float(kept[0]), torch.device("cpu"))
+    for peak in (first, second):
+        assert 60 <= peak <= 72, peak
+    assert idle < 8, idle
