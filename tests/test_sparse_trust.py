@@ -170,3 +170,17 @@ def test_weights_built_here_pass(fmt, shape, kept):
         swapped[[0, -1]] = swapped[[-1, 0]]
         with pytest.raises(ValueError, match="transposed view"):
             _replaced(sw, t_perm=swapped).validate()
+
+
+def test_two_of_four_keeps_at_most_two_per_group():
+    """A "2:4" weight with 3 entries in a group of 4 would be silently cut to 2 by torch's semi-structured kernel
+    (the CUDA fp16/bf16 forward): refused, while the same arrays pass as "unstructured"."""
+    w = torch.zeros(2, 8)
+    w[1, 4:7] = 1.0  # row 1, inputs 4..6: three of one group
+    sw = from_dense(w)
+    sw.validate()
+    sw.format = "2:4"
+    with pytest.raises(ValueError, match="3 or more entries in one group of 4"):
+        sw.validate()
+    with pytest.raises(ValueError, match="3 or more entries in one group of 4"), effikern.set_backend("cpp"):
+        _forward(sw, torch.randn(1, 8))

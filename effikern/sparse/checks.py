@@ -9,6 +9,7 @@ runs on arrays it did not build, :func:`check_index_arrays` proves, in O(nnz) te
   ends at the number of stored entries;
 - each entry's index lies inside the weight (a CSR offset inside its panel's columns, a block index inside the
   block grid), strictly increasing within its segment (sorted, no duplicates);
+- "2:4": at most 2 entries in every group of 4 inputs of a row;
 - ``row`` is each entry's segment (CSR) or block row (block), as the forward arrays say;
 - ``t_perm`` is a permutation of the entries and the transposed view (``t_crow``, ``t_row``) puts entry
   ``t_perm[i]`` at the same (row, column) as the forward arrays do.
@@ -48,6 +49,13 @@ def check_index_arrays(fmt: str, shape: Tuple[int, int], nnz: int, block_size: O
         fwd = _View(n, k, n_panels(k), block)
     trans = _View(fwd.minor, fwd.major, 1 if block else n_panels(n), block)
     seg = _check_compressed("crow", crow, "col", col, nnz, fwd)
+    if fmt == "2:4" and nnz > 2:
+        # Entries are in key order (segments in order, offsets increasing), and a key // 4 names its (row, group of
+        # 4 inputs) since a row's key range is a multiple of 4 wide: a third entry of a group sits two places on.
+        group = fwd.keys(seg, col) >> 2
+        if bool((group[2:] == group[:-2]).any()):
+            raise ValueError("col holds 3 or more entries in one group of 4 inputs of a row: the 2:4 format keeps "
+                             "at most 2 (torch's semi-structured kernel would drop the rest)")
     if row is not None and row.numel():
         _check_length("row", row, nnz)
         if bool((row != seg).any()):
