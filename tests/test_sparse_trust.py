@@ -184,3 +184,23 @@ def test_two_of_four_keeps_at_most_two_per_group():
         sw.validate()
     with pytest.raises(ValueError, match="3 or more entries in one group of 4"), effikern.set_backend("cpp"):
         _forward(sw, torch.randn(1, 8))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_needs_a_warm_up():
+    """Checking fresh arrays reads values back to the host, which capture forbids: a clear error naming the fix,
+    and after one warm-up call the capture runs (only a dictionary lookup) and replays correctly."""
+    device = device_for("cuda")
+    skip_unavailable("cuda", device)
+    sw = _weight(device=device)
+    x = torch.randn(3, 300, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with effikern.set_backend("cuda"):
+        with pytest.raises(RuntimeError, match="warm-up"), torch.cuda.graph(graph):
+            _forward(sw, x)
+        expected = _forward(sw, x)  # the warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = _forward(sw, x)
+    graph.replay()
+    torch.testing.assert_close(y, expected)

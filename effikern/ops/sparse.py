@@ -416,6 +416,11 @@ def trust_index_arrays(fmt, shape, nnz, block, crow, col, row=None, t_crow=None,
     entry = _CHECKED.get(key)
     if entry is not None and entry[0]() is crow and signature in entry[1]:
         return
+    if crow.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The check reads values back to the host, which a capture forbids (PyTorch's error would not say why).
+        raise RuntimeError("effikern sparse_linear: these index arrays have not been checked yet, and checking them "
+                           "needs a device sync, which CUDA-graph capture forbids; run one call with them (a warm-up) "
+                           "before capturing")
     check_index_arrays(fmt, shape, nnz, block, *arrays)
     if entry is None or entry[0]() is not crow or len(entry[1]) >= _SIGNATURES_KEPT:
         entry = _CHECKED[key] = (weakref.ref(crow, _forget(key)), set())
