@@ -35,6 +35,8 @@ BIG_CONFIGS = {
     # neighbouring tiles share (grad_x's halo rows) are exercised in both layouts and at stride 2.
     "c64_h48_k5_tiles": (1, 64, 48, 48, (5, 5), 1, 2, 1, 16, "relu", True, True, False, CL),
     "c64_h96_s2_tiles_nchw": (1, 64, 96, 96, (3, 3), 2, 1, 1, 16, "relu6", True, True, True, NCHW),
+    # x past 16 MiB in every dtype: the cpp channels_last staging prefetches the next input row (streamed inputs).
+    "c32_h520_s2_streamed": (1, 32, 520, 520, (3, 3), 2, 1, 1, 8, "relu6", True, True, False, CL),
 }
 
 
