@@ -16,8 +16,10 @@ _PREFERENCE = {
     # at c85bc75, 1.05-1.85x in the all-family cpu-AMD-EPYC-2t.json at b45aafe);
     # it is slower on some shapes (README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
-    # bf16 stays on torch (but see _CASES for backwards): benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json (2
-    # threads, the 12 shapes at N=1 and N=8, bf16 GEMMs in the forward and the channels_last backward, git 2dd3ba7)
+    # bf16 stays on torch (but see _CASES for backwards). The latest benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json
+    # (git 46b4d15) has cpp at 0.96-0.98x torch for channels_last forwards (slower on 13 of 24) and 1.26-1.76x
+    # elsewhere (slower on 6-7 of 24). Its earlier/ run at 2dd3ba7 (2
+    # threads, the 12 shapes at N=1 and N=8, bf16 GEMMs in the forward and the channels_last backward)
     # has cpp at 0.95-1.01x torch for channels_last forwards (slower on 14 of 24) and 1.22-1.83x geomean elsewhere,
     # but slower on 5-9 of 24 shapes in those groups too (2154d50: 0.96-1.02x, 13; 1.13-1.90x, 4-8; ff41169:
     # 0.85-0.87x, slower on 21; 1.25-1.36x, 8-10).
