@@ -1,6 +1,7 @@
 """How one callable is timed, and the device's copy bandwidth (the roofline's ceiling)."""
 
 import ctypes
+import gc
 import os
 import statistics
 import time
@@ -121,8 +122,6 @@ def cpu_peak_extra_mib(fn):
     system. Page granularity: 4 KiB, or 2 MiB where transparent huge pages back a tensor."""
     if not os.access(_CLEAR_REFS, os.W_OK):
         return None
-    import gc
-
     gc.collect()
     _release_cpu_caches()
     base = _status_kib("VmRSS")

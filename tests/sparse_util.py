@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from oracle import assert_matches, condition
 
 import effikern
-from effikern.sparse import from_dense
+from effikern.sparse import SparseWeight, from_dense
 
 
 def random_mask(fmt, n, k, sparsity, block=(4, 8), inner=0.0, generator=None):
@@ -76,3 +76,11 @@ def kept_values(sw, grad_values):
     stored_off = ~sw.mask() & (dense != 0)
     assert not stored_off.any(), "grad_values is nonzero at a stored but pruned position"
     return dense[sw.mask()]
+
+
+def with_arrays(sw, validate, **arrays):
+    """A SparseWeight sharing sw's values with some index arrays replaced (as a hand-built or loaded weight, or a
+    caller of the raw op, could hand them over); ``validate``: check them on construction."""
+    a = dict(sw.arrays(), **arrays)
+    return SparseWeight(sw.format, sw.shape, sw.values, a["crow"], a["col"], a["row"], a["t_crow"], a["t_row"],
+                        a["t_perm"], sw.value_mask, sw.block_size, validate=validate)

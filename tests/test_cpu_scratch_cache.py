@@ -1,7 +1,6 @@
 """csrc/cpu/scratch.h: large scratch blocks are kept between kernel calls (instead of going back to the OS and
 coming back as fresh pages), reused, capped, and released on request."""
 
-import pytest
 import torch
 
 import effikern

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from sparse_util import random_mask
+from sparse_util import random_mask, with_arrays
 
 from effikern.sparse import PANEL, csr_coordinates, from_dense, is_2of4, is_block, n_panels
 from effikern.nn import SparseLinear
-from effikern.sparse import SparseWeight
 from effikern.sparse.formats import segment_coordinates
 
 FORMATS = ["unstructured", "block", "2:4"]
@@ -201,9 +200,7 @@ class TestErrors:
 
 
 def _rebuilt(sw, **replace):
-    arrays = dict(sw.arrays(), **replace)
-    return SparseWeight(sw.format, sw.shape, sw.values, arrays["crow"], arrays["col"], arrays["row"],
-                        arrays["t_crow"], arrays["t_row"], arrays["t_perm"], sw.value_mask, sw.block_size)
+    return with_arrays(sw, True, **replace)
 
 
 def test_hand_built_index_arrays_are_checked():

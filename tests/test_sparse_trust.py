@@ -3,13 +3,16 @@ kernel trusts them, once per set of arrays: a hand-made crow past the stored ent
 a duplicated entry, a wrong row or a transposed view of other entries gives a ValueError naming the array, on every
 backend, instead of an out-of-bounds access or a silently wrong gradient."""
 
+import functools
+
 import pytest
 import torch
 from backend_util import device_for, skip_unavailable
+from sparse_util import with_arrays
 
 import effikern
 from effikern.ops import sparse as sparse_ops
-from effikern.sparse import SparseWeight, from_dense
+from effikern.sparse import from_dense
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -43,10 +46,14 @@ def _grad_values(sw, gy, x):
 
 
 def _replaced(sw, **arrays):
-    """A copy of sw with some arrays replaced, unchecked (as a caller of the raw op could hand them over)."""
-    a = dict(sw.arrays(), **arrays)
-    return SparseWeight(sw.format, sw.shape, sw.values, a["crow"], a["col"], a["row"], a["t_crow"], a["t_row"],
-                        a["t_perm"], sw.value_mask, sw.block_size, validate=False)
+    return with_arrays(sw, False, **arrays)  # unchecked: the op must catch them
+
+
+def _refuses(cases):
+    """cases: (run, weight, match): run(weight) raises a ValueError matching match."""
+    for run, weight, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(weight)
 
 
 def _first_two_in_one_segment(ptr):
@@ -68,19 +75,18 @@ def test_forward_refuses_bad_forward_arrays(backend):
     dup = sw.col.clone()
     i = _first_two_in_one_segment(sw.crow)
     dup[i + 1] = dup[i]
-    with effikern.set_backend(backend):
-        _forward(sw, x)  # the arrays as built pass
-        with pytest.raises(ValueError, match="crow must start at 0, never decrease and end at"):
-            _forward(_replaced(sw, crow=crow), x)
-        with pytest.raises(ValueError, match="col holds an offset past the end of its panel"):
-            _forward(_replaced(sw, col=col), x)
-        with pytest.raises(ValueError, match="col must be strictly increasing within each segment"):
-            _forward(_replaced(sw, col=dup), x)
     block = _weight("block", device)
     bad = block.col.clone()
     bad[0] = 75  # the grid is 3 x 75 blocks
-    with effikern.set_backend(backend), pytest.raises(ValueError, match=r"col must hold block indices in \[0, 75\)"):
-        _forward(_replaced(block, col=bad), x)
+    forward = functools.partial(_forward, x=x)
+    with effikern.set_backend(backend):
+        forward(sw)  # the arrays as built pass
+        _refuses([
+            (forward, _replaced(sw, crow=crow), "crow must start at 0, never decrease and end at"),
+            (forward, _replaced(sw, col=col), "col holds an offset past the end of its panel"),
+            (forward, _replaced(sw, col=dup), "col must be strictly increasing within each segment"),
+            (forward, _replaced(block, col=bad), r"col must hold block indices in \[0, 75\)"),
+        ])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,16 +105,17 @@ def test_backward_refuses_bad_training_arrays(backend, fmt):
     swapped[[0, -1]] = swapped[[-1, 0]]  # still a permutation, but entry 0 now sits where entry -1 does
     t_row = sw.t_row.clone()
     t_row[-1] = 255 if fmt != "block" else 10**6
+    grad_input = functools.partial(_grad_input, gy=gy)
+    grad_values = functools.partial(_grad_values, gy=gy, x=x)
     with effikern.set_backend(backend):
-        _grad_input(sw, gy), _grad_values(sw, gy, x)
-        with pytest.raises(ValueError, match="row must hold each stored entry's"):
-            _grad_values(_replaced(sw, row=row), gy, x)
-        with pytest.raises(ValueError, match="t_perm must be a permutation"):
-            _grad_input(_replaced(sw, t_perm=repeated), gy)
-        with pytest.raises(ValueError, match="the transposed view .* must describe the entries of crow and col"):
-            _grad_input(_replaced(sw, t_perm=swapped), gy)
-        with pytest.raises(ValueError, match="t_row"):
-            _grad_input(_replaced(sw, t_row=t_row), gy)
+        grad_input(sw), grad_values(sw)  # the arrays as built pass
+        _refuses([
+            (grad_values, _replaced(sw, row=row), "row must hold each stored entry's"),
+            (grad_input, _replaced(sw, t_perm=repeated), "t_perm must be a permutation"),
+            (grad_input, _replaced(sw, t_perm=swapped),
+             "the transposed view .* must describe the entries of crow and col"),
+            (grad_input, _replaced(sw, t_row=t_row), "t_row"),
+        ])
 
 
 def test_checked_once_until_changed_in_place(monkeypatch):

@@ -27,7 +27,7 @@ import torch
 
 from .. import _ext, backends
 from ..sparse.checks import check_index_arrays
-from ..sparse.formats import FORMATS, csr_coordinates, n_panels, segment_coordinates
+from ..sparse.formats import FORMATS, csr_coordinates, n_panels, offset_dtype, segment_coordinates
 from . import _checks, _eager, semi_structured
 from ._device import on_device_of
 
@@ -83,13 +83,8 @@ def check_weight(values, crow, col, fmt, out_features, in_features, device):
         if fmt == "2:4" and in_features % 4:
             raise ValueError(f"the 2:4 format needs in_features divisible by 4, got {in_features}")
     _check_index(crow, "crow", device, _segments(fmt, out_features, in_features, block and block[0]) + 1)
-    _check_index(col, "col", device, values.shape[0], _offset_dtype(fmt))
+    _check_index(col, "col", device, values.shape[0], offset_dtype(fmt))
     return block
-
-
-def _offset_dtype(fmt):
-    """dtype of col and t_row: block indices are int32, CSR ones uint8 offsets within a panel."""
-    return torch.int32 if fmt == "block" else torch.uint8
 
 
 def check_args(x, values, crow, col, value_mask, bias, fmt, out_features, in_features):
@@ -330,7 +325,7 @@ def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out
     dropped = t_crow.numel() == t_row.numel() == t_perm.numel() == 0
     segments = _segments(fmt, in_features, out_features, block and block[1])  # over W^T
     _check_index(t_crow, "t_crow", grad_y.device, None if dropped else segments + 1)
-    _check_index(t_row, "t_row", grad_y.device, None if dropped else values.shape[0], _offset_dtype(fmt))
+    _check_index(t_row, "t_row", grad_y.device, None if dropped else values.shape[0], offset_dtype(fmt))
     _check_index(t_perm, "t_perm", grad_y.device, None if dropped else values.shape[0])
     return block
 
@@ -380,7 +375,7 @@ def _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, fmt)
     n, k = grad_y.shape[-1], x.shape[-1]
     _check_index(crow, "crow", x.device, _segments(fmt, n, k, fmt == "block" and values_shape[1]) + 1)
     _check_index(row, "row", x.device, values_shape[0] if row.numel() else None)  # empty: dropped
-    _check_index(col, "col", x.device, values_shape[0], _offset_dtype(fmt))
+    _check_index(col, "col", x.device, values_shape[0], offset_dtype(fmt))
     if value_mask is not None:
         _check_value_mask(value_mask, values_shape, x.device)
 

@@ -41,6 +41,12 @@ TRAINING_ARRAYS = ("row", "t_crow", "t_row", "t_perm")
 INDEX_ARRAYS = ("crow", "col") + TRAINING_ARRAYS
 
 
+def offset_dtype(fmt: str) -> torch.dtype:
+    """dtype of col and t_row: block indices are int32, CSR ones uint8 offsets within a panel (the other index
+    arrays are int32 in every format)."""
+    return torch.int32 if fmt == "block" else torch.uint8
+
+
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
@@ -123,7 +129,7 @@ class SparseWeight:
 
         nnz = self.values.shape[0] if self.values.dim() else 0
         for name, t in self.arrays().items():
-            want = torch.uint8 if name in ("col", "t_row") and self.format != "block" else torch.int32
+            want = offset_dtype(self.format) if name in ("col", "t_row") else torch.int32
             if not isinstance(t, torch.Tensor) or t.dtype != want:
                 raise ValueError(f"{name} must be a {want} tensor, got "
                                  f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
