@@ -5,10 +5,11 @@
 Shapes: tokens x vocabulary of LLM distillation, V = 32000 (Llama 2), 50257 (GPT-2), 128256 (Llama 3); 10% of
 the targets ignored (padding); mean reduction; the step is the loss and the student's gradient.
 CPU: the eager formula (baseline) vs the ``torch`` and ``cpp`` backends. GPU: the eager formula (baseline),
-``torch.compile`` of it, and the ``triton`` backend. The runner also reports peak memory (GPU: the allocator's
-peak; CPU: peak resident memory, timing.cpu_peak_extra_mib): the eager formula keeps several [tokens, V] float
-tensors alive for backward, the fused op the gradient it saves (and, in backward, its copy scaled by the loss's
-gradient).
+``torch.compile`` of it, and the ``triton`` backend. The fused kernel runs twice: as the default
+(``inplace_backward=False``) and as ``<backend>_inplace`` (``inplace_backward=True``). The runner also reports
+peak memory (GPU: the allocator's peak; CPU: peak resident memory, timing.cpu_peak_extra_mib): the eager formula
+keeps several [tokens, V] float tensors alive for backward, the fused op the gradient it saves and, by default,
+in backward its copy scaled by the loss's gradient (scaled in place with ``inplace_backward=True``).
 """
 
 import torch
@@ -51,10 +52,10 @@ def eager_formula(s, t, y, temperature, alpha, ignore_index=-100):
 
 
 def _candidates(device):
-    """{label: backend or None for the plain formula}, baseline label."""
+    """{label: (backend, inplace_backward) or None for the plain formula}, baseline label."""
     if device.type == "cpu":
-        return {"eager": None, "torch": "torch", "cpp": "cpp"}, "eager"
-    return {"eager": None, "compile": None, "triton": "triton"}, "eager"
+        return {"eager": None, "torch": ("torch", False), "cpp": ("cpp", False), "cpp_inplace": ("cpp", True)}, "eager"
+    return {"eager": None, "compile": None, "triton": ("triton", False), "triton_inplace": ("triton", True)}, "eager"
 
 
 def _compiled_formula():
@@ -81,15 +82,18 @@ def _make_case(device, tokens, vocab, dtype_name, temperature):
         y = torch.randint(0, vocab, (tokens,), device=device)
         y[torch.rand(tokens, device=device) < IGNORED] = -100
         out = {}
-        for label, backend in labels.items():
-            if backend is None:
+        for label, fused_as in labels.items():
+            if fused_as is None:
                 loss_fn = _compiled_formula() if label == "compile" else eager_formula
-                out[label] = _step(lambda: loss_fn(s, t, y, temperature, ALPHA), s)
-            elif why := effikern.backends.unavailable_reason(backend, device.type):
+                out[label] = _step(lambda loss_fn=loss_fn: loss_fn(s, t, y, temperature, ALPHA), s)
+                continue
+            backend, inplace = fused_as
+            if why := effikern.backends.unavailable_reason(backend, device.type):
                 out[label] = f"unavailable: {why}"
-            else:
-                fused = _step(lambda: effikern.functional.distillation_loss(s, t, y, temperature, ALPHA), s)
-                out[label] = _under_backend(backend, fused)
+                continue
+            fused = _step(lambda inplace=inplace: effikern.functional.distillation_loss(
+                s, t, y, temperature, ALPHA, inplace_backward=inplace), s)
+            out[label] = _under_backend(backend, fused)
         return out
 
     return Case(op="distillation_loss", shape=f"{tokens}x{vocab} T{temperature:g}", dtype=dtype_name,

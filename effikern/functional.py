@@ -67,6 +67,7 @@ def distillation_loss(
     alpha: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Knowledge-distillation loss, fused: the student's gradient is computed with the loss, in one kernel.
 
@@ -90,12 +91,19 @@ def distillation_loss(
         alpha: in [0, 1], the soft term's weight.
         ignore_index: target value of tokens that do not count.
         reduction: "mean" (over counted tokens; 0, with zero gradient, when none counts), "sum", or "none".
+        inplace_backward: backward scales the [..., V] gradient the forward kernel saved in place and hands that
+            buffer on as the student's gradient, rather than writing a scaled copy: peak memory is one [..., V]
+            buffer in the logits' dtype less (it halves the loss's own peak). The graph can then be backpropagated
+            once: a second backward (retain_graph=True) raises. No effect where ``auto`` runs the eager formula
+            (see ``effikern info``), whose backward is autograd's.
 
     Returns:
         float32 (float64 for float64 logits): a scalar, or [...] per token for "none" (ignored tokens 0).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    if not isinstance(inplace_backward, bool):  # the op validates the rest (ops/distill.py check_options)
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     # The kernels write the student's gradient only when backward can ask for it.
     compute_grad = torch.is_grad_enabled() and bool(getattr(student_logits, "requires_grad", False))
     if isinstance(teacher_logits, torch.Tensor):
@@ -107,7 +115,8 @@ def distillation_loss(
         loss = _distill_ops.eager_per_token(student_logits, teacher_logits, target, temperature, alpha, ignore_index)
     else:
         loss, _ = torch.ops.effikern.distillation_loss(
-            student_logits, teacher_logits, target, temperature, alpha, ignore_index, compute_grad
+            student_logits, teacher_logits, target, temperature, alpha, ignore_index, compute_grad,
+            inplace_backward,
         )
     if reduction == "none":
         return loss

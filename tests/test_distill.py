@@ -408,3 +408,82 @@ def test_double_backward_is_refused_not_dropped(backend):
         (grad,) = torch.autograd.grad(effikern.functional.distillation_loss(student, teacher, target, 2.0, 0.5),
                                       student)
     assert grad.shape == student.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend", _backends())
+def test_inplace_backward_gives_the_same_gradient_in_the_saved_buffer(backend, dtype):
+    """inplace_backward=True scales the buffer the forward saved and hands it on: the same gradient as the default
+    (a scaled copy), under a non-trivial grad_output, and no second [tokens, V] buffer is made in backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device = device_for(backend)
+    skip_unavailable(backend, device)
+    s, t, y = (x.to(dtype) if x.is_floating_point() else x for x in _inputs((7, 90), device))
+    s.requires_grad_()
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == s.shape and out.data_ptr() not in saved:
+                made.append(str(func))
+            return out
+
+    with effikern.set_backend(backend):
+        per_token = F_KD(s, t, y, 2.0, 0.5, reduction="none")
+        weights = torch.rand(per_token.shape, device=device)  # a grad_output that is not all ones
+        (expected,) = torch.autograd.grad(per_token, s, weights)
+        loss, saved_grad = torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, True, True)
+        saved = {saved_grad.data_ptr()}
+        with Record():
+            (grad,) = torch.autograd.grad(loss, s, weights)
+    assert grad.data_ptr() == saved_grad.data_ptr() and made == []
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_inplace_backward_refuses_a_second_backward(backend):
+    """With inplace_backward=True the saved gradient is spent by the first backward: retain_graph=True and a second
+    backward must raise and name the option, not compute from the scaled buffer. The default allows it."""
+    skip_unavailable(backend, "cpu")
+    s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((4, 30), "cpu"))
+    s.requires_grad_()
+    with effikern.set_backend(backend):
+        loss = DistillationLoss(2.0, inplace_backward=True)(s, t, y)
+        loss.backward(retain_graph=True)
+        first = s.grad.clone()
+        with pytest.raises(RuntimeError, match="inplace_backward=True"):
+            loss.backward()
+        s.grad = None
+        loss = DistillationLoss(2.0)(s, t, y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_inplace_backward_compiles_and_opchecks(backend):
+    skip_unavailable(backend, "cpu")
+    s, t, y = (x.float() if x.is_floating_point() else x for x in _inputs((2, 5, 40), "cpu"))
+    module = DistillationLoss(temperature=2.0, alpha=0.5, inplace_backward=True)
+    with effikern.set_backend(backend):
+        torch.library.opcheck(torch.ops.effikern.distillation_loss,
+                              (s.clone().requires_grad_(), t, y, 2.0, 0.5, IGNORE, True, True))
+        torch.library.opcheck(torch.ops.effikern.distillation_loss_backward_,
+                              (torch.randn(2, 5), torch.randn(2, 5, 40)))
+        results = []
+        for fn in (torch.compile(lambda s: module(s * 2.0, t, y), fullgraph=True, backend="aot_eager"),
+                   lambda s: DistillationLoss(2.0, 0.5)(s * 2.0, t, y)):
+            leaf = s.clone().requires_grad_()
+            loss = fn(leaf)
+            loss.backward()
+            results.append((loss, leaf.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        DistillationLoss(inplace_backward=1)
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        F_KD(*_valid(), inplace_backward="yes")

@@ -18,6 +18,8 @@ class DistillationLoss(nn.Module):
 
     Args:
         temperature: T > 0. alpha: in [0, 1]. ignore_index: int. reduction: "mean", "sum" or "none".
+        inplace_backward: scale the saved student gradient in place in backward (one [..., V] buffer less at
+            the peak; the graph can then be backpropagated only once). Default False.
 
     Shapes (forward):
         student_logits, teacher_logits: [..., V]; target: [...] int64 or None.
@@ -25,19 +27,22 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", inplace_backward: bool = False):
         super().__init__()
-        check_options(temperature, alpha, ignore_index, reduction)
+        check_options(temperature, alpha, ignore_index, reduction, inplace_backward)
         self.temperature = temperature
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.inplace_backward = inplace_backward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
         return functional.distillation_loss(student_logits, teacher_logits, target, self.temperature,
-                                            self.alpha, self.ignore_index, self.reduction)
+                                            self.alpha, self.ignore_index, self.reduction,
+                                            self.inplace_backward)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}"
+                + (", inplace_backward=True" if self.inplace_backward else ""))

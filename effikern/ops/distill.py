@@ -18,8 +18,11 @@ the cpp and triton kernels compute both in one visit to the row (a statistics pa
 gradient): the logits are not read again in backward, and no [tokens, vocab] float32 intermediate exists (the
 ``torch`` reference does keep some). The gradient is saved for backward, which scales it by grad_loss per token
 (``distillation_loss_backward``): one elementwise pass at memory bandwidth, the same PyTorch call on every
-backend. It is not done in place on the saved gradient, which would give wrong gradients to a second backward
-(retain_graph=True); the price is one more [tokens, vocab] buffer in the logits' dtype during backward.
+backend. By default it is not done in place on the saved gradient, which would give wrong gradients to a second
+backward (retain_graph=True); the price is one more [tokens, vocab] buffer in the logits' dtype during backward.
+With ``inplace_backward=True`` the saved gradient is scaled in place (``distillation_loss_backward_``) and handed
+on as the student's gradient: the step then holds one [tokens, vocab] buffer at its peak, and a second backward
+through the same graph raises instead of computing from the already-scaled buffer.
 """
 
 import math
@@ -38,7 +41,7 @@ _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_FLOAT = _HALF_AND_FLOAT + (torch.float64,)
 
 
-def check_options(temperature, alpha, ignore_index, reduction="none"):
+def check_options(temperature, alpha, ignore_index, reduction="none", inplace_backward=False):
     """Validates the scalar options shared by the op, the function and the module."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {temperature!r}")
@@ -52,6 +55,8 @@ def check_options(temperature, alpha, ignore_index, reduction="none"):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
 def check_args(student, teacher, target, temperature, alpha, ignore_index):
@@ -189,8 +194,11 @@ def distillation_loss(
     alpha: float,
     ignore_index: int,
     compute_grad: bool,
+    inplace_backward: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss and gradient (module docstring). Prefer ``effikern.functional.distillation_loss``."""
+    """Per-token loss and gradient (module docstring). Prefer ``effikern.functional.distillation_loss``.
+
+    ``inplace_backward`` only changes the backward (module docstring); the forward ignores it."""
     tokens, vocab = check_args(student, teacher, target, temperature, alpha, ignore_index)
     check_target_values(target, vocab, ignore_index)
     lead = student.shape[:-1]
@@ -208,7 +216,7 @@ def distillation_loss(
 
 
 @distillation_loss.register_fake
-def _(student, teacher, target, temperature, alpha, ignore_index, compute_grad):
+def _(student, teacher, target, temperature, alpha, ignore_index, compute_grad, inplace_backward=False):
     check_args(student, teacher, target, temperature, alpha, ignore_index)
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return student.new_empty(student.shape[:-1], dtype=_loss_dtype(student)), grad
@@ -224,6 +232,21 @@ def distillation_loss_backward(grad_loss: torch.Tensor, grad_student: torch.Tens
     """
     _check_backward_args(grad_loss, grad_student)
     return torch.mul(grad_student, grad_loss.unsqueeze(-1), out=_empty_output_like(grad_student))
+
+
+@torch.library.custom_op("effikern::distillation_loss_backward_", mutates_args=("grad_student",))
+def distillation_loss_backward_(grad_loss: torch.Tensor, grad_student: torch.Tensor) -> None:
+    """grad_student *= grad_loss[..., None], in place, the product taken in float32 and rounded once.
+
+    grad_loss: [...] (float32/float64); grad_student: [..., V] from ``distillation_loss``, overwritten.
+    """
+    _check_backward_args(grad_loss, grad_student)
+    grad_student.mul_(grad_loss.unsqueeze(-1))
+
+
+@distillation_loss_backward_.register_fake
+def _(grad_loss, grad_student):
+    _check_backward_args(grad_loss, grad_student)
 
 
 def _empty_output_like(t):
@@ -247,20 +270,22 @@ def _(grad_loss, grad_student):
 
 
 def _setup_context(ctx, inputs, output):
-    student, _, _, _, _, _, compute_grad = inputs
+    student, _, _, _, _, _, compute_grad, _ = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
     # The gradient output never gets a gradient; without this autograd would pass backward a zero-filled
     # [tokens, V] tensor for it: 31 MiB written (and peak memory up by as much) at 256 x 32000 fp32 per step.
     ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
+    ctx.inplace_backward = inputs[7]
+    ctx.scaled_in_place = False  # set by the first in-place backward: the saved gradient is spent
     ctx.save_for_backward(grad if compute_grad else None)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None or not ctx.needs_input_grad[0]:  # no gradient reached the loss, or only the teacher
         # required grad (it gets none)
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: the saved gradient has no graph to differentiate again
         raise RuntimeError(
             "effikern.distillation_loss is not twice differentiable: the student's gradient is computed by the forward "
@@ -271,9 +296,20 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("effikern.distillation_loss was called with compute_grad=False, so it kept no "
                            "gradient for student_logits; call it with compute_grad=True to backpropagate")
+    if ctx.inplace_backward and ctx.scaled_in_place:  # (before unpacking: autograd's version check is vaguer)
+        raise RuntimeError(
+            "effikern.distillation_loss was called with inplace_backward=True, so its first backward scaled the saved "
+            "student gradient in place and a second backward through the same graph (retain_graph=True) cannot "
+            "reuse it; call it with inplace_backward=False (the default) to backpropagate more than once")
     (grad,) = ctx.saved_tensors
-    grad_student = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
-    return grad_student, None, None, None, None, None, None
+    # Traced (torch.compile, export, opcheck's fake and functional tensors), the in-place form would be
+    # functionalized into a copy anyway, and aliasing the forward's output breaks AOTAutograd's partitioner.
+    if not ctx.inplace_backward or torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        grad_student = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
+        return grad_student, None, None, None, None, None, None, None
+    ctx.scaled_in_place = True
+    torch.ops.effikern.distillation_loss_backward_(grad_loss, grad)
+    return grad, None, None, None, None, None, None, None
 
 
 distillation_loss.register_autograd(_backward, setup_context=_setup_context)
