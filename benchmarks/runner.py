@@ -93,18 +93,28 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_isa_tag() -> str:
+    """'' on an AVX-512 CPU, else its vector ISA as PyTorch sees it ('avx2', 'default', ...). "AMD EPYC" names
+    both AVX-512 (Zen 4) and AVX2-only machines, whose kernels and results differ: their files must not mix."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "" if capability.upper().startswith("AVX512") else capability.lower()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    isa = _cpu_isa_tag()
+    return f"{_cpu_name()}{' ' + isa.upper() if isa else ''} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: torch.device) -> str:
-    """A file name for the device: 'cuda-NVIDIA-H100-80GB-HBM3', 'cpu-Intel-Xeon-...-2t'."""
+    """A file name for the device: 'cuda-NVIDIA-H100-80GB-HBM3', 'cpu-AMD-EPYC-2t' (AVX-512),
+    'cpu-AMD-EPYC-avx2-2t' (a CPU without AVX-512)."""
     if device.type == "cuda":
         name = f"cuda-{torch.cuda.get_device_name(device)}"
     else:
-        name = f"cpu-{_cpu_name()}-{torch.get_num_threads()}t"
+        isa = _cpu_isa_tag()
+        name = f"cpu-{_cpu_name()}{'-' + isa if isa else ''}-{torch.get_num_threads()}t"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
@@ -123,6 +133,7 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
         "versions": {
             "effikern": effikern.__version__,
             "torch": torch.__version__,
