@@ -39,7 +39,8 @@ def info() -> None:
           f"CUDA {torch.version.cuda or 'none (CPU build of torch)'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"devices: cpu ({torch.get_num_threads()} threads), cuda: {gpu}")
+    print(f"devices: cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}: auto uses the "
+          f"{_auto.table_device('cpu')!r} measurements), cuda: {gpu}")
     print(f"extension effikern._C: {ext.build_info() if ext else _ext.extension_error()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  backend choice: {backends.get_backend()}"
           " (set with effikern.set_backend or EFFIKERN_BACKEND)")

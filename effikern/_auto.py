@@ -3,8 +3,13 @@
 Only a measurement moves a backend ahead of ``torch`` here, and each entry names the results file it comes
 from. A kernel not yet timed on a device, or in a dtype, stays behind PyTorch there. Where one class of
 shapes measured the other way, the op names that class (a ``case``) and ``_CASES`` overrides the entry for it.
+
+CPUs come in classes by vector ISA (:func:`cpu_class`), because the kernels and PyTorch's own differ between
+them: the ``"cpu"`` entries were measured on an AVX-512 CPU (a 2-core AMD EPYC Zen 4), the ``"cpu-avx2"`` ones
+on an AVX2-only AMD EPYC. A CPU of any other class (no AVX2, or not x86) has no measurement and keeps PyTorch.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -58,6 +63,25 @@ _PREFERENCE = {
     # dtype and pass.
     ("sparse_linear", "cpu", torch.bfloat16): ("cpp", "torch"),
     ("sparse_linear", "cpu", torch.float16): ("cpp", "torch"),
+    # --- AVX2-only CPUs (cpu_class() == "avx2"): an AMD EPYC without AVX-512, 2 threads, git 4bdc989, one run each.
+    # dwsep fp32, benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp's geomean over the shapes whose output
+    # image is larger than 14x14 is 2.11x (NCHW fwd), 2.06x (NCHW fwd+bwd), 1.14x and 1.20x (channels_last), slower
+    # on 2, 0, 4 and 4 of 14; the small-image forwards lose as on AVX-512 (_CASES).
+    ("dwsep_conv2d", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    # kd-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp 5.62x and 7.57x the eager formula (256 x 32000 / 50257, fwd+bwd).
+    ("distillation_loss", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    # amp/cpu-AMD-EPYC-avx2-2t.json: every unscale_check_norm case (ResNet-50 and 1000 x 4096 sets, fp32, fp16,
+    # bf16) 4.9-10.2x the torch reference (and 1.6-3.4x torch's own GradScaler + clip_grad_norm_). The fused
+    # optimizers against the torch reference: AdamW 18.8x, SGD 5.8x. (Against torch.optim's own fused=True kernels
+    # they are 0.70x and 1.09x on this CPU: README.)
+    ("unscale_check_norm", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    ("unscale_check_norm", "cpu-avx2", torch.float16): ("cpp", "torch"),
+    ("unscale_check_norm", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
+    ("fused_adamw", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    ("fused_sgd", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    # sparse/cpu-AMD-EPYC-avx2-2t.json (4096 x 4096, 90%, fp32): cpp 7.4-75x the torch reference in every pass
+    # (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight), and 1.54-3.46x torch's CSR matmul.
+    ("sparse_linear", "cpu-avx2", torch.float32): ("cpp", "torch"),
     # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter- and compile-checked only):
     # on CUDA tensors auto keeps PyTorch until a benchmark shows a kernel faster. For dwsep_conv2d and
     # distillation_loss that means the plain eager PyTorch code, not the ops' torch reference backends
@@ -86,17 +110,38 @@ _CASES = {
     # 2154d50; 0.99x, 13 of 20 at 2dd3ba7), and those calls run as eager PyTorch when the forward stays on torch too (ops/dwsep.py:
     # auto_runs_eager). The bf16 forward stays on torch everywhere.
     ("dwsep_conv2d", "cpu", torch.bfloat16, "backward_strided_or_large_kernel"): ("cpp", "torch"),
+    # AVX2-only CPUs: benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-avx2-2t.json (git 4bdc989): the cpp forward of the
+    # 10 N=1/N=8 shapes with an output image of 14x14 or less is 0.76x torch (NCHW, slower on 9) and 0.84x
+    # (channels_last, slower on 7).
+    ("dwsep_conv2d", "cpu-avx2", torch.float32, "forward_small_image"): ("torch",),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_class() -> str:
+    """'avx512' on a CPU with AVX-512, else PyTorch's name for its vector ISA in lower case ('avx2', 'default',
+    ...): the CPU class whose measurements ``auto`` uses (module docstring)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "avx512" if capability.upper().startswith("AVX512") else capability.lower()
+
+
+def table_device(device_type: str) -> str:
+    """The device key of this process's entries: 'cpu' (AVX-512 CPUs), 'cpu-avx2', ..., or the GPU's type."""
+    if device_type != "cpu" or cpu_class() == "avx512":
+        return device_type
+    return f"cpu-{cpu_class()}"
 
 
 def preference(op: str, device_type: str, dtype: torch.dtype, case: Optional[str] = None):
     """Backends to try in order; ``torch`` is always the last resort. ``case``: a class of shapes the op
     names (see ``_CASES``), or None."""
-    if case is not None and (op, device_type, dtype, case) in _CASES:
-        return _CASES[(op, device_type, dtype, case)]
-    return _PREFERENCE.get((op, device_type, dtype), ("torch",))
+    device = table_device(device_type)
+    if case is not None and (op, device, dtype, case) in _CASES:
+        return _CASES[(op, device, dtype, case)]
+    return _PREFERENCE.get((op, device, dtype), ("torch",))
 
 
 def cases(op: str, device_type: str, dtype: torch.dtype):
     """The shape classes with their own entry for this op, device type and dtype (for ``effikern info``)."""
-    return [case for (o, d, t, case) in _CASES if (o, d, t) == (op, device_type, dtype)]
+    device = table_device(device_type)
+    return [case for (o, d, t, case) in _CASES if (o, d, t) == (op, device, dtype)]

@@ -36,6 +36,15 @@ def poisoned_outputs():
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+@pytest.fixture
+def avx512_auto_table(monkeypatch):
+    """auto reads the measurements of the AVX-512 CPU class (effikern/_auto.py cpu_class), whatever this CPU is:
+    for tests of particular decisions in that table."""
+    from effikern import _auto
+
+    monkeypatch.setattr(_auto, "cpu_class", lambda: "avx512")
+
+
 @pytest.fixture(autouse=True)
 def _seed_from_test_name(request):
     """Every test draws its random inputs from a seed derived from its own name, so a failure on CI

@@ -65,6 +65,7 @@ def test_info_lists_backends_and_the_auto_choice():
         assert word in out.stdout, out.stdout
 
 
+@pytest.mark.usefixtures("avx512_auto_table")
 def test_auto_routes_small_image_dwsep_forwards_to_the_measured_faster_backend():
     """_auto._CASES: on CPU fp32, auto runs the dwsep forward on torch for output images of 14x14 or less
     (measured slower in cpp) and on cpp above; an explicit choice is obeyed whatever the shape."""
@@ -83,3 +84,19 @@ def test_auto_routes_small_image_dwsep_forwards_to_the_measured_faster_backend()
         assert backends.choose("dwsep_conv2d", "cpu", torch.bfloat16, small) == "torch"
     with effikern.set_backend("cpp"):
         assert backends.choose("dwsep_conv2d", "cpu", torch.float32, small) == "cpp"
+
+
+@pytest.mark.parametrize("cpu_class, key", [("avx512", "cpu"), ("avx2", "cpu-avx2"), ("default", "cpu-default")])
+def test_auto_reads_the_measurements_of_this_cpu_class(monkeypatch, cpu_class, key):
+    """auto's CPU entries are per ISA class (_auto.py): a class without measurements keeps torch for every op,
+    whatever another class measured; a measured class gets its own entry."""
+    from effikern import _auto
+
+    monkeypatch.setattr(_auto, "cpu_class", lambda: cpu_class)
+    assert _auto.table_device("cpu") == key and _auto.table_device("cuda") == "cuda"
+    fake = {("op_x", "cpu", torch.float32): ("cpp", "torch"), ("op_x", "cpu-avx2", torch.float32): ("triton", "torch")}
+    monkeypatch.setattr(_auto, "_PREFERENCE", fake)
+    expected = {"avx512": ("cpp", "torch"), "avx2": ("triton", "torch"), "default": ("torch",)}[cpu_class]
+    assert _auto.preference("op_x", "cpu", torch.float32) == expected
+    monkeypatch.setattr(_auto, "_PREFERENCE", {})
+    assert _auto.preference("dwsep_conv2d", "cpu", torch.float32) == ("torch",)

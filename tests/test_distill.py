@@ -335,6 +335,7 @@ def test_auto_without_a_measured_kernel_runs_the_eager_formula(monkeypatch, dtyp
         assert not kd_ops.auto_runs_eager(s.to(dtype))
 
 
+@pytest.mark.usefixtures("avx512_auto_table")
 def test_auto_on_a_measured_kernel_uses_the_op():
     from effikern.ops import distill as kd_ops
 

@@ -380,6 +380,7 @@ def test_eager_path_is_the_op_without_the_dispatcher(cfg):
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("avx512_auto_table")
 def test_auto_on_pytorch_runs_eager_autograd():
     """Where auto picks PyTorch for both passes (bf16 on CPU at stride 1 with a 3x3 kernel), the call is plain
     eager PyTorch: the same result as the reference, autograd's own convolution backward (no recomputation of the
@@ -404,6 +405,7 @@ def test_auto_on_pytorch_runs_eager_autograd():
     assert not dwsep_ops.auto_runs_eager(*as_fp32)  # fp32 CPU: auto picks cpp
 
 
+@pytest.mark.usefixtures("avx512_auto_table")
 @pytest.mark.parametrize("cfg", ["c17_k5_s2_silu_res", "k7_hardswish_res", "rect_gelu", "c3_k3_s2"])
 def test_auto_runs_the_measured_bf16_backward_where_pytorch_is_slow(cfg):
     """bf16 on CPU, strided or with a kernel of 5 or more: auto keeps the forward on PyTorch and runs the backward
