@@ -523,3 +523,23 @@ def test_cpp_other_isa_builds(isa):
     env = dict(os.environ, EFFIKERN_CPU_ISA=isa)
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_half_precision_backward_in_row_chunks_is_exact(monkeypatch, inplace):
+    """On CPU the bf16/fp16 backward scales the gradient in row chunks (no float32 temporary of its size): chunks
+    that split the rows unevenly give the same bits as one product over the whole gradient."""
+    from effikern.ops import distill as kd_ops
+
+    for dtype in (torch.bfloat16, torch.float16):
+        grad = torch.randn(2, 7, 50).to(dtype)
+        grad_loss = torch.rand(2, 7)
+        whole = torch.mul(grad, grad_loss.unsqueeze(-1), out=torch.empty_like(grad))
+        monkeypatch.setattr(kd_ops, "_CPU_MIXED_CHUNK", 3 * 50 + 1)  # 3 rows a chunk of the flattened 14 (2 x 7)
+        assert len(kd_ops._row_chunks(grad.reshape(14, 50))) == 5
+        if inplace:
+            got = grad.reshape(14, 50).clone()
+            torch.ops.effikern.distillation_loss_backward_(grad_loss.reshape(14), got)
+        else:
+            got = torch.ops.effikern.distillation_loss_backward(grad_loss.reshape(14), grad.reshape(14, 50))
+        assert torch.equal(got, whole.reshape(14, 50))
