@@ -94,10 +94,12 @@ def _cpu_name() -> str:
 
 
 def _cpu_isa_tag() -> str:
-    """'' on an AVX-512 CPU, else its vector ISA as PyTorch sees it ('avx2', 'default', ...). "AMD EPYC" names
-    both AVX-512 (Zen 4) and AVX2-only machines, whose kernels and results differ: their files must not mix."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "" if capability.upper().startswith("AVX512") else capability.lower()
+    """'' on an AVX-512 CPU, else its CPU class ('avx2', 'default', ...: effikern/_auto.py cpu_class). "AMD EPYC"
+    names both AVX-512 (Zen 4) and AVX2-only machines, whose kernels and results differ: their files must not mix."""
+    from effikern import _auto
+
+    cpu_class = _auto.cpu_class()
+    return "" if cpu_class == "avx512" else cpu_class
 
 
 def device_name(device: torch.device) -> str:

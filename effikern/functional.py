@@ -102,8 +102,7 @@ def distillation_loss(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
-    if not isinstance(inplace_backward, bool):  # the op validates the rest (ops/distill.py check_options)
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    _distill_ops.check_inplace_backward(inplace_backward)  # checked here: the eager path below skips the op
     # The kernels write the student's gradient only when backward can ask for it.
     compute_grad = torch.is_grad_enabled() and bool(getattr(student_logits, "requires_grad", False))
     if isinstance(teacher_logits, torch.Tensor):

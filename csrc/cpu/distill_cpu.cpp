@@ -289,7 +289,7 @@ EK_INLINE void distill_row(const scalar_t* s, const scalar_t* t, scalar_t* g, bo
   *loss = out;
 }
 
-// Rows begin..end of the problem, run per ISA by isa::run_best_isa (one call per thread's range).
+// Rows begin..end of the problem, run per ISA by isa::parallel_run (one call per thread's range).
 template <typename scalar_t>
 struct DistillRows {
   using acc_t = at::opmath_type<scalar_t>;
@@ -320,10 +320,10 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(const at::Tensor& student, co
                                                    const std::optional<at::Tensor>& target, double temperature,
                                                    double soft_weight, double hard_weight, int64_t ignore_index,
                                                    bool compute_grad) {
-  const int64_t rows_total = student.size(0), vocab = student.size(1);
+  const int64_t rows = student.size(0), vocab = student.size(1);
   const bool has_target = target.has_value() && target->defined();
   const auto loss_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({rows_total}, student.options().dtype(loss_type));
+  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type));
   at::Tensor grad = compute_grad ? empty_output_like(student) : at::empty({0}, student.options());
   const int64_t* y = has_target ? target->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "distill_fwd_cpu", [&] {
@@ -333,18 +333,12 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(const at::Tensor& student, co
                               static_cast<acc_t>(soft_weight * temperature),
                               static_cast<acc_t>(soft_weight * temperature * temperature),
                               static_cast<acc_t>(has_target ? hard_weight : 0.0)};
-    DistillRows<scalar_t> rows{student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
-                               compute_grad ? grad.data_ptr<scalar_t>() : nullptr, y, ignore_index, args,
-                               loss.data_ptr<acc_t>()};
-    // Short rows are cheap: hand each thread at least ~32K logits so small-V calls do not pay for the fork. The
-    // parallel loop stays outside the ISA-specific code (isa_dispatch.h).
+    const DistillRows<scalar_t> kernel{student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
+                                       compute_grad ? grad.data_ptr<scalar_t>() : nullptr, y, ignore_index, args,
+                                       loss.data_ptr<acc_t>()};
+    // Short rows are cheap: hand each thread at least ~32K logits so small-V calls do not pay for the fork.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
-    at::parallel_for(0, rows_total, grain, [&](int64_t begin, int64_t end) {
-      DistillRows<scalar_t> part = rows;
-      part.begin = begin;
-      part.end = end;
-      isa::run_best_isa(part);
-    });
+    isa::parallel_run(kernel, rows, grain);
   });
   return {loss, grad};
 }

@@ -15,6 +15,8 @@
 // on one machine; =avx512 keeps AVX-512 but turns off the AVX512-BF16 GEMM (bf16_gemm.h).
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -89,6 +91,19 @@ void run_best_isa(const K& k) {
   }
 #endif
   k.template run<16>();
+}
+
+// at::parallel_for over [0, n), each thread's range run by run_best_isa on a copy of `k` with begin/end set. The
+// parallel loop stays outside the ISA-specific code: an OpenMP region or lambda inside a target("avx512f")
+// function is compiled for the baseline ISA, its GCC vectors emulated (measured: 10x slower block kernels).
+template <class K>
+void parallel_run(K k, int64_t n, int64_t grain) {
+  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+    K task = k;
+    task.begin = b0;
+    task.end = b1;
+    run_best_isa(task);
+  });
 }
 
 }  // namespace isa

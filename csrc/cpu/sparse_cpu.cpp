@@ -84,6 +84,7 @@ EK_INLINE void with_token_vectors(int64_t vectors, F&& f) {
 }
 
 // Run-time ISA choice: csrc/cpu/isa_dispatch.h.
+using isa::parallel_run;
 using isa::run_best_isa;
 using isa::vector_bytes;
 
@@ -128,19 +129,6 @@ int64_t chunk_vectors(int64_t M, int64_t lanes, int64_t rows) {
   return std::max<int64_t>(1, std::min({kMaxVectors, ceil_div(M, lanes), fit}));
 }
 
-
-// at::parallel_for over [0, n), each thread's range run by run_best_isa on a copy of `k` with begin/end set. The
-// parallel loop stays outside the ISA-specific code: an OpenMP region or lambda inside a target("avx512f")
-// function is compiled for the baseline ISA, its GCC vectors emulated (measured: 10x slower block kernels).
-template <class K>
-void parallel_run(K k, int64_t n, int64_t grain) {
-  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
-    K task = k;
-    task.begin = b0;
-    task.end = b1;
-    run_best_isa(task);
-  });
-}
 
 // Columns per panel of the CSR layout (effikern/sparse/formats.py PANEL): an offset within a panel is one byte.
 constexpr int64_t kPanel = 256;

@@ -55,6 +55,10 @@ def check_options(temperature, alpha, ignore_index, reduction="none", inplace_ba
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_inplace_backward(inplace_backward)
+
+
+def check_inplace_backward(inplace_backward):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
@@ -318,7 +322,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("effikern.distillation_loss was called with compute_grad=False, so it kept no "
                            "gradient for student_logits; call it with compute_grad=True to backpropagate")
-    if ctx.inplace_backward and ctx.scaled_in_place:  # (before unpacking: autograd's version check is vaguer)
+    if ctx.scaled_in_place:  # (checked before unpacking: autograd's version-counter error is vaguer)
         raise RuntimeError(
             "effikern.distillation_loss was called with inplace_backward=True, so its first backward scaled the saved "
             "student gradient in place and a second backward through the same graph (retain_graph=True) cannot "
