@@ -543,3 +543,11 @@ def test_half_precision_backward_in_row_chunks_is_exact(monkeypatch, inplace):
         else:
             got = torch.ops.effikern.distillation_loss_backward(grad_loss.reshape(14), grad.reshape(14, 50))
         assert torch.equal(got, whole.reshape(14, 50))
+        # [batch, seq, V]: the chunks run over the flattened rows, not over the 2 batch rows
+        assert len(kd_ops._row_chunks(grad)) == 5
+        if inplace:
+            got = grad.clone()
+            torch.ops.effikern.distillation_loss_backward_(grad_loss, got)
+        else:
+            got = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
+        assert torch.equal(got, whole)

@@ -231,14 +231,22 @@ def distillation_loss_backward(grad_loss: torch.Tensor, grad_student: torch.Tens
     """grad_student * grad_loss[..., None], in grad_student's dtype.
 
     grad_loss: [...] (float32/float64); grad_student: [..., V] from ``distillation_loss``. The product is
-    taken in float32 and rounded once (``out=`` in the low dtype): neither a [..., V] float32 temporary nor a
-    bf16-rounded scale, which would add an error of 2^-9 to every element.
+    taken in float32 and rounded once (``out=`` in the low dtype): neither a [..., V] float32 temporary (on CPU,
+    row chunks bound PyTorch's: _row_chunks) nor a bf16-rounded scale, which would add an error of 2^-9 to every
+    element.
     """
     _check_backward_args(grad_loss, grad_student)
-    out = _empty_output_like(grad_student)
-    for rows in _row_chunks(grad_student):
-        torch.mul(grad_student[rows], grad_loss.unsqueeze(-1)[rows], out=out[rows])
-    return out
+    return _scale_rows(grad_loss, grad_student, _empty_output_like(grad_student))
+
+
+@torch.library.custom_op("effikern::distillation_loss_backward_", mutates_args=("grad_student",))
+def distillation_loss_backward_(grad_loss: torch.Tensor, grad_student: torch.Tensor) -> None:
+    """grad_student *= grad_loss[..., None], in place, the product taken in float32 and rounded once.
+
+    grad_loss: [...] (float32/float64); grad_student: [..., V] from ``distillation_loss``, overwritten.
+    """
+    _check_backward_args(grad_loss, grad_student)
+    _scale_rows(grad_loss, grad_student, grad_student)
 
 
 # On CPU, a product of half-precision and float32 tensors written to a half-precision output is computed into a
@@ -249,25 +257,27 @@ _CPU_MIXED_CHUNK = 1 << 22
 
 
 def _row_chunks(grad_student):
-    """Slices over the leading dim of grad_student [..., V] (flattened lead dims) that cover it."""
-    lead = grad_student.shape[:-1]
-    rows = lead[0] if len(lead) else 1
+    """Slices over the rows of grad_student viewed as [tokens, V] (every leading dim flattened) that cover them:
+    one slice on GPU and for float32/float64, chunks of at most _CPU_MIXED_CHUNK elements otherwise."""
+    vocab = grad_student.shape[-1] if grad_student.dim() else 1
+    rows = grad_student.numel() // max(vocab, 1)
     if grad_student.device.type != "cpu" or grad_student.dtype in (torch.float32, torch.float64) or rows == 0:
         return [slice(None)]
-    per_row = max(grad_student.numel() // rows, 1)
-    step = max(_CPU_MIXED_CHUNK // per_row, 1)
+    step = max(_CPU_MIXED_CHUNK // max(vocab, 1), 1)
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 
-@torch.library.custom_op("effikern::distillation_loss_backward_", mutates_args=("grad_student",))
-def distillation_loss_backward_(grad_loss: torch.Tensor, grad_student: torch.Tensor) -> None:
-    """grad_student *= grad_loss[..., None], in place, the product taken in float32 and rounded once.
-
-    grad_loss: [...] (float32/float64); grad_student: [..., V] from ``distillation_loss``, overwritten.
-    """
-    _check_backward_args(grad_loss, grad_student)
+def _scale_rows(grad_loss, grad_student, out):
+    """out = grad_student * grad_loss[..., None] in row chunks (_row_chunks); out may be grad_student itself.
+    Tensors that are not contiguous (so not viewable as [tokens, V]) take one product."""
+    scale = grad_loss.unsqueeze(-1)
+    if not (grad_student.is_contiguous() and out.is_contiguous() and scale.is_contiguous()):
+        return torch.mul(grad_student, scale, out=out)
+    vocab = grad_student.shape[-1]
+    g, o, sc = grad_student.view(-1, vocab), out.view(-1, vocab), scale.reshape(-1, 1)
     for rows in _row_chunks(grad_student):
-        grad_student[rows].mul_(grad_loss.unsqueeze(-1)[rows])
+        torch.mul(g[rows], sc[rows], out=o[rows])
+    return out
 
 
 @distillation_loss_backward_.register_fake
