@@ -6,9 +6,11 @@ Two modes:
   public unscale_ refuses fp16 grads) + ``clip_grad_norm_(foreach=True)`` + ``found_inf.item()`` (step's
   sync). effikern: ``GradScaler.unscale_(opt, max_norm=1)`` with a plain SGD optimizer, i.e. the grads end
   unscaled and clipped in memory like torch's: a read-only pass, then one multiply by clip/scale.
-- ``step``: scale update + AdamW (or SGD with momentum) over fp32 params and grads (no inf). Baselines: torch
-  GradScaler with ``AdamW/SGD(fused=True)`` (and foreach); effikern: its GradScaler + effikern.optim.AdamW/SGD
-  (1/scale folded in).
+- ``step``: scale update + AdamW (or SGD with momentum) over fp32 params and grads (no inf; ResNet-50 also with
+  fp16 and bf16 params). Baselines: torch GradScaler with ``AdamW/SGD(fused=True)`` (and foreach; for fp16/bf16
+  SGD on CPU foreach alone, since torch's fused CPU SGD does not update them there); effikern: its GradScaler +
+  effikern.optim.AdamW/SGD (1/scale folded in) on each backend, and ``effikern-auto`` where auto picks no effikern
+  kernel (it runs torch's fused kernel then: effikern/ops/amp_torch_fused.py).
 
 Gradient sets: GPT-2 124M (148 tensors), BERT-large (335M, 391), ResNet-50 (25.6M, 161) and a synthetic grid
 (tensors x elements); fp32, fp16 and bf16; no inf, or one inf in the last tensor. CPU quick mode uses
@@ -178,40 +180,67 @@ OPTIMIZERS = {
 }
 
 
-def _step_case(device, name, shapes, optimizer):
+def _torch_fused_broken(optimizer, dtype, device):
+    """Why torch's fused kernel cannot be timed here, or None: its CPU SGD leaves fp16/bf16 params unchanged in
+    torch <= 2.13 (pytorch/pytorch#191763; effikern/ops/amp_torch_fused.py probes it)."""
+    from effikern.ops import amp_torch_fused
+
+    if optimizer == "sgd" and device.type == "cpu" and dtype != torch.float32 and \
+            not amp_torch_fused.cpu_half_sgd_works(dtype):
+        return "torch's CPU fused SGD does not update fp16/bf16 params in this torch (pytorch#191763)"
+    return None
+
+
+def _step_case(device, name, shapes, optimizer, dtype_name="fp32"):
+    dtype = DTYPES[dtype_name]
     n = _numel(shapes)
     torch_cls, ours_cls, kwargs, per_param = OPTIMIZERS[optimizer]
+    broken = _torch_fused_broken(optimizer, dtype, device)
 
     def build():
-        params = _params(shapes, torch.float32, device)
+        params = _params(shapes, dtype, device)
         out = {}
         for label, fused in (("torch-fused", True), ("torch-foreach", False)):
+            if fused and broken:
+                out[label] = f"unavailable: {broken}"
+                continue
             try:
                 fn = (lambda ps, f=fused: torch_cls(ps, **kwargs, fused=f, foreach=None if f else True))
-                fn([torch.nn.Parameter(torch.zeros(1, device=device))])
-                out[label] = _step_candidate(params, device, torch.amp.GradScaler, fn)
+                fn([torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device))])
+                run = _step_candidate(params, device, torch.amp.GradScaler, fn)
+                run()  # torch's GradScaler refuses to unscale fp16 grads for a non-fused optimizer: found here
+                out[label] = run
             except (RuntimeError, ValueError) as err:
                 out[label] = f"unavailable: {err}"
         for b in _our_backends(device):
             why = _available(b, device)
             out[f"effikern-{b}"] = f"unavailable: {why}" if why else _step_candidate(
                 params, device, effikern.amp.GradScaler, lambda ps: ours_cls()(ps, **kwargs), b)
+        if effikern.backends.choose(f"fused_{optimizer}", device.type, dtype) == "torch":
+            # what auto runs where no effikern kernel is measured faster: torch's fused kernel (or the reference)
+            out["effikern-auto"] = _step_candidate(params, device, effikern.amp.GradScaler,
+                                                   lambda ps: ours_cls()(ps, **kwargs), "auto")
         return out
 
-    return Case(op=f"scaler+{optimizer}", shape=f"{name} {len(shapes)}t {n / 1e6:.1f}M", dtype="fp32",
-                layout="finite", mode="step", bytes=per_param * n, flops=16 * n, baseline="torch-fused",
+    # The fp32 baseline is torch's fused optimizer; where that is broken (fp16/bf16 SGD on CPU), torch's foreach one.
+    baseline = "torch-foreach" if broken else "torch-fused"
+    esize = torch.finfo(dtype).bits // 8
+    return Case(op=f"scaler+{optimizer}", shape=f"{name} {len(shapes)}t {n / 1e6:.1f}M", dtype=dtype_name,
+                layout="finite", mode="step", bytes=per_param // 4 * esize * n, flops=16 * n, baseline=baseline,
                 build=build)
 
 
 def cases(device, quick=True):
-    """unscale+clip for every set x dtype x {finite, inf in the last tensor}, and the whole step (fp32)."""
+    """unscale+clip for every set x dtype x {finite, inf in the last tensor}, and the whole step (fp32 params; on
+    the ResNet-50 set also fp16 and bf16 params, as in pure half-precision training)."""
     out = []
     for name, shapes in _sets(device, quick).items():
         for dtype_name in DTYPES:
             for inf_last in (False, True):
                 out.append(_unscale_case(device, name, shapes, dtype_name, inf_last))
         if not name.startswith("grid") or (device.type != "cpu" and not quick):
-            out += [_step_case(device, name, shapes, opt) for opt in OPTIMIZERS]
+            step_dtypes = DTYPES if name == "resnet50" else ("fp32",)
+            out += [_step_case(device, name, shapes, opt, d) for opt in OPTIMIZERS for d in step_dtypes]
     return out
 
 

@@ -27,6 +27,7 @@ def info() -> None:
     """Versions, device, which backends are built and usable per op, and what ``auto`` picks."""
     import effikern
     from effikern import _auto, _ext, backends
+    from effikern.ops import amp_torch_fused
 
     try:
         import triton
@@ -60,8 +61,11 @@ def info() -> None:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 name = str(dtype).replace("torch.", "")
                 picked = _choice(op, device, dtype)
-                if picked == "torch" and backends.get_backend() == "auto" and op in _EAGER_UNDER_AUTO:
-                    picked = "eager PyTorch code (no kernel measured faster)"
+                if picked == "torch" and backends.get_backend() == "auto":
+                    if op in _EAGER_UNDER_AUTO:
+                        picked = "eager PyTorch code (no kernel measured faster)"
+                    elif amp_torch_fused.available(op):
+                        picked = amp_torch_fused.describe(op)
                 print(f"  {device:<5}{name:<9} -> runs on: {picked}")
                 if backends.get_backend() == "auto":  # classes of shapes measured the other way (_auto._CASES)
                     for case in _auto.cases(op, device, dtype):

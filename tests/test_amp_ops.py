@@ -5,13 +5,17 @@ rounded to the grad's dtype within one ulp (every backend does one fp32 multiply
 fp32 accumulations, compared to the float64 norm within a few fp32 ulps per summed term.
 """
 
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 import effikern
+from effikern import _auto
 from effikern.ops import amp as amp_ops
+from effikern.ops import amp_torch_fused
 from backend_util import device_for, skip_unavailable
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,12 +30,31 @@ def _backends():
 
 
 BACKENDS = _backends()
+# The update ops under auto where no effikern kernel is measured faster: PyTorch's fused kernels
+# (ops/amp_torch_fused.py), run here on CPU by making auto prefer torch for every op.
+FALLBACK = "auto-torch-fused"
+UPDATE_BACKENDS = BACKENDS + [pytest.param(FALLBACK)]
 
 
 def _setup(backend):
+    if backend == FALLBACK:
+        if not amp_torch_fused.available("fused_adamw"):
+            pytest.skip("this torch has no torch._fused_adamw_")
+        return "cpu"
     device = device_for(backend)
     skip_unavailable(backend, device)
     return device
+
+
+@contextlib.contextmanager
+def _running_on(backend):
+    """The backend choice of a test: ``backend`` itself, or auto with nothing measured faster than torch."""
+    if backend != FALLBACK:
+        with effikern.set_backend(backend):
+            yield
+        return
+    with effikern.set_backend("auto"), mock.patch.object(_auto, "preference", lambda *a, **k: ("torch",)):
+        yield
 
 
 def _sizes(backend, many):
@@ -230,7 +253,7 @@ def _low_precision_tol(dtype):
     return dict(rtol=4 * ULP[dtype], atol=4 * ULP[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float16], [torch.bfloat16], DTYPES],
                          ids=["fp32", "fp16", "bf16", "mixed"])
 @pytest.mark.parametrize("maximize", [False, True])
@@ -242,7 +265,7 @@ def test_fused_adamw_matches_contract(backend, dtypes, maximize):
     step = torch.full((1,), 4.0, device=device)
     factor = torch.full((), 1 / 256, device=device)
     hyper = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, wd=0.1)
-    with effikern.set_backend(backend):
+    with _running_on(backend):
         torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, hyper["lr"], hyper["b1"], hyper["b2"],
                                         hyper["eps"], hyper["wd"], maximize, factor,
                                         torch.zeros((), device=device))
@@ -258,7 +281,7 @@ def test_fused_adamw_matches_contract(backend, dtypes, maximize):
         assert torch.equal(_cat([grads[i] for i in pick]), g0)  # grads are only read
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_fused_adamw_on_channels_last_and_mixed_layouts(backend):
     """A channels_last conv weight with its grad and state in the same layout (what autograd and the optimizers
     give it) updates in place through flat views; a param whose grad has another layout goes through the copies.
@@ -276,7 +299,7 @@ def test_fused_adamw_on_channels_last_and_mixed_layouts(backend):
     assert work.copied == [2]
     assert all(work.lists[k][i].data_ptr() == laid_out[k][i].data_ptr() for k in range(4) for i in (0, 1))
     hyper = (1e-2, 0.9, 0.99, 1e-6, 0.1, False, torch.full((), 1 / 256, device=device), torch.zeros((), device=device))
-    with effikern.set_backend(backend):
+    with _running_on(backend):
         torch.ops.effikern.fused_adamw_(*expected, torch.full((1,), 4.0, device=device), *hyper)
         torch.ops.effikern.fused_adamw_(*laid_out, torch.full((1,), 4.0, device=device), *hyper)
     for k in (0, 2, 3):
@@ -286,7 +309,7 @@ def test_fused_adamw_on_channels_last_and_mixed_layouts(backend):
             torch.testing.assert_close(laid_out[k][i], expected[k][i], **_low_precision_tol(torch.float32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_fused_updates_skip_on_found_inf(backend):
     device = _setup(backend)
     params, grads, ms, vs = _state_lists([5, 1, 70], DTYPES, device)
@@ -294,7 +317,7 @@ def test_fused_updates_skip_on_found_inf(backend):
     before = [[t.clone() for t in lst] for lst in (params, ms, vs)]
     step = torch.zeros((), device=device)
     found = torch.ones((), device=device)
-    with effikern.set_backend(backend):
+    with _running_on(backend):
         torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step, 1e-2, 0.9, 0.99, 1e-8, 0.1, False, None,
                                         found)
         torch.ops.effikern.fused_sgd_(params, grads, ms, step, 1e-2, 0.9, 0.0, True, 0.1, False, None, found)
@@ -314,7 +337,7 @@ def _sgd_truth(p, g, buf, first, lr, momentum, dampening, nesterov, wd, maximize
     return p - lr * g, buf
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 @pytest.mark.parametrize("dtypes", [[torch.float32], DTYPES], ids=["fp32", "mixed"])
 @pytest.mark.parametrize("config", [(0.0, 0.0, False, 0.0, False), (0.9, 0.1, False, 0.01, False),
                                     (0.9, 0.0, True, 0.1, True)], ids=["plain", "momentum", "nesterov_max"])
@@ -327,7 +350,7 @@ def test_fused_sgd_matches_contract(backend, dtypes, config):
     for start in (0.0, 3.0):  # step 0: buffers uninitialised (buf = g); later: the momentum formula
         before = [[t.clone() for t in lst] for lst in (params, grads, bufs)]
         step = torch.full((), start, device=device)
-        with effikern.set_backend(backend):
+        with _running_on(backend):
             torch.ops.effikern.fused_sgd_(params, grads, bufs, step, 0.05, momentum, dampening, nesterov, wd,
                                           maximize, torch.full((), 0.5, device=device), None)
         assert step.item() == start + 1
@@ -344,7 +367,7 @@ def test_fused_sgd_matches_contract(backend, dtypes, config):
 
 # --- a tensor lr (lr_tensor): read when the update runs, so a scheduler reaches a captured CUDA graph -----------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lr_shape", [(), (1,)], ids=["0d", "1elem"])
 def test_fused_updates_take_lr_from_a_tensor(backend, lr_dtype, lr_shape):
@@ -363,7 +386,7 @@ def test_fused_updates_take_lr_from_a_tensor(backend, lr_dtype, lr_shape):
         lr = float(lr_t)  # the tensor's own value (3e-2 rounded to fp32 for a float32 tensor)
         before = [[t.clone() for t in lst] for lst in (params, grads, ms, vs, sgd_params, bufs)]
         step_a, step_s = torch.full((), start, device=device), torch.full((), start, device=device)
-        with effikern.set_backend(backend):
+        with _running_on(backend):
             torch.ops.effikern.fused_adamw_(params, grads, ms, vs, step_a, 0.0, hyper["b1"], hyper["b2"],
                                             hyper["eps"], hyper["wd"], False, None, None, lr_t)
             torch.ops.effikern.fused_sgd_(sgd_params, grads, bufs, step_s, 0.0, 0.9, 0.0, True, 0.01, False,
@@ -536,3 +559,90 @@ def test_ten_thousand_tensors_on_cpp():
     for got, want in zip(results["cpp"], results["torch"]):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **_low_precision_tol(a.dtype))
+
+
+# --- auto's fallback for the update ops: PyTorch's fused kernels (ops/amp_torch_fused.py) -------------------
+
+def _counting(monkeypatch, name):
+    """Wraps torch.<name> to count its calls."""
+    calls = []
+    real = getattr(torch, name)
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, counted)
+    return calls
+
+
+def test_auto_fallback_runs_torchs_fused_kernels_and_only_under_auto(monkeypatch):
+    """Where auto keeps torch, the updates run on torch._fused_adamw_ / _fused_sgd_, not the reference; with
+    set_backend("torch") they run the reference (no call to torch's kernels)."""
+    _setup(FALLBACK)
+    adamw_calls, sgd_calls = _counting(monkeypatch, "_fused_adamw_"), _counting(monkeypatch, "_fused_sgd_")
+    params, grads, ms, vs = _state_lists([5, 70, 1], [torch.float32], "cpu")
+    for backend, expected in ((FALLBACK, [3]), ("torch", [])):
+        adamw_calls.clear(), sgd_calls.clear()
+        with _running_on(backend):
+            torch.ops.effikern.fused_adamw_(params, grads, ms, vs, torch.zeros(()), 1e-2, 0.9, 0.99, 1e-8, 0.1,
+                                            False, torch.full((), 0.5), torch.zeros(()))
+            torch.ops.effikern.fused_sgd_(params, grads, ms, torch.zeros(()), 1e-2, 0.9, 0.0, False, 0.0, False,
+                                          None, None)
+        assert adamw_calls == expected and sgd_calls == expected
+
+
+def test_auto_fallback_chunks_the_gradient_copies(monkeypatch):
+    """With a grad_factor the fallback copies the gradients (torch's kernels write the unscaled ones back) a chunk
+    at a time: a small chunk limit gives several kernel calls and the same result as one."""
+    _setup(FALLBACK)
+    sizes = [300, 5, 1000, 0, 77]
+    lists = _state_lists(sizes, [torch.float32], "cpu")
+    one_call = [[t.clone() for t in lst] for lst in lists]
+    grads_before = [g.clone() for g in lists[1]]
+    args = (1e-2, 0.9, 0.99, 1e-8, 0.1, False, torch.full((), 1 / 64), torch.zeros(()))
+    with _running_on(FALLBACK):
+        torch.ops.effikern.fused_adamw_(*one_call, torch.zeros(()), *args)
+        calls = _counting(monkeypatch, "_fused_adamw_")
+        monkeypatch.setattr(amp_torch_fused, "CHUNK_BYTES", 1000 * 4)
+        torch.ops.effikern.fused_adamw_(*lists, torch.zeros(()), *args)
+    assert calls == [2, 2, 1]  # [300, 5], [1000, 0] (4,000 bytes: at the limit), [77]
+    for got, want in zip(lists, one_call):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(lists[1], grads_before))  # the grads are only read
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.1])
+def test_auto_fallback_sgd_first_step_without_reading_the_count(monkeypatch, dampening):
+    """Off the CPU the fallback cannot read ``step == 0`` on the host: it zeroes the (uninitialised: NaN here)
+    buffers on the device and runs the later-step formula, exact for dampening 0; dampening != 0 runs the
+    reference. Either way the first step sets buf = g."""
+    _setup(FALLBACK)
+    monkeypatch.setattr(amp_torch_fused, "reads_step_on_host", lambda device: False)
+    calls = _counting(monkeypatch, "_fused_sgd_")
+    params, grads, _, _ = _state_lists([5, 70, 1], [torch.float32], "cpu")
+    bufs = [torch.full_like(p, math.nan) for p in params]
+    before = [p.clone() for p in params]
+    step = torch.zeros(())
+    with _running_on(FALLBACK):
+        torch.ops.effikern.fused_sgd_(params, grads, bufs, step, 0.05, 0.9, dampening, False, 0.01, False,
+                                      torch.full((), 0.5), None)
+    assert step.item() == 1.0
+    assert len(calls) == (1 if dampening == 0.0 else 0)
+    for p0, g, p, b in zip(before, grads, params, bufs):
+        tp, tb = _sgd_truth(p0, g, None, True, 0.05, 0.9, dampening, False, 0.01, False, 0.5)
+        torch.testing.assert_close(p.double(), tp, **_low_precision_tol(torch.float32))
+        torch.testing.assert_close(b.double(), tb, **_low_precision_tol(torch.float32))
+
+
+def test_auto_fallback_probes_torchs_cpu_half_sgd():
+    """The probe of pytorch/pytorch#191763 answers for each half dtype, and fp16/bf16 SGD under the fallback is
+    right whatever it answers (the contract tests above run it: 'mixed')."""
+    _setup(FALLBACK)
+    for dtype in (torch.float16, torch.bfloat16):
+        works = amp_torch_fused.cpu_half_sgd_works(dtype)
+        param = torch.zeros(64, dtype=dtype)
+        torch._fused_sgd_([param], [torch.ones(64, dtype=dtype)], [], weight_decay=0.0, momentum=0.0, lr=1.0,
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+        assert works == bool((param == -1).all())
