@@ -65,7 +65,7 @@ def info() -> None:
                     if op in _EAGER_UNDER_AUTO:
                         picked = "eager PyTorch code (no kernel measured faster)"
                     elif amp_torch_fused.available(op):
-                        picked = amp_torch_fused.describe(op)
+                        picked = amp_torch_fused.describe(op, device, dtype)
                 print(f"  {device:<5}{name:<9} -> runs on: {picked}")
                 if backends.get_backend() == "auto":  # classes of shapes measured the other way (_auto._CASES)
                     for case in _auto.cases(op, device, dtype):

@@ -45,8 +45,11 @@ def available(op: str) -> bool:
     return op in _KERNELS and hasattr(torch, _KERNELS[op])
 
 
-def describe(op: str) -> str:
-    """What ``effikern info`` prints for a call that runs here."""
+def describe(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """What ``effikern info`` prints for calls of ``op`` that run here on this device type and dtype."""
+    if op == "fused_sgd" and not _sgd_kernel_works(torch.device(device_type), dtype):
+        return ("the torch reference: torch's CPU fused SGD does not update fp16/bf16 params in this torch "
+                "(pytorch#191763), and no effikern kernel is measured faster")
     return f"PyTorch's fused kernel torch.{_KERNELS[op]} (no effikern kernel measured faster)"
 
 
