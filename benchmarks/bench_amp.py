@@ -164,6 +164,8 @@ def _unscale_case(device, name, shapes, dtype_name, inf_last):
         for b in _our_backends(device):
             why = _available(b, device)
             out[f"effikern-{b}"] = f"unavailable: {why}" if why else _ours_unscale_clip(params, device, b)
+        if effikern.backends.choose("unscale_check_norm", device.type, dtype) == "torch":
+            out["effikern-auto"] = _ours_unscale_clip(params, device, "auto")  # torch's foreach kernels then
         return out
 
     # Compulsory: the norm needs every grad read before any can be clipped; then read + write to apply.

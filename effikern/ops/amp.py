@@ -45,7 +45,7 @@ may be split into one call per backend; the norms are then combined on the devic
 or the max) and the shared ``step`` is incremented once.
 
 Under ``auto``, where no effikern kernel was measured faster (``torch`` is picked: a GPU until one is measured, a CPU
-class or dtype not measured), the update ops run PyTorch's own fused optimizer kernels with this contract kept
+class or dtype not measured), the ops run PyTorch's own fused optimizer and foreach kernels with this contract kept
 (ops/amp_torch_fused.py), not the slow reference; ``set_backend("torch")`` runs the reference.
 """
 
@@ -447,7 +447,7 @@ def _unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back):
     tensors = work.lists[0]
     norms = []
     for name, idx in _split_by_backend("unscale_check_norm", device, tensors):
-        fn = backends.implementation("unscale_check_norm", name)
+        fn = implementation("unscale_check_norm", name)
         norms.append(fn(_pick(tensors, idx), inv_scale, found_inf, float(norm_type), write_back)
                      .reshape(()).float())
     if write_back:
@@ -471,10 +471,10 @@ def _(grads, inv_scale, found_inf, norm_type, write_back):
     return torch.empty((), dtype=torch.float32, device=inv_scale.device)
 
 
-def update_implementation(op: str, name: str):
-    """The callable that runs update op ``op`` for backend ``name``. Under ``auto``, where ``name`` is ``torch`` (no
-    effikern kernel measured faster there), PyTorch's own fused optimizer kernel instead of the reference: the
-    reference is for testing, 0.04-0.19x of torch's fused kernels (ops/amp_torch_fused.py)."""
+def implementation(op: str, name: str):
+    """The callable that runs ``op`` for backend ``name``. Under ``auto``, where ``name`` is ``torch`` (no effikern
+    kernel measured faster there), PyTorch's own fused or foreach kernels instead of the reference: the reference is
+    for testing, 0.05-0.43x of those (ops/amp_torch_fused.py)."""
     if name == "torch" and backends.get_backend() == "auto" and amp_torch_fused.available(op):
         return amp_torch_fused.IMPLEMENTATIONS[op]
     return backends.implementation(op, name)
@@ -491,12 +491,12 @@ def _run_update(op: str, device, lists: Sequence[List[torch.Tensor]], written: S
                                                                                 torch.float32), [])]
     if len(groups) == 1:
         name, idx = groups[0]
-        call(update_implementation(op, name), work.lists, step)
+        call(implementation(op, name), work.lists, step)
     else:
         start = step.clone()
         for name, idx in groups:
             own = start.clone()
-            call(update_implementation(op, name), [_pick(lst, idx) for lst in work.lists], own)
+            call(implementation(op, name), [_pick(lst, idx) for lst in work.lists], own)
         step.copy_(own)
     work.copy_back(written)
 

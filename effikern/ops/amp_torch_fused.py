@@ -1,4 +1,4 @@
-"""The update ops on PyTorch's own fused optimizer kernels, where ``auto`` has no faster effikern kernel.
+"""The amp ops on PyTorch's own fused and foreach kernels, where ``auto`` has no faster effikern kernel.
 
 Why: the ``torch`` backend of ``fused_adamw_`` / ``fused_sgd_`` (ops/amp.py) is the reference the kernels are tested
 against, written for clarity with fp32 copies and ~20 foreach passes: 0.04x and 0.19x of
@@ -23,6 +23,15 @@ effikern.optim would run that reference. Instead the ops run what a user of ``fu
 
 Tensor lr: torch's CUDA kernels read a float32 lr tensor; a float64 one is converted on the device.
 
+``unscale_check_norm`` runs as ``torch._foreach_mul_`` (with write-back) and one ``torch._foreach_norm`` in float32,
+and takes the inf/nan check from the norm: the largest |v| is non-finite exactly when some v is, and so is the
+2-norm (computed for the check alone when ``norm_type`` is 0: torch's CPU inf-norm took 7x as long), which can also
+overflow by itself where the sum of squares passes float32's range. Gradients that large (a norm past ~1.8e19 of
+the values summed) then count as an overflow and the step is skipped, where the ``cpp`` kernel returns an inf norm
+without setting found_inf. Without write-back the norm is taken of the grads as they are and multiplied by inv_scale
+(the same value up to rounding). Passes over the gradients: with write-back a read and write, then a read (as
+torch's GradScaler.unscale_ followed by clip_grad_norm_'s norm); without, one read.
+
 torch's CPU ``_fused_sgd_`` leaves the vectorized blocks of fp16 and bf16 params unchanged in torch 2.13 and earlier
 (pytorch/pytorch#191763, found here by tests/test_amp_ops.py): ``torch.optim.SGD(fused=True)`` silently does not
 train such params. So a CPU call probes it once (:func:`cpu_half_sgd_works`) and runs those dtypes on the reference
@@ -37,7 +46,7 @@ import torch
 # The largest temporary copy of gradients made at once (see the module docstring).
 CHUNK_BYTES = 64 << 20
 
-_KERNELS = {"fused_adamw": "_fused_adamw_", "fused_sgd": "_fused_sgd_"}
+_KERNELS = {"fused_adamw": "_fused_adamw_", "fused_sgd": "_fused_sgd_", "unscale_check_norm": "_foreach_norm"}
 
 
 def available(op: str) -> bool:
@@ -47,6 +56,8 @@ def available(op: str) -> bool:
 
 def describe(op: str, device_type: str, dtype: torch.dtype) -> str:
     """What ``effikern info`` prints for calls of ``op`` that run here on this device type and dtype."""
+    if op == "unscale_check_norm":
+        return "PyTorch's foreach kernels torch._foreach_mul_ and _foreach_norm (no effikern kernel measured faster)"
     if op == "fused_sgd" and not _sgd_kernel_works(torch.device(device_type), dtype):
         return ("the torch reference: torch's CPU fused SGD does not update fp16/bf16 params in this torch "
                 "(pytorch#191763), and no effikern kernel is measured faster")
@@ -171,4 +182,24 @@ def fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, n
     step.add_(done)
 
 
-IMPLEMENTATIONS = {"fused_adamw": fused_adamw_, "fused_sgd": fused_sgd_}
+def unscale_check_norm(grads, inv_scale, found_inf, norm_type, write_back):
+    """The unscale_check_norm contract (ops/amp.py) on torch's foreach kernels (module docstring); grads contiguous,
+    one device. Returns the 0-dim float32 norm (0 for norm_type 0)."""
+    inv = inv_scale.reshape(())
+    zero = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
+    nonempty = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is an error in torch
+    if not nonempty:
+        return zero
+    if write_back:
+        torch._foreach_mul_(nonempty, inv)
+    order = norm_type if norm_type != 0.0 else 2.0
+    per_tensor = torch._foreach_norm(nonempty, order, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack(per_tensor), order)
+    if not write_back:
+        norm = norm * inv.float()
+    overflow = (~torch.isfinite(norm)).float()
+    found_inf.copy_(torch.maximum(found_inf, overflow.reshape(found_inf.shape)))
+    return norm if norm_type != 0.0 else zero
+
+
+IMPLEMENTATIONS = {"fused_adamw": fused_adamw_, "fused_sgd": fused_sgd_, "unscale_check_norm": unscale_check_norm}
