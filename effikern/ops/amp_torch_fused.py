@@ -1,7 +1,7 @@
 """The amp ops on PyTorch's own fused and foreach kernels, where ``auto`` has no faster effikern kernel.
 
 Why: the ``torch`` backend of ``fused_adamw_`` / ``fused_sgd_`` (ops/amp.py) is the reference the kernels are tested
-against, written for clarity with fp32 copies and ~20 foreach passes: 0.04x and 0.19x of
+against, written for clarity with fp32 copies and ~20 foreach passes: 0.05x and 0.19x of
 ``torch.optim.AdamW/SGD(fused=True)`` on a ResNet-50 step (benchmarks/results/amp/, the ``effikern-torch`` rows).
 Where ``auto`` keeps PyTorch (any GPU until a GPU run measures our kernels, CPU classes or dtypes not measured),
 effikern.optim would run that reference. Instead the ops run what a user of ``fused=True`` runs today:
@@ -96,7 +96,8 @@ def _groups(params, grads, grad_factor):
 
 
 def _scaling(grad_factor, found_inf):
-    """(grad_scale, found_inf, done) for torch's kernels, and the 0/1 float count to add to ``step``."""
+    """(grad_scale, found_inf) for torch's kernels, and what to add to ``step`` afterwards (1, or 0 where found_inf
+    is set: a device tensor, no sync)."""
     grad_scale = None if grad_factor is None else grad_factor.reshape(()).double().reciprocal().float()
     if found_inf is None:
         return grad_scale, None, 1.0
