@@ -68,6 +68,10 @@ _PREFERENCE = {
     # image is larger than 14x14 is 2.11x (NCHW fwd), 2.06x (NCHW fwd+bwd), 1.14x and 1.20x (channels_last), slower
     # on 2, 0, 4 and 4 of 14; the small-image forwards lose as on AVX-512 (_CASES).
     ("dwsep_conv2d", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    # dwsep-fp16/cpu-AMD-EPYC-avx2-2t.json (git a36392d, the 12 shapes at N=1 and N=8, both layouts, fwd and fwd+bwd):
+    # cpp 2.4-39x torch in all 96 cases (geomeans 7.5-24x per group), small images included, as on AVX-512: PyTorch
+    # has no fast fp16 convolution on a CPU without AVX512-FP16.
+    ("dwsep_conv2d", "cpu-avx2", torch.float16): ("cpp", "torch"),
     # kd-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp 5.62x and 7.57x the eager formula (256 x 32000 / 50257, fwd+bwd).
     ("distillation_loss", "cpu-avx2", torch.float32): ("cpp", "torch"),
     # kd-bf16/cpu-AMD-EPYC-avx2-2t.json (git b0ea44d; 256 and 1024 tokens x V 32000/50257/128256, T 1/2/4): cpp
