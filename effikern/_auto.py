@@ -72,6 +72,10 @@ _PREFERENCE = {
     # cpp 2.4-39x torch in all 96 cases (geomeans 7.5-24x per group), small images included, as on AVX-512: PyTorch
     # has no fast fp16 convolution on a CPU without AVX512-FP16.
     ("dwsep_conv2d", "cpu-avx2", torch.float16): ("cpp", "torch"),
+    # dwsep-bf16/cpu-AMD-EPYC-avx2-2t.json (git 0d68710, the same 96 cases): cpp 7.1-116x torch in all of them
+    # (geomeans 10.7-44x per group). Unlike on AVX-512, PyTorch's bf16 convolutions are slow on this CPU (no native
+    # bf16 instructions: the N=8 channels_last forwards took 0.2-0.8 s), so cpp runs every bf16 call here.
+    ("dwsep_conv2d", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
     # kd-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp 5.62x and 7.57x the eager formula (256 x 32000 / 50257, fwd+bwd).
     ("distillation_loss", "cpu-avx2", torch.float32): ("cpp", "torch"),
     # kd-bf16/cpu-AMD-EPYC-avx2-2t.json (git b0ea44d; 256 and 1024 tokens x V 32000/50257/128256, T 1/2/4): cpp
