@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import _auto
 from .nn._hooks import hooks, run_pruning_hooks
 from .nn.dwsep import DepthwiseSeparableConv2d
 from .ops.activation import module_activation_name
@@ -363,6 +364,9 @@ def _step(root: nn.Module, node: fx.Node):
 # None when it never did), ...). Source: benchmarks/results/cpu-sparse-decision-1t.json
 # (``python -m benchmarks.bench_sparse``: forward, 4096x4096 and 768x3072, min of 15 calls at 1 thread of the shared
 # 2-core AMD EPYC; provisional). A case missing here (any GPU, block16, fp16) was not measured, and stays dense.
+# Keyed by effikern._auto.table_device, as auto's table: "cpu" is the AVX-512 CPU class, "cpu-avx2" the AVX2 one
+# (benchmarks/results/cpu-sparse-decision-avx2-1t.json, git 3ebe6a9 with this keying uncommitted: the same run on an
+# AVX2-only AMD EPYC).
 SPARSE_FASTER = {
     ("cpu", torch.float32, "unstructured"): ((1, 0.95), (16, 0.7), (64, 0.7), (256, 0.7)),
     ("cpu", torch.float32, "block32"): ((1, None), (16, 0.5), (64, 0.5), (256, 0.5)),
@@ -370,6 +374,14 @@ SPARSE_FASTER = {
     ("cpu", torch.bfloat16, "unstructured"): ((1, 0.95), (16, 0.9), (64, 0.9), (256, 0.9)),
     ("cpu", torch.bfloat16, "block32"): ((1, 0.9), (16, 0.7), (64, 0.9), (256, 0.9)),
     ("cpu", torch.bfloat16, "block64"): ((1, None), (16, 0.7), (64, 0.7), (256, 0.9)),
+    # On AVX2 PyTorch's dense bf16 matmul is slow (no native bf16: 776 ms for 256 tokens at 4096x4096), so the
+    # sparse kernel wins from 50% sparsity at 16 tokens and more.
+    ("cpu-avx2", torch.float32, "unstructured"): ((1, 0.95), (16, 0.5), (64, 0.7), (256, 0.7)),
+    ("cpu-avx2", torch.float32, "block32"): ((1, None), (16, 0.5), (64, 0.7), (256, 0.7)),
+    ("cpu-avx2", torch.float32, "block64"): ((1, 0.9), (16, 0.5), (64, 0.7), (256, 0.7)),
+    ("cpu-avx2", torch.bfloat16, "unstructured"): ((1, 0.9), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu-avx2", torch.bfloat16, "block32"): ((1, 0.9), (16, 0.5), (64, 0.5), (256, 0.5)),
+    ("cpu-avx2", torch.bfloat16, "block64"): ((1, 0.9), (16, 0.5), (64, 0.5), (256, 0.5)),
 }
 # The token count (rows of x per call) the sparse rule assumes; decode-sized by default.
 SPARSE_TOKENS = 16
@@ -399,7 +411,7 @@ def sparse_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
         return Rewrite(1, None, f"pruned {kind}: has hooks other than pruning's ({extra}), which would be lost")
     fmt, block = sparse_nn.choose_format(weight.reshape(weight.shape[0], -1), kept.reshape(weight.shape[0], -1))
     what = f"pruned {kind} {sparsity:.0%} sparse, format {fmt}" + (f" {block[0]}x{block[1]}" if block else "")
-    key = (weight.device.type, weight.dtype, fmt if block is None else f"block{block[0]}")
+    key = (_auto.table_device(weight.device.type), weight.dtype, fmt if block is None else f"block{block[0]}")
     limits = SPARSE_FASTER.get(key)
     if not limits:
         return Rewrite(1, None, f"{what}: no measurement shows the sparse kernel faster on "

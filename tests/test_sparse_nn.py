@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import effikern
+from effikern import _auto
 from effikern.nn import SparseConv2d1x1, SparseLinear
 from effikern.prune import prune_model
 
@@ -156,7 +157,7 @@ class Block(nn.Module):
 @pytest.fixture
 def sparse_table(monkeypatch):
     """A table that says sparse is faster for fp32 CPU at >= 50%: optimize()'s swap is what is tested here."""
-    table = {("cpu", torch.float32, f): ((64, 0.5),) for f in ("unstructured", "block16", "2:4")}
+    table = {(_auto.table_device("cpu"), torch.float32, f): ((64, 0.5),) for f in ("unstructured", "block16", "2:4")}
     monkeypatch.setattr(optimize_module, "SPARSE_FASTER", table)
 
 
@@ -189,7 +190,8 @@ def test_optimize_pruned_conv1x1_and_dense_layers_left():
 
 
 def test_optimize_reports_why_not(monkeypatch):
-    monkeypatch.setattr(optimize_module, "SPARSE_FASTER", {("cpu", torch.float32, "unstructured"): ((64, 0.9),)})
+    monkeypatch.setattr(optimize_module, "SPARSE_FASTER",
+                        {(_auto.table_device("cpu"), torch.float32, "unstructured"): ((64, 0.9),)})
     model = nn.Sequential(nn.Linear(64, 64))
     prune_model(model, 0.6)
     _, report = effikern.optimize(model, inplace=False)
@@ -227,3 +229,17 @@ def test_loading_another_pattern_keeps_the_module_dtype():
     assert module.values.dtype == module.bias.dtype == torch.float32
     torch.testing.assert_close(module(torch.randn(2, 40)).shape, (2, 24))
     torch.testing.assert_close(module.values, checkpoint["values"].float())
+
+
+def test_sparse_rule_reads_the_thresholds_of_this_cpu_class(monkeypatch):
+    """SPARSE_FASTER is keyed by CPU class as auto's table is: an AVX2 CPU reads the "cpu-avx2" entries, not the
+    AVX-512 ones (it used the AVX-512 ones before those were measured)."""
+    monkeypatch.setattr(optimize_module, "SPARSE_FASTER", {
+        ("cpu", torch.float32, "unstructured"): ((16, 0.5),),
+        ("cpu-avx2", torch.float32, "unstructured"): ((16, 0.99),)})
+    model = nn.Sequential(nn.Linear(64, 64))
+    prune_model(model, 0.75)
+    for cpu_class, swapped in (("avx512", True), ("avx2", False), ("default", False)):
+        monkeypatch.setattr(_auto, "cpu_class", lambda cpu_class=cpu_class: cpu_class)
+        _, report = effikern.optimize(model, inplace=False)
+        assert bool(report.replaced) == swapped, (cpu_class, str(report))
