@@ -187,8 +187,7 @@ def _torch_fused_broken(optimizer, dtype, device):
     torch <= 2.13 (pytorch/pytorch#191763; effikern/ops/amp_torch_fused.py probes it)."""
     from effikern.ops import amp_torch_fused
 
-    if optimizer == "sgd" and device.type == "cpu" and dtype != torch.float32 and \
-            not amp_torch_fused.cpu_half_sgd_works(dtype):
+    if optimizer == "sgd" and not amp_torch_fused.sgd_kernel_works(device, dtype):
         return "torch's CPU fused SGD does not update fp16/bf16 params in this torch (pytorch#191763)"
     return None
 

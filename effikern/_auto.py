@@ -85,8 +85,9 @@ _PREFERENCE = {
     # fp32, fp16, bf16) 4.9-10.8x the torch reference (and 1.6-2.7x torch's own GradScaler + clip_grad_norm_). The
     # fused optimizers on fp32 params (ResNet-50 step): AdamW 26x and SGD 6.2x the torch reference, 1.24x and 1.19x
     # torch.optim's fused=True (the earlier/ run at 4bdc989 had AdamW at 0.70x torch fused, 1.26-1.47x in two runs
-    # since: noise on this VM). On fp16/bf16 params SGD runs on cpp: 7.0x / 8.8x the reference, which is what auto
-    # ran otherwise, because torch's fused CPU SGD does not update such params (ops/amp_torch_fused.py). AdamW on
+    # since that were not kept as results files: noise on this VM). On fp16/bf16 params SGD runs on cpp: 7.0x / 8.8x
+    # the reference, which is what auto ran otherwise, because torch's fused CPU SGD does not update such params
+    # (ops/amp_torch_fused.py). AdamW on
     # fp16/bf16 params stays on torch's fused kernel (the auto fallback): cpp measured 22.6 vs 20.0 ms (fp16) and
     # 24.7 vs 24.8 ms (bf16), not faster.
     ("unscale_check_norm", "cpu-avx2", torch.float32): ("cpp", "torch"),
@@ -102,7 +103,7 @@ _PREFERENCE = {
     # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter- and compile-checked only):
     # on CUDA tensors auto keeps PyTorch until a benchmark shows a kernel faster. For dwsep_conv2d and
     # distillation_loss that means the plain eager PyTorch code, not the ops' torch reference backends
-    # (functional.py: auto_runs_eager).
+    # (functional.py: auto_runs_eager); for the amp ops, PyTorch's fused and foreach kernels (ops/amp_torch_fused.py).
 }
 
 

@@ -474,7 +474,7 @@ def _(grads, inv_scale, found_inf, norm_type, write_back):
 def implementation(op: str, name: str):
     """The callable that runs ``op`` for backend ``name``. Under ``auto``, where ``name`` is ``torch`` (no effikern
     kernel measured faster there), PyTorch's own fused or foreach kernels instead of the reference: the reference is
-    for testing, 0.05-0.43x of those (ops/amp_torch_fused.py)."""
+    for testing, 0.05-0.40x of those (ops/amp_torch_fused.py)."""
     if name == "torch" and backends.get_backend() == "auto" and amp_torch_fused.available(op):
         return amp_torch_fused.IMPLEMENTATIONS[op]
     return backends.implementation(op, name)

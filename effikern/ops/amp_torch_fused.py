@@ -58,7 +58,7 @@ def describe(op: str, device_type: str, dtype: torch.dtype) -> str:
     """What ``effikern info`` prints for calls of ``op`` that run here on this device type and dtype."""
     if op == "unscale_check_norm":
         return "PyTorch's foreach kernels torch._foreach_mul_ and _foreach_norm (no effikern kernel measured faster)"
-    if op == "fused_sgd" and not _sgd_kernel_works(torch.device(device_type), dtype):
+    if op == "fused_sgd" and not sgd_kernel_works(torch.device(device_type), dtype):
         return ("the torch reference: torch's CPU fused SGD does not update fp16/bf16 params in this torch "
                 "(pytorch#191763), and no effikern kernel is measured faster")
     return f"PyTorch's fused kernel torch.{_KERNELS[op]} (no effikern kernel measured faster)"
@@ -136,7 +136,9 @@ def cpu_half_sgd_works(dtype: torch.dtype) -> bool:
     return bool((param == -1).all())
 
 
-def _sgd_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+def sgd_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's ``_fused_sgd_`` updates ``dtype`` params on ``device`` (not CPU fp16/bf16 while
+    pytorch/pytorch#191763 is in this torch)."""
     return device.type != "cpu" or dtype == torch.float32 or cpu_half_sgd_works(dtype)
 
 
@@ -152,7 +154,7 @@ def fused_sgd_(params, grads, momentum_buffers, step, lr, momentum, dampening, n
     from .amp import reference_fused_sgd_
 
     device = params[0].device if params else step.device
-    on_kernel = [i for i, p in enumerate(params) if _sgd_kernel_works(device, p.dtype)]
+    on_kernel = [i for i, p in enumerate(params) if sgd_kernel_works(device, p.dtype)]
     if momentum != 0.0 and not reads_step_on_host(device) and dampening != 0.0:
         on_kernel = []
     if len(on_kernel) < len(params):  # the rest on the reference, with its own copy of the count (added below)
