@@ -281,6 +281,74 @@ def test_fused_adamw_matches_contract(backend, dtypes, maximize):
         assert torch.equal(_cat([grads[i] for i in pick]), g0)  # grads are only read
 
 
+def _rounding_cases(dtype, n):
+    """Grads whose products with the factors below land on every kind of value the store has to round: ties
+    (with the factors 1.5 and 3; odd and even kept bits), values either side, overflow past the dtype's max,
+    subnormals, +-0, +-inf and NaN."""
+    gen = torch.Generator().manual_seed(7)
+    bits = 8 if dtype == torch.bfloat16 else 11  # significant bits of the dtype
+    mantissa = torch.randint(2 ** (bits - 1), 2**bits, (n,), generator=gen).double() / 2 ** (bits - 1)
+    exponent = torch.randint(-12, 12, (n,), generator=gen).double()
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    g = (sign * mantissa * 2.0**exponent).to(dtype)
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).tiny
+    special = torch.tensor([0.0, -0.0, INF, -INF, math.nan, big, -big, tiny / 4, -tiny / 8, tiny, 1.0, -1.0])
+    g[: special.numel()] = special.to(dtype)
+    return g
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_adamw_rounds_like_torch(dtype):
+    """With beta1 = beta2 = 0 the new exp_avg is the fp32 product grad * factor and the new exp_avg_sq its square,
+    each rounded once to the dtype: the cpp kernel (one-pass vectors, portable tail) stores exactly the bits torch's
+    conversion gives, round-to-nearest-even ties, overflow to inf and NaN included."""
+    skip_unavailable("cpp", "cpu")
+    n = 4096 + 13  # vectors of 16 and a tail
+    g = _rounding_cases(dtype, n)
+    # 1.5 and 3: g * 1.5 = g + g / 2 has one bit more than g, so a g with an odd last bit makes an exact tie
+    for factor in (1.5, 3.0, 1 + 2**-8, 1 - 2**-12, 0.7371):
+        f = torch.tensor(factor, dtype=torch.float32)
+        product = g.float() * f
+        kept = 16 if dtype == torch.bfloat16 else 13  # fp32 mantissa bits dropped by the rounding (normal range)
+        dropped = product.view(torch.int32) & ((1 << kept) - 1)
+        if factor in (1.5, 3.0):
+            assert (dropped == 1 << (kept - 1)).sum() > 20, "the case set must hold ties"
+        out = {}
+        for backend in ("torch", "cpp"):
+            p, m = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+            v = torch.full((n,), 0.5).to(dtype)
+            with effikern.set_backend(backend):
+                torch.ops.effikern.fused_adamw_([p], [g.clone()], [m], [v], torch.zeros(1), 1e-3, 0.0, 0.0, 1e-8,
+                                                0.0, False, f, torch.zeros(()))
+            out[backend] = (m, v)
+        for got, want, name in zip(out["cpp"], out["torch"], ("exp_avg", "exp_avg_sq")):
+            # bits equal; or both NaN; or zeros of either sign (a -0 grad's lerp gives +0 here, -0 in torch's lerp)
+            same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan()) | \
+                ((got == 0) & (want == 0))
+            bad = (~same).nonzero().flatten()[:5]
+            assert same.all(), (name, factor, bad.tolist(), got[bad].tolist(), want[bad].tolist())
+        finite = product.isfinite()  # (an infinite product gives NaN in the lerp, in torch too)
+        assert torch.equal(out["cpp"][0][finite], product[finite].to(dtype))  # exp_avg: the rounded product
+
+
+
+
+def test_cpp_adamw_portable_build():
+    """EFFIKERN_CPU_ISA=baseline takes the AVX2 one-pass AdamW (amp_adamw_simd.cpp) away: the portable code
+    (amp_cpu.cpp), used on CPUs without AVX2 and for every tail, then passes the same contract and rounding tests."""
+    import os
+    import subprocess
+    import sys
+
+    skip_unavailable("cpp", "cpu")
+    env = dict(os.environ, EFFIKERN_CPU_ISA="baseline")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "cpp_adamw_rounds_like_torch or (fused_adamw_matches_contract and cpp)"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_fused_adamw_on_channels_last_and_mixed_layouts(backend):
     """A channels_last conv weight with its grad and state in the same layout (what autograd and the optimizers

@@ -14,9 +14,13 @@
 // are bit manipulations, not calls), compiled by target_clones for AVX-512, AVX2 and baseline x86-64 and
 // picked at load time, as in distill_cpu.cpp. fp16 goes through fp32 blocks converted with F16C (half_convert.h),
 // and AdamW's sqrt is a block of sqrtps: see sqrt_block for why.
+//
+// AdamW on AVX2 CPUs runs amp_adamw_simd.cpp's one-pass vector kernel instead (except float32 on AVX-512); the
+// AdamW code here then only takes each piece's last < 16 elements, and everything on other CPUs.
 #pragma GCC optimize("no-math-errno")  // lets sqrtf vectorize; nothing here reads errno
 
 #include "amp_cpu.h"
+#include "amp_adamw_simd.h"
 #include "half_convert.h"
 
 #include <ATen/Parallel.h>
@@ -111,6 +115,20 @@ Fmt fmt_of(const at::Tensor& t) {
     case at::kBFloat16: return Fmt::kBF16;
     default: TORCH_CHECK(false, "effikern amp kernels take float32/float16/bfloat16 tensors, got ", t.scalar_type());
   }
+}
+
+amp_simd::Storage storage_of(Fmt f) {
+  switch (f) {
+    case Fmt::kF32: return amp_simd::Storage::kF32;
+    case Fmt::kF16: return amp_simd::Storage::kF16;
+    case Fmt::kBF16: return amp_simd::Storage::kBF16;
+  }
+  return amp_simd::Storage::kF32;
+}
+
+// Address of element i of a tensor's raw storage in format f.
+void* element(void* base, Fmt f, int64_t i) {
+  return static_cast<char*>(base) + i * (f == Fmt::kF32 ? 4 : 2);
 }
 
 // ---- the work list ---------------------------------------------------------------------------------------
@@ -237,17 +255,8 @@ EK_AMP_CLONES void unscale_bf16(uint16_t* p, int64_t n, float inv, bool write, N
 
 // ---- AdamW ---------------------------------------------------------------------------------------------
 
-struct AdamConsts {
-  float grad_factor;  // grad_factor, negated for maximize
-  float decay;        // 1 - lr * weight_decay
-  float lerp_w;       // 1 - beta1, the weight of torch's exp_avg.lerp_(g, 1 - beta1)
-  float beta2, one_minus_beta2;
-  float bc2_sqrt;     // sqrt(1 - beta2^t)
-  float step_size;    // lr / (1 - beta1^t)
-  float eps;
-};
+using amp_simd::AdamConsts;  // shared with the one-pass vector kernels (amp_adamw_simd.h)
 
-// Pure fp32 math on buffers, one loop per lerp form so the loop has no branch and vectorizes.
 // Pure fp32 math, one loop per lerp form so the loops have no branch and vectorize; sqrt in a block of its own.
 // Blocks of kSqrtBlock: the block's p, g, m, v and sqrt(v) (5 KiB) stay in L1 between the two loops.
 constexpr int64_t kSqrtBlock = 256;
@@ -472,19 +481,25 @@ void amp_fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vecto
   const auto p = pointers<void>(params), g = pointers<void>(grads), m = pointers<void>(exp_avgs),
              v = pointers<void>(exp_avg_sqs);
   for_each_piece(w, [&](int64_t, const Piece& pc) {
-    const int64_t i = pc.tensor, s = pc.start;
+    const int64_t i = pc.tensor;
+    // The one-pass vector kernel takes 16-element steps where the CPU has it; the portable code below the rest.
+    const int64_t done = amp_simd::adamw_simd(storage_of(fmts[i]), element(p[i], fmts[i], pc.start),
+                                              element(g[i], fmts[i], pc.start), element(m[i], fmts[i], pc.start),
+                                              element(v[i], fmts[i], pc.start), pc.len, c);
+    const int64_t s = pc.start + done, len = pc.len - done;
+    if (len == 0) return;
     switch (fmts[i]) {
       case Fmt::kF32:
         adamw_f32(static_cast<float*>(p[i]) + s, static_cast<const float*>(g[i]) + s, static_cast<float*>(m[i]) + s,
-                  static_cast<float*>(v[i]) + s, pc.len, c);
+                  static_cast<float*>(v[i]) + s, len, c);
         break;
       case Fmt::kF16:
         adamw_f16(static_cast<uint16_t*>(p[i]) + s, static_cast<const uint16_t*>(g[i]) + s,
-                  static_cast<uint16_t*>(m[i]) + s, static_cast<uint16_t*>(v[i]) + s, pc.len, c);
+                  static_cast<uint16_t*>(m[i]) + s, static_cast<uint16_t*>(v[i]) + s, len, c);
         break;
       case Fmt::kBF16:
         adamw_bf16(static_cast<uint16_t*>(p[i]) + s, static_cast<const uint16_t*>(g[i]) + s,
-                   static_cast<uint16_t*>(m[i]) + s, static_cast<uint16_t*>(v[i]) + s, pc.len, c);
+                   static_cast<uint16_t*>(m[i]) + s, static_cast<uint16_t*>(v[i]) + s, len, c);
         break;
     }
   });
