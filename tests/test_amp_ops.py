@@ -334,9 +334,37 @@ def test_cpp_adamw_rounds_like_torch(dtype):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_cpp_sgd_steps_with_the_rounded_buffer_like_torch(dtype, nesterov):
+    """SGD keeps the momentum buffer in the param's dtype and steps with the rounded value (torch.optim.SGD's
+    behaviour). With momentum 0.5, lr 1 and no weight decay every fp32 operation is one exact-or-once-rounded step
+    in both the cpp kernel and the reference, so both store the same bits in the buffer and the param; a kernel
+    that stepped with the unrounded buffer would differ in the param."""
+    skip_unavailable("cpp", "cpu")
+    n = 4096 + 13
+    g = _rounding_cases(dtype, n)
+    gen = torch.Generator().manual_seed(3)
+    buf0 = (torch.randn(n, generator=gen) * 3).to(dtype)
+    p0 = (torch.randn(n, generator=gen) * 100).to(dtype)
+    out = {}
+    for backend in ("torch", "cpp"):
+        p, buf = p0.clone(), buf0.clone()
+        with effikern.set_backend(backend):
+            torch.ops.effikern.fused_sgd_([p], [g.clone()], [buf], torch.ones(1), 1.0, 0.5, 0.0, nesterov, 0.0,
+                                          False, torch.tensor(1.5), torch.zeros(()))
+        out[backend] = (p, buf)
+    for got, want, name in zip(out["cpp"], out["torch"], ("param", "momentum_buffer")):
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan()) | \
+            ((got == 0) & (want == 0))
+        bad = (~same).nonzero().flatten()[:5]
+        assert same.all(), (name, bad.tolist(), got[bad].tolist(), want[bad].tolist())
+
+
 def test_cpp_adamw_portable_build():
-    """EFFIKERN_CPU_ISA=baseline takes the AVX2 one-pass AdamW (amp_adamw_simd.cpp) away: the portable code
-    (amp_cpu.cpp), used on CPUs without AVX2 and for every tail, then passes the same contract and rounding tests."""
+    """EFFIKERN_CPU_ISA=baseline takes the AVX2 one-pass AdamW and SGD (amp_update_simd.cpp) away: the portable
+    code (amp_cpu.cpp), used on CPUs without AVX2 and for every tail, then passes the same contract and rounding
+    tests."""
     import os
     import subprocess
     import sys
@@ -344,7 +372,7 @@ def test_cpp_adamw_portable_build():
     skip_unavailable("cpp", "cpu")
     env = dict(os.environ, EFFIKERN_CPU_ISA="baseline")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "cpp_adamw_rounds_like_torch or (fused_adamw_matches_contract and cpp)"],
+                           "(cpp_ and like_torch) or (matches_contract and cpp)"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
 

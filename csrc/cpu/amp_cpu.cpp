@@ -15,12 +15,12 @@
 // picked at load time, as in distill_cpu.cpp. fp16 goes through fp32 blocks converted with F16C (half_convert.h),
 // and AdamW's sqrt is a block of sqrtps: see sqrt_block for why.
 //
-// AdamW on AVX2 CPUs runs amp_adamw_simd.cpp's one-pass vector kernel instead (except float32 on AVX-512); the
-// AdamW code here then only takes each piece's last < 16 elements, and everything on other CPUs.
+// AdamW and SGD on AVX2 CPUs run amp_update_simd.cpp's one-pass vector kernels instead (except float32 on
+// AVX-512); their code here then only takes each piece's last < 16 elements, and everything on other CPUs.
 #pragma GCC optimize("no-math-errno")  // lets sqrtf vectorize; nothing here reads errno
 
 #include "amp_cpu.h"
-#include "amp_adamw_simd.h"
+#include "amp_update_simd.h"
 #include "half_convert.h"
 
 #include <ATen/Parallel.h>
@@ -255,7 +255,7 @@ EK_AMP_CLONES void unscale_bf16(uint16_t* p, int64_t n, float inv, bool write, N
 
 // ---- AdamW ---------------------------------------------------------------------------------------------
 
-using amp_simd::AdamConsts;  // shared with the one-pass vector kernels (amp_adamw_simd.h)
+using amp_simd::AdamConsts;  // shared with the one-pass vector kernels (amp_update_simd.h)
 
 // Pure fp32 math, one loop per lerp form so the loops have no branch and vectorize; sqrt in a block of its own.
 // Blocks of kSqrtBlock: the block's p, g, m, v and sqrt(v) (5 KiB) stay in L1 between the two loops.
@@ -349,11 +349,7 @@ EK_AMP_CLONES void adamw_bf16(uint16_t* p, const uint16_t* g, uint16_t* m, uint1
 
 // ---- SGD -----------------------------------------------------------------------------------------------
 
-struct SgdConsts {
-  float grad_factor;  // negated for maximize
-  float weight_decay, momentum, one_minus_dampening, neg_lr;
-  bool has_momentum, first, nesterov;
-};
+using amp_simd::SgdConsts;
 
 template <typename D>
 EK_AMP_INLINE void sgd_body(typename D::raw* p, const typename D::raw* g, typename D::raw* buf, int64_t n,
@@ -532,19 +528,24 @@ void amp_fused_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<
   const auto p = pointers<void>(params), g = pointers<void>(grads);
   const auto b = c.has_momentum ? pointers<void>(momentum_buffers) : std::vector<void*>(params.size(), nullptr);
   for_each_piece(w, [&](int64_t, const Piece& pc) {
-    const int64_t i = pc.tensor, s = pc.start;
+    const int64_t i = pc.tensor;
+    const int64_t done = amp_simd::sgd_simd(storage_of(fmts[i]), element(p[i], fmts[i], pc.start),
+                                            element(g[i], fmts[i], pc.start),
+                                            b[i] ? element(b[i], fmts[i], pc.start) : nullptr, pc.len, c);
+    const int64_t s = pc.start + done, len = pc.len - done;
+    if (len == 0) return;
     switch (fmts[i]) {
       case Fmt::kF32:
         sgd_f32(static_cast<float*>(p[i]) + s, static_cast<const float*>(g[i]) + s,
-                b[i] ? static_cast<float*>(b[i]) + s : nullptr, pc.len, c);
+                b[i] ? static_cast<float*>(b[i]) + s : nullptr, len, c);
         break;
       case Fmt::kF16:
         sgd_f16(static_cast<uint16_t*>(p[i]) + s, static_cast<const uint16_t*>(g[i]) + s,
-                b[i] ? static_cast<uint16_t*>(b[i]) + s : nullptr, pc.len, c);
+                b[i] ? static_cast<uint16_t*>(b[i]) + s : nullptr, len, c);
         break;
       case Fmt::kBF16:
         sgd_bf16(static_cast<uint16_t*>(p[i]) + s, static_cast<const uint16_t*>(g[i]) + s,
-                 b[i] ? static_cast<uint16_t*>(b[i]) + s : nullptr, pc.len, c);
+                 b[i] ? static_cast<uint16_t*>(b[i]) + s : nullptr, len, c);
         break;
     }
   });

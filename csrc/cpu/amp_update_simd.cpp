@@ -1,11 +1,11 @@
-// amp_adamw_simd.h's one-pass AdamW in AVX2 + FMA + F16C (8 floats a vector, two vectors a step), compiled
+// amp_update_simd.h's one-pass AdamW and SGD in AVX2 + FMA + F16C (8 floats a vector, two vectors a step), compiled
 // inside a `#pragma GCC target` region so that the intrinsics and the vector arithmetic build for that ISA while
 // the rest of the library stays baseline x86-64; the CPU is asked at run time (isa_dispatch.h's level(), which
 // EFFIKERN_CPU_ISA caps).
 //
 // AVX-512 CPUs run this AVX2 code too, for fp16 and bf16. A 16-lane build is the obvious next step, but no
 // AVX-512 machine was at hand to test it when this was written, and untested vector code does not ship.
-#include "amp_adamw_simd.h"
+#include "amp_update_simd.h"
 
 #include "isa_dispatch.h"
 
@@ -119,6 +119,51 @@ int64_t adamw(void* p, const void* g, void* m, void* v, int64_t n, const AdamCon
   return k;
 }
 
+// x rounded to the storage format and read back: what a value stored and loaded again holds.
+template <Storage kFmt>
+EK_SIMD_INLINE V rounded(V x) {
+  if constexpr (kFmt == Storage::kF32) {
+    return x;
+  } else if constexpr (kFmt == Storage::kF16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(round_to_bf16_bits(x), 16));
+  }
+}
+
+// Elements [0, k) as adamw; amp_cpu.cpp's sgd_body, operation for operation. torch keeps the momentum buffer in
+// the param's dtype and steps with its rounded value: so does this (rounded()).
+template <Storage kFmt, bool kMomentum>
+int64_t sgd(void* p, const void* g, void* buf, int64_t n, const SgdConsts& c) {
+  const V grad_factor = splat(c.grad_factor), weight_decay = splat(c.weight_decay), momentum = splat(c.momentum);
+  const V one_minus_dampening = splat(c.one_minus_dampening), neg_lr = splat(c.neg_lr);
+  const bool first = c.first, nesterov = c.nesterov;
+  const int64_t k = n / (2 * kLanes) * (2 * kLanes);
+  V gs[2], ps[2], bs[2];
+  for (int64_t i = 0; i < k; i += 2 * kLanes) {
+    load_pair<kFmt>(p, i, ps[0], ps[1]);
+    load_pair<kFmt>(g, i, gs[0], gs[1]);
+    if (kMomentum && !first) load_pair<kFmt>(buf, i, bs[0], bs[1]);
+    for (int h = 0; h < 2; ++h) {
+      V step = gs[h] * grad_factor + weight_decay * ps[h];
+      if constexpr (kMomentum) {
+        bs[h] = first ? step : bs[h] * momentum + one_minus_dampening * step;
+        const V b = rounded<kFmt>(bs[h]);
+        step = nesterov ? step + momentum * b : b;
+      }
+      ps[h] = ps[h] + neg_lr * step;
+    }
+    if (kMomentum) store_pair<kFmt>(buf, i, bs[0], bs[1]);
+    store_pair<kFmt>(p, i, ps[0], ps[1]);
+  }
+  return k;
+}
+
+template <Storage kFmt>
+int64_t sgd_with_or_without_momentum(void* p, const void* g, void* buf, int64_t n, const SgdConsts& c) {
+  return c.has_momentum ? sgd<kFmt, true>(p, g, buf, n, c) : sgd<kFmt, false>(p, g, buf, n, c);
+}
+
 template <Storage kFmt>
 int64_t adamw_either_lerp(void* p, const void* g, void* m, void* v, int64_t n, const AdamConsts& c) {
   return c.lerp_w < 0.5f ? adamw<kFmt, true>(p, g, m, v, n, c) : adamw<kFmt, false>(p, g, m, v, n, c);
@@ -148,6 +193,22 @@ int64_t adamw_simd(Storage fmt, void* p, const void* g, void* m, void* v, int64_
   }
 #endif
   (void)fmt, (void)p, (void)g, (void)m, (void)v, (void)n, (void)c;
+  return 0;
+}
+
+int64_t sgd_simd(Storage fmt, void* p, const void* g, void* buf, int64_t n, const SgdConsts& c) {
+#ifdef EK_AMP_SIMD
+  const int level = isa::level();
+  if (level >= 1 && kHasF16C) {
+    switch (fmt) {
+      // float32 on AVX-512: amp_cpu.cpp's avx512f clone, measured (1.24x torch fused, benchmarks/results/amp).
+      case Storage::kF32: return level == 2 ? 0 : sgd_with_or_without_momentum<Storage::kF32>(p, g, buf, n, c);
+      case Storage::kF16: return sgd_with_or_without_momentum<Storage::kF16>(p, g, buf, n, c);
+      case Storage::kBF16: return sgd_with_or_without_momentum<Storage::kBF16>(p, g, buf, n, c);
+    }
+  }
+#endif
+  (void)fmt, (void)p, (void)g, (void)buf, (void)n, (void)c;
   return 0;
 }
 
