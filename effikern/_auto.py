@@ -81,19 +81,21 @@ _PREFERENCE = {
     # kd-bf16/cpu-AMD-EPYC-avx2-2t.json (git b0ea44d; 256 and 1024 tokens x V 32000/50257/128256, T 1/2/4): cpp
     # 1.52-5.58x the eager formula in all 18 cases (geomean 3.36x).
     ("distillation_loss", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
-    # amp/cpu-AMD-EPYC-avx2-2t.json (git d2b96c6): every unscale_check_norm case (ResNet-50 and 1000 x 4096 sets,
-    # fp32, fp16, bf16) 4.9-10.8x the torch reference (and 1.6-2.7x torch's own GradScaler + clip_grad_norm_). The
-    # fused optimizers on fp32 params (ResNet-50 step): AdamW 26x and SGD 6.2x the torch reference, 1.24x and 1.19x
-    # torch.optim's fused=True (the earlier/ run at 4bdc989 had AdamW at 0.70x torch fused, 1.26-1.47x in two runs
-    # since that were not kept as results files: noise on this VM). On fp16/bf16 params SGD runs on cpp: 7.0x / 8.8x
-    # the reference, which is what auto ran otherwise, because torch's fused CPU SGD does not update such params
-    # (ops/amp_torch_fused.py). AdamW on
-    # fp16/bf16 params stays on torch's fused kernel (the auto fallback): cpp measured 22.6 vs 20.0 ms (fp16) and
-    # 24.7 vs 24.8 ms (bf16), not faster.
+    # amp/cpu-AMD-EPYC-avx2-2t.json (git 3ac8cb2, the one-pass AVX2 AdamW/SGD of csrc/cpu/amp_update_simd.cpp):
+    # every unscale_check_norm case (ResNet-50 and 1000 x 4096 sets, fp32, fp16, bf16) 4.5-10.9x the torch
+    # reference and 1.7-3.5x torch's own GradScaler + clip_grad_norm_. Whole scaler steps on ResNet-50 against
+    # torch.optim's fused=True: AdamW 1.08x (fp32), 1.56x (fp16), 1.41x (bf16); SGD 1.16x (fp32). Two more runs of
+    # that commit (not kept as results files; this VM is noisy) gave AdamW fp16 1.02x and 1.25x, bf16 1.41x and
+    # 1.42x, fp32 1.20-1.33x, SGD fp32 0.95x and 1.13x. On fp16/bf16 params SGD is 8.6x / 13.3x the torch reference
+    # (what auto ran otherwise: torch's fused CPU SGD does not update such params, ops/amp_torch_fused.py) and bf16
+    # 2.09x torch's foreach SGD. Before the one-pass kernels (earlier/, git d2b96c6) AdamW on fp16/bf16 params was
+    # 0.67x / 0.87x torch fused and stayed on torch's kernel; now cpp runs it.
     ("unscale_check_norm", "cpu-avx2", torch.float32): ("cpp", "torch"),
     ("unscale_check_norm", "cpu-avx2", torch.float16): ("cpp", "torch"),
     ("unscale_check_norm", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
     ("fused_adamw", "cpu-avx2", torch.float32): ("cpp", "torch"),
+    ("fused_adamw", "cpu-avx2", torch.float16): ("cpp", "torch"),
+    ("fused_adamw", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.float32): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.float16): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
