@@ -9,6 +9,7 @@
 #include "cpu/dwsep_cpu.h"
 #include "cpu/half_convert.h"
 #include "cpu/output_alloc.h"
+#include "cpu/scale_rows_cpu.h"
 #include "cpu/scratch.h"
 #include "cpu/sparse_cpu.h"
 #ifdef EFFIKERN_WITH_CUDA
@@ -118,6 +119,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwsep_fwd_cpu", &effikern::dwsep_fwd_cpu, release());
   m.def("dwsep_bwd_cpu", &effikern::dwsep_bwd_cpu, release());
   m.def("distill_fwd_cpu", &effikern::distill_fwd_cpu, release());
+  m.def("scale_rows_cpu", &effikern::scale_rows_cpu, release());
   m.def("amp_unscale_check_norm_cpu", &effikern::amp_unscale_check_norm_cpu, release());
   m.def("amp_fused_adamw_cpu", &effikern::amp_fused_adamw_cpu, release());
   m.def("amp_fused_sgd_cpu", &effikern::amp_fused_sgd_cpu, release());

@@ -1,5 +1,7 @@
 """torch.ops.effikern.distillation_loss on every backend against the issue's eager formula (float64 truth)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -527,9 +529,12 @@ def test_cpp_other_isa_builds(isa):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_half_precision_backward_in_row_chunks_is_exact(monkeypatch, inplace):
-    """On CPU the bf16/fp16 backward scales the gradient in row chunks (no float32 temporary of its size): chunks
-    that split the rows unevenly give the same bits as one product over the whole gradient."""
+    """Without the extension's row kernel the CPU bf16/fp16 backward scales the gradient in row chunks (no float32
+    temporary of its size): chunks that split the rows unevenly give the same bits as one product over the whole
+    gradient."""
     from effikern.ops import distill as kd_ops
+
+    monkeypatch.setattr(kd_ops, "_row_kernel", lambda scale, grad: None)
 
     for dtype in (torch.bfloat16, torch.float16):
         grad = torch.randn(2, 7, 50).to(dtype)
@@ -551,3 +556,54 @@ def test_half_precision_backward_in_row_chunks_is_exact(monkeypatch, inplace):
         else:
             got = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
         assert torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_half_precision_backward_row_kernel_gives_torch_bits(dtype, inplace):
+    """The extension's row kernel (csrc/cpu/scale_rows_cpu.cpp) behind the CPU half-precision backward stores the
+    bits of torch.mul(grad, scale[:, None]): one float32 product rounded to nearest even, with ties, overflow to
+    inf, subnormals, NaN and infinite scales; an odd V (blocks of 1024 and a tail) and batch dims."""
+    from effikern.ops import distill as kd_ops
+
+    skip_unavailable("cpp", "cpu")
+    gen = torch.Generator().manual_seed(5)
+    grad = (torch.randn(3, 5, 1271, generator=gen) * 4).to(dtype)
+    flat = grad.view(-1)
+    big, tiny = torch.finfo(dtype).max, torch.finfo(dtype).tiny
+    flat[:8] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, big, tiny / 4, -tiny]).to(dtype)
+    # per-row scales: 1.5 makes exact ties of every odd-mantissa value, 3.0 overflows big, the rest random
+    grad_loss = torch.rand(3, 5, generator=gen) * 2
+    grad_loss[0, 0], grad_loss[0, 1], grad_loss[1, 0], grad_loss[2, 4] = 1.5, 3.0, math.inf, 0.0
+    assert kd_ops._row_kernel(grad_loss.reshape(-1, 1), grad) is not None
+    want = torch.mul(grad, grad_loss.unsqueeze(-1), out=torch.empty_like(grad))
+    if inplace:
+        got = grad.clone()
+        torch.ops.effikern.distillation_loss_backward_(grad_loss, got)
+    else:
+        got = torch.ops.effikern.distillation_loss_backward(grad_loss, grad)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert same.all(), (~same).nonzero()[:5].tolist()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_precision_backward_takes_the_row_path_for_reduced_losses(monkeypatch, reduction):
+    """For a mean or sum loss autograd hands the backward an expanded (stride 0) grad_loss. It must still take
+    the row path (kernel or chunks), not the whole-tensor product, whose float32 temporaries were two gradients'
+    size each (the KD step's peak memory was 4-5x the gradient at 256 x 128256 bf16)."""
+    from effikern.ops import distill as kd_ops
+
+    rows_taken = []
+    real = kd_ops._row_kernel
+    monkeypatch.setattr(kd_ops, "_row_kernel", lambda scale, grad: rows_taken.append(grad.shape) or real(scale, grad))
+    student = torch.randn(2, 6, 300).to(torch.bfloat16).requires_grad_(True)
+    teacher = torch.randn(2, 6, 300).to(torch.bfloat16)
+    target = torch.randint(0, 300, (2, 6))
+    for inplace in (False, True):
+        rows_taken.clear()
+        with effikern.set_backend("torch"):  # the op (not auto's eager formula, on CPU classes without a table)
+            loss = F_KD(student, teacher, target, temperature=2.0, alpha=0.5, reduction=reduction,
+                        inplace_backward=inplace)
+            (grad,) = torch.autograd.grad(loss, student)
+        assert rows_taken == [torch.Size([2, 6, 300])], (inplace, rows_taken)
+        assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()

@@ -251,8 +251,10 @@ def distillation_loss_backward_(grad_loss: torch.Tensor, grad_student: torch.Ten
 
 # On CPU, a product of half-precision and float32 tensors written to a half-precision output is computed into a
 # float32 temporary the size of the output, then cast (TensorIterator's common-dtype output): 500 MiB at 1024 x
-# 128256 bf16, more than the gradient itself (the step's peak was above the eager formula's). Rows in chunks of
-# at most this many elements bound that temporary at 16 MiB. GPUs cast inside the kernel: one chunk there.
+# 128256 bf16, more than the gradient itself (the step's peak was above the eager formula's). With the extension
+# built, csrc/cpu/scale_rows_cpu.cpp scales the rows with no temporary at all. Without it, rows go in chunks of at
+# most this many elements, which bounds each temporary at 16 MiB (glibc may still keep several chunks' temporaries
+# resident: 250 MiB above the forward was measured at 256 x 128256 bf16). GPUs cast inside the kernel: one chunk.
 _CPU_MIXED_CHUNK = 1 << 22
 
 
@@ -267,14 +269,32 @@ def _row_chunks(grad_student):
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 
+def _row_kernel(scale, grad_student):
+    """The extension's scale_rows_cpu where it applies (CPU, fp16/bf16 gradient, float32 scale), else None."""
+    if grad_student.device.type != "cpu" or grad_student.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if scale.dtype != torch.float32:  # a float64 scale makes torch's product float64: keep torch's bits
+        return None
+    ext = _ext.extension()
+    return getattr(ext, "scale_rows_cpu", None) if ext is not None else None
+
+
 def _scale_rows(grad_loss, grad_student, out):
-    """out = grad_student * grad_loss[..., None] in row chunks (_row_chunks); out may be grad_student itself.
-    Tensors that are not contiguous (so not viewable as [tokens, V]) take one product."""
-    scale = grad_loss.unsqueeze(-1)
-    if not (grad_student.is_contiguous() and out.is_contiguous() and scale.is_contiguous()):
-        return torch.mul(grad_student, scale, out=out)
+    """out = grad_student * grad_loss[..., None], each product in float32 rounded once (torch.mul's bits); out may
+    be grad_student itself. CPU half precision: the extension's kernel, else row chunks (_row_chunks). Gradients
+    that are not contiguous (so not viewable as [tokens, V]) take one product.
+
+    grad_loss is made contiguous first: it is tiny ([tokens]), and what autograd passes for a mean or sum reduction
+    is an expanded (stride 0) tensor. Taken as a reason for the one-product path, that cost two float32 temporaries
+    the size of the gradient: 250 MiB at 256 x 128256 bf16, four times the gradient."""
+    if not (grad_student.is_contiguous() and out.is_contiguous()):
+        return torch.mul(grad_student, grad_loss.unsqueeze(-1), out=out)
     vocab = grad_student.shape[-1]
-    g, o, sc = grad_student.view(-1, vocab), out.view(-1, vocab), scale.reshape(-1, 1)
+    g, o, sc = grad_student.view(-1, vocab), out.view(-1, vocab), grad_loss.reshape(-1, 1).contiguous()
+    kernel = _row_kernel(sc, grad_student)
+    if kernel is not None:
+        kernel(sc.reshape(-1), g, o)
+        return out
     for rows in _row_chunks(grad_student):
         torch.mul(g[rows], sc[rows], out=o[rows])
     return out

@@ -1,0 +1,20 @@
+// out[r, :] = grad[r, :] * scale[r] for half-precision CPU gradients: the distillation loss's backward
+// (effikern/ops/distill.py, _scale_rows), where grad is the [rows, V] student gradient the forward saved and
+// scale the loss's per-row gradient.
+//
+// Why a kernel: PyTorch computes a bf16 x float32 product written to a bf16 output through float32 temporaries of
+// the output's size (TensorIterator's common dtype), and glibc's malloc kept those resident: the backward of a
+// 256 x 128256 bf16 loss peaked at 250 MiB above the forward, four times the gradient itself, even in row chunks.
+// Here each row is converted, scaled and rounded back in 1024-element blocks on the stack: no temporary at all.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace effikern {
+
+// grad, out: [rows, V] float16 or bfloat16, contiguous, the same dtype (out may be grad itself: in place);
+// scale: [rows] float32, contiguous. Each product is taken in float32 and rounded once to nearest even, the bits
+// torch.mul(grad, scale[:, None], out=out) gives.
+void scale_rows_cpu(const at::Tensor& scale, const at::Tensor& grad, const at::Tensor& out);
+
+}  // namespace effikern
