@@ -33,6 +33,7 @@
 #include "simd.h"
 #include "sparse_gather_avx512.h"
 #include "sparse_row_stage.h"
+#include "sparse_wide_values.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -155,29 +156,29 @@ struct CsrRows {
   int64_t O;
   int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
 
-  EK_INLINE A value(int64_t j) const { return static_cast<A>(values[j]); }
-
   // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency. (On AVX-512 with
   // fp32 accumulation the explicit gather path of sparse_gather_avx512.h runs instead. Its AVX2 counterpart, 8
   // entries per vgatherdps, was tried on an AVX2-only EPYC and lost to this loop: 4096 x 4096, 90%, min of 300
   // calls, 2 threads: 0.94 vs 0.76 ms at 1 token, 1.59 vs 0.91 at 2, 2.72 vs 1.58 at 4.)
   template <int MM>
   EK_INLINE void gather_rows() const {
+    WideValues<S, A> value;
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
+      value.load(values, crow[o * P], crow[(o + 1) * P]);  // the row's segments are consecutive in values
       for (int64_t p = 0; p < P; ++p) {
         const A* base = src + p * kPanel;
         int64_t j = crow[o * P + p];
         const int64_t j1 = crow[o * P + p + 1];
         for (; j + 4 <= j1; j += 4) {
           for (int u = 0; u < 4; ++u) {
-            const A v = value(j + u);
+            const A v = value[j + u];
             const int64_t k = idx[j + u];
             for (int m = 0; m < MM; ++m) acc[m][u] += v * base[m * R + k];
           }
         }
         for (; j < j1; ++j) {
-          const A v = value(j);
+          const A v = value[j];
           for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + idx[j]];
         }
       }
@@ -207,11 +208,13 @@ struct CsrRows {
     // FMA (4 cycles of latency), which bounded the 16-token forward at ~4 cycles per nonzero.
     constexpr int U = NV >= 4 ? 1 : 4 / NV;
     RowStage<S, A, TT> stage(out, M, O);
+    WideValues<S, A> value;
     int64_t c = begin / O, o = begin % O - 1;  // (chunk, row) of pair i, stepped without a division per row
     for (int64_t i = begin; i < end; ++i) {
       if (++o == O) o = 0, ++c;
       const A* Pc = src + c * R * TT;
       typename W::V acc[U][NV] = {};
+      value.load(values, crow[o * P], crow[(o + 1) * P]);
       for (int64_t s = o * P; s < (o + 1) * P; ++s) {
         const A* panel = Pc + (s - o * P) * kPanel * TT;
         int64_t j = crow[s];
@@ -227,13 +230,13 @@ struct CsrRows {
         }
         for (; j + U <= j1; j += U) {
           for (int u = 0; u < U; ++u) {
-            const typename W::V v = W::splat(value(j + u));
+            const typename W::V v = W::splat(value[j + u]);
             const A* p = panel + static_cast<int64_t>(idx[j + u]) * TT;
             for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
           }
         }
         for (; j < j1; ++j) {
-          const typename W::V v = W::splat(value(j));
+          const typename W::V v = W::splat(value[j]);
           const A* p = panel + static_cast<int64_t>(idx[j]) * TT;
           for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
         }
@@ -489,19 +492,36 @@ struct BsrRows {
   int64_t begin = 0, end = 0;  // (chunk, block row) pairs
 
   // Rows r0 .. r0+RG of one stored block into the accumulator tile acc [OB][L] (L1-resident).
-  template <int B, int RG>
-  EK_INLINE void row_group(const S* blk, const A* p, A* acc, int64_t r0) const {
+  template <int B, int RG, typename VT>
+  EK_INLINE void row_group(const VT* blk, const A* p, A* acc, int64_t r0) const {
     using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes;
     typename W::V a[RG];
     for (int g = 0; g < RG; ++g) a[g] = W::load(acc + (r0 + g) * L);
-    const S* v0 = blk + r0 * so;
+    const VT* v0 = blk + r0 * so;
     for (int64_t cc = 0; cc < RB; ++cc) {
       const typename W::V xv = W::load(p + cc * L);
-      const S* v = v0 + cc * sr;
+      const VT* v = v0 + cc * sr;
       for (int g = 0; g < RG; ++g) a[g] += W::splat(static_cast<A>(v[g * so])) * xv;
     }
     for (int g = 0; g < RG; ++g) W::store(acc + (r0 + g) * L, a[g]);
+  }
+
+  // One stored block (OB x RB values from blk) into the accumulator tile, kRowGroup rows at a time.
+  template <int B, typename VT>
+  EK_INLINE void block(const VT* blk, const A* p, A* acc) const {
+    int64_t r0 = 0;
+    for (; r0 + kRowGroup <= OB; r0 += kRowGroup) row_group<B, kRowGroup>(blk, p, acc, r0);
+    switch (OB - r0) {  // the rest of the block's rows, without reading past the block
+      case 7: row_group<B, 7>(blk, p, acc, r0); break;
+      case 6: row_group<B, 6>(blk, p, acc, r0); break;
+      case 5: row_group<B, 5>(blk, p, acc, r0); break;
+      case 4: row_group<B, 4>(blk, p, acc, r0); break;
+      case 3: row_group<B, 3>(blk, p, acc, r0); break;
+      case 2: row_group<B, 2>(blk, p, acc, r0); break;
+      case 1: row_group<B, 1>(blk, p, acc, r0); break;
+      default: break;
+    }
   }
 
   template <int B>
@@ -513,6 +533,7 @@ struct BsrRows {
     // across 4 KiB blocks, which the prefetchers did not follow: 2.7 GB/s, slower than dense F.linear at 50%.
     std::vector<A> tile(OB * L);
     A* acc = tile.data();
+    WideValues<S, A> wide;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i / block_rows, ob = i % block_rows;
       const A* Pc = P + c * Rp * L;
@@ -521,19 +542,13 @@ struct BsrRows {
         W::store(acc + r * L, W::splat(bias != nullptr && o < O ? static_cast<A>(bias[o]) : A(0)));
       }
       for (int64_t j = crow[ob], j1 = crow[ob + 1]; j < j1; ++j) {
-        const S* blk = values + (perm != nullptr ? perm[j] : j) * OB * RB;
+        const int64_t b = (perm != nullptr ? perm[j] : j) * OB * RB;
         const A* p = Pc + static_cast<int64_t>(idx[j]) * RB * L;
-        int64_t r0 = 0;
-        for (; r0 + kRowGroup <= OB; r0 += kRowGroup) row_group<B, kRowGroup>(blk, p, acc, r0);
-        switch (OB - r0) {  // the rest of the block's rows, without reading past the block
-          case 7: row_group<B, 7>(blk, p, acc, r0); break;
-          case 6: row_group<B, 6>(blk, p, acc, r0); break;
-          case 5: row_group<B, 5>(blk, p, acc, r0); break;
-          case 4: row_group<B, 4>(blk, p, acc, r0); break;
-          case 3: row_group<B, 3>(blk, p, acc, r0); break;
-          case 2: row_group<B, 2>(blk, p, acc, r0); break;
-          case 1: row_group<B, 1>(blk, p, acc, r0); break;
-          default: break;
+        if constexpr (WideValues<S, A>::kWidens) {  // fp16: the block widened once (sparse_wide_values.h)
+          wide.load(values, b, b + OB * RB);
+          block<B>(wide.widened(), p, acc);
+        } else {
+          block<B>(values + b, p, acc);
         }
       }
       const int64_t tokens = std::min<int64_t>(L, M - c * L), rows = std::min<int64_t>(OB, O - ob * OB);
