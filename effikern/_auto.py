@@ -106,10 +106,10 @@ _PREFERENCE = {
     # sparse/cpu-AMD-EPYC-avx2-2t.json (4096 x 4096, 90%, fp32): cpp 7.4-75x the torch reference in every pass
     # (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight), and 1.54-3.46x torch's CSR matmul.
     ("sparse_linear", "cpu-avx2", torch.float32): ("cpp", "torch"),
-    # sparse/cpu-backends-halfprec-avx2-1t.json (git 540f179; python -m benchmarks.bench_sparse --backends: 1 thread,
-    # min of 5, the 24 cases per dtype of the AVX-512 table): bf16 cpp 1.37-97x the torch reference forward and
-    # 1.77-78x forward + backward, faster in all 24; fp16 0.60-47x and 1.18-35x, faster in 47 of 48 (slower: the
-    # 768x3072 block-32 50% forward at 64 tokens, 0.60x, where the reference's dense fp16 matmul wins).
+    # sparse/cpu-backends-halfprec-avx2-1t.json (git f4c8209; python -m benchmarks.bench_sparse --backends: 1 thread,
+    # min of 5, the 24 cases per dtype of the AVX-512 table): cpp against the torch reference, bf16 1.51-105x forward
+    # and 1.75-92x forward + backward, fp16 1.41-74x and 1.62-35x: faster in all 96. The run before fp16 weights were
+    # widened with F16C (earlier/, git 540f179) had one fp16 forward at 0.60x (768x3072 block-32 50%, 64 tokens).
     ("sparse_linear", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
     ("sparse_linear", "cpu-avx2", torch.float16): ("cpp", "torch"),
     # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter- and compile-checked only):
