@@ -49,20 +49,11 @@ constexpr int64_t kSerialBelow = 1 << 16;
 #define EK_AMP_INLINE inline
 #endif
 
-// fp16 <-> fp32: half_convert.h (shared with the distillation loss).
-using half_convert::bits_to_f32;
+// fp16 / bf16 <-> fp32: half_convert.h (shared with the distillation loss).
+using half_convert::bf16_to_f32;
 using half_convert::f32_block_to_half;
-using half_convert::f32_to_bits;
+using half_convert::f32_to_bf16;
 using half_convert::half_block_to_f32;
-
-EK_AMP_INLINE float bf16_to_f32(uint16_t b) { return bits_to_f32(static_cast<uint32_t>(b) << 16); }
-
-// float -> bfloat16, round to nearest even (as c10::BFloat16), nan kept a quiet nan.
-EK_AMP_INLINE uint16_t f32_to_bf16(float f) {
-  const uint32_t w = f32_to_bits(f);
-  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
-}
 
 // Storage formats: raw element type and its conversions to/from the fp32 math type.
 struct F32 {
@@ -106,7 +97,8 @@ void sqrt_block(const float* x, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = std::sqrt(x[i]);
 }
 
-enum class Fmt { kF32, kF16, kBF16 };
+// The storage formats, shared with the one-pass vector kernels.
+using Fmt = amp_simd::Storage;
 
 Fmt fmt_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -115,15 +107,6 @@ Fmt fmt_of(const at::Tensor& t) {
     case at::kBFloat16: return Fmt::kBF16;
     default: TORCH_CHECK(false, "effikern amp kernels take float32/float16/bfloat16 tensors, got ", t.scalar_type());
   }
-}
-
-amp_simd::Storage storage_of(Fmt f) {
-  switch (f) {
-    case Fmt::kF32: return amp_simd::Storage::kF32;
-    case Fmt::kF16: return amp_simd::Storage::kF16;
-    case Fmt::kBF16: return amp_simd::Storage::kBF16;
-  }
-  return amp_simd::Storage::kF32;
 }
 
 // Address of element i of a tensor's raw storage in format f.
@@ -479,7 +462,7 @@ void amp_fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vecto
   for_each_piece(w, [&](int64_t, const Piece& pc) {
     const int64_t i = pc.tensor;
     // The one-pass vector kernel takes 16-element steps where the CPU has it; the portable code below the rest.
-    const int64_t done = amp_simd::adamw_simd(storage_of(fmts[i]), element(p[i], fmts[i], pc.start),
+    const int64_t done = amp_simd::adamw_simd(fmts[i], element(p[i], fmts[i], pc.start),
                                               element(g[i], fmts[i], pc.start), element(m[i], fmts[i], pc.start),
                                               element(v[i], fmts[i], pc.start), pc.len, c);
     const int64_t s = pc.start + done, len = pc.len - done;
@@ -529,7 +512,7 @@ void amp_fused_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<
   const auto b = c.has_momentum ? pointers<void>(momentum_buffers) : std::vector<void*>(params.size(), nullptr);
   for_each_piece(w, [&](int64_t, const Piece& pc) {
     const int64_t i = pc.tensor;
-    const int64_t done = amp_simd::sgd_simd(storage_of(fmts[i]), element(p[i], fmts[i], pc.start),
+    const int64_t done = amp_simd::sgd_simd(fmts[i], element(p[i], fmts[i], pc.start),
                                             element(g[i], fmts[i], pc.start),
                                             b[i] ? element(b[i], fmts[i], pc.start) : nullptr, pc.len, c);
     const int64_t s = pc.start + done, len = pc.len - done;

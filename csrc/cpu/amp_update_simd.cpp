@@ -45,9 +45,8 @@ EK_SIMD_INLINE void load_bf16_pair(const uint16_t* p, V& a, V& b) {
   b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x));
 }
 
-// float -> bfloat16 bits (in the low half of each 32-bit lane), round to nearest even as c10::BFloat16: adding
-// 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped half is above the midpoint,
-// or at it with an odd kept half. A NaN becomes the quiet NaN 0x7FC0 (the carry could turn it into an infinity).
+// float -> bfloat16 bits (in the low half of each 32-bit lane): half_convert.h's f32_to_bf16 (round to nearest
+// even, NaN to 0x7FC0), eight lanes at a time.
 EK_SIMD_INLINE __m256i round_to_bf16_bits(V x) {
   const __m256i w = _mm256_castps_si256(x);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
@@ -177,16 +176,21 @@ const bool kHasF16C = [] {
   __builtin_cpu_init();
   return static_cast<bool>(__builtin_cpu_supports("f16c"));
 }();
+
+// Whether these kernels run tensors of this format here. float32 on AVX-512 runs amp_cpu.cpp's avx512f clones
+// instead, measured there (AdamW 1.21x, SGD 1.24x torch fused: benchmarks/results/amp/cpu-AMD-EPYC-2t.json).
+bool runs(Storage fmt) {
+  const int level = isa::level();
+  return level >= 1 && kHasF16C && !(fmt == Storage::kF32 && level == 2);
+}
 }  // namespace
 #endif  // EK_AMP_SIMD
 
 int64_t adamw_simd(Storage fmt, void* p, const void* g, void* m, void* v, int64_t n, const AdamConsts& c) {
 #ifdef EK_AMP_SIMD
-  const int level = isa::level();
-  if (level >= 1 && kHasF16C) {
+  if (runs(fmt)) {
     switch (fmt) {
-      // float32 on AVX-512: amp_cpu.cpp's avx512f clone, measured (1.21x torch fused, benchmarks/results/amp).
-      case Storage::kF32: return level == 2 ? 0 : adamw_either_lerp<Storage::kF32>(p, g, m, v, n, c);
+      case Storage::kF32: return adamw_either_lerp<Storage::kF32>(p, g, m, v, n, c);
       case Storage::kF16: return adamw_either_lerp<Storage::kF16>(p, g, m, v, n, c);
       case Storage::kBF16: return adamw_either_lerp<Storage::kBF16>(p, g, m, v, n, c);
     }
@@ -198,11 +202,9 @@ int64_t adamw_simd(Storage fmt, void* p, const void* g, void* m, void* v, int64_
 
 int64_t sgd_simd(Storage fmt, void* p, const void* g, void* buf, int64_t n, const SgdConsts& c) {
 #ifdef EK_AMP_SIMD
-  const int level = isa::level();
-  if (level >= 1 && kHasF16C) {
+  if (runs(fmt)) {
     switch (fmt) {
-      // float32 on AVX-512: amp_cpu.cpp's avx512f clone, measured (1.24x torch fused, benchmarks/results/amp).
-      case Storage::kF32: return level == 2 ? 0 : sgd_with_or_without_momentum<Storage::kF32>(p, g, buf, n, c);
+      case Storage::kF32: return sgd_with_or_without_momentum<Storage::kF32>(p, g, buf, n, c);
       case Storage::kF16: return sgd_with_or_without_momentum<Storage::kF16>(p, g, buf, n, c);
       case Storage::kBF16: return sgd_with_or_without_momentum<Storage::kBF16>(p, g, buf, n, c);
     }

@@ -1,5 +1,6 @@
-// IEEE half (fp16) <-> float for the CPU kernels that keep fp16 tensors and compute in fp32 (the loss-scaling
-// kernels of amp_cpu.cpp, the distillation loss of distill_cpu.cpp). Raw fp16 values are uint16_t bit patterns.
+// IEEE half (fp16) and bfloat16 <-> float for the CPU kernels that keep 16-bit tensors and compute in fp32 (the
+// loss-scaling kernels of amp_cpu.cpp, the distillation loss of distill_cpu.cpp and its backward's
+// scale_rows_cpu.cpp). Raw 16-bit values are uint16_t bit patterns.
 //
 // The block functions are the fast path: F16C's vcvtph2ps / vcvtps2ph where the CPU has them (every x86-64 CPU
 // since 2013, checked at run time), the portable scalar functions elsewhere and for the tails. GCC does not
@@ -57,6 +58,18 @@ EK_HALF_INLINE uint16_t f32_to_half(float f) {
   const uint32_t bits = f32_to_bits(bits_to_f32((bias >> 1) + 0x07800000u) + base0);
   const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// bfloat16 -> float: exact, a bf16 is the top half of a float.
+EK_HALF_INLINE float bf16_to_f32(uint16_t b) { return bits_to_f32(static_cast<uint32_t>(b) << 16); }
+
+// float -> bfloat16, round to nearest even (as c10::BFloat16): adding 0x7FFF plus the lowest kept bit carries into
+// the kept half exactly when the dropped half is above the midpoint, or at it with an odd kept half. A NaN becomes
+// the quiet NaN 0x7FC0 (the carry could turn it into an infinity). Plain integer code, which vectorizes.
+EK_HALF_INLINE uint16_t f32_to_bf16(float f) {
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
 }
 
 // dst[i] = half_to_f32(src[i]) for i < n, with F16C where the CPU has it.

@@ -48,7 +48,7 @@ class WideValues {
 
  private:
   const S* values_ = nullptr;
-  std::vector<float> buf_;
+  std::vector<A> buf_;  // (A is float wherever it widens: fp16's opmath type)
   int64_t j0_ = 0;
 };
 
