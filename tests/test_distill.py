@@ -607,3 +607,15 @@ def test_half_precision_backward_takes_the_row_path_for_reduced_losses(monkeypat
             (grad,) = torch.autograd.grad(loss, student)
         assert rows_taken == [torch.Size([2, 6, 300])], (inplace, rows_taken)
         assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (2, 3, 0)])
+def test_backward_ops_take_empty_gradients(dtype, shape):
+    """The backward ops view the gradient as [rows, V]; an empty vocabulary (view(-1, 0) is ambiguous) or no rows
+    give an empty result of the gradient's shape, not an error."""
+    grad = torch.zeros(shape, dtype=dtype)
+    grad_loss = torch.ones(shape[:-1])
+    assert torch.ops.effikern.distillation_loss_backward(grad_loss, grad).shape == grad.shape
+    torch.ops.effikern.distillation_loss_backward_(grad_loss, grad)
+    assert grad.shape == torch.Size(shape)

@@ -253,8 +253,9 @@ def distillation_loss_backward_(grad_loss: torch.Tensor, grad_student: torch.Ten
 # float32 temporary the size of the output, then cast (TensorIterator's common-dtype output): 500 MiB at 1024 x
 # 128256 bf16, more than the gradient itself (the step's peak was above the eager formula's). With the extension
 # built, csrc/cpu/scale_rows_cpu.cpp scales the rows with no temporary at all. Without it, rows go in chunks of at
-# most this many elements, which bounds each temporary at 16 MiB (glibc may still keep several chunks' temporaries
-# resident: 250 MiB above the forward was measured at 256 x 128256 bf16). GPUs cast inside the kernel: one chunk.
+# most this many elements, which bounds each temporary at 16 MiB (measured: 47 MiB above the gradient at 256 x
+# 128256 bf16, against 250 for one product; a process's first call can show more, while glibc's mmap threshold
+# adapts). GPUs cast inside the kernel: one chunk.
 _CPU_MIXED_CHUNK = 1 << 22
 
 
@@ -287,10 +288,10 @@ def _scale_rows(grad_loss, grad_student, out):
     grad_loss is made contiguous first: it is tiny ([tokens]), and what autograd passes for a mean or sum reduction
     is an expanded (stride 0) tensor. Taken as a reason for the one-product path, that cost two float32 temporaries
     the size of the gradient: 250 MiB at 256 x 128256 bf16, four times the gradient."""
-    if not (grad_student.is_contiguous() and out.is_contiguous()):
+    if grad_student.dim() == 0 or not (grad_student.is_contiguous() and out.is_contiguous()):
         return torch.mul(grad_student, grad_loss.unsqueeze(-1), out=out)
-    vocab = grad_student.shape[-1]
-    g, o, sc = grad_student.view(-1, vocab), out.view(-1, vocab), grad_loss.reshape(-1, 1).contiguous()
+    rows, vocab = math.prod(grad_student.shape[:-1]), grad_student.shape[-1]  # (view(-1, 0) is ambiguous)
+    g, o, sc = grad_student.view(rows, vocab), out.view(rows, vocab), grad_loss.reshape(rows, 1).contiguous()
     kernel = _row_kernel(sc, grad_student)
     if kernel is not None:
         kernel(sc.reshape(-1), g, o)
