@@ -70,6 +70,24 @@ def test_cpp_packed_forward_row_tiles(threads, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [65536, 65537])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_cpp_gather_path_wide_rows(dtype, k, tokens):
+    """The 1-4 token forward expands a row's panel offsets to uint16 columns (csrc/cpu/sparse_row_columns.h) up to
+    65536 inputs (columns 0..65535) and walks the panels beyond that. Rows of 50% (128-entry segments: several
+    16-wide expansions each), and a last row kept whole, whose last segments end at the end of the offsets array
+    (the expansion must not read past it; its final 256 columns are the last entries stored)."""
+    n = 3
+    w = torch.randn(n, k, dtype=torch.float64).to(dtype)
+    mask = torch.rand(n, k) < 0.5
+    mask[-1] = True
+    sw = effikern.sparse.from_dense(w, mask, "unstructured")
+    x = torch.randn(tokens, k).to(dtype)
+    check_all("cpp", sw, w.double() * mask, x, torch.randn(n).to(dtype), torch.randn(tokens, n).to(dtype))
+
+
 @pytest.mark.triton
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("fmt", ["unstructured", "2:4"])
@@ -322,17 +340,20 @@ _ISA_SCRIPT = """
 import torch, effikern
 from effikern.sparse import from_dense
 torch.manual_seed(0)
-for fmt, block in (("unstructured", None), ("block", (8, 16)), ("block", (5, 3))):
-    for m in (1, 3, 9, 40):
-        mask = torch.rand(37, 45) > 0.6
-        sw = from_dense(torch.randn(37, 45), mask, fmt, block)
-        x, gy, b = torch.randn(m, 45), torch.randn(m, 37), torch.randn(37)
+# 45 inputs at 60%: one short segment per row (the AVX2 flat walk); 600 inputs at 20% kept: 3 panels of ~51 entries
+# (flat) and at 70% kept (~180 entries: the segment walk). Tokens 1-3 gather, 9 and 40 pack.
+for fmt, block, k, keep in (("unstructured", None, 45, 0.4), ("block", (8, 16), 45, 0.4), ("block", (5, 3), 45, 0.4),
+                            ("unstructured", None, 600, 0.2), ("unstructured", None, 600, 0.7)):
+    for m in (1, 2, 3, 9, 40):
+        mask = torch.rand(37, k) < keep
+        sw = from_dense(torch.randn(37, k), mask, fmt, block)
+        x, gy, b = torch.randn(m, k), torch.randn(m, 37), torch.randn(37)
         out = {}
         for backend in ("torch", "cpp"):
             with effikern.set_backend(backend):
                 y = effikern.functional.sparse_linear(x, sw, b)
                 gx = torch.ops.effikern.sparse_linear_grad_input(gy, sw.values, sw.crow, sw.col, sw.t_crow, sw.t_row,
-                                                                 sw.t_perm, fmt, 37, 45)
+                                                                 sw.t_perm, fmt, 37, k)
                 gv = torch.ops.effikern.sparse_linear_grad_values(gy, x, sw.crow, sw.row, sw.col, sw.value_mask,
                                                                   list(sw.values.shape), fmt)
             out[backend] = (y, gx, gv)
@@ -344,7 +365,8 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpp_other_isa_builds(isa):
-    """The AVX2 (8 lanes) and baseline (4 lanes) instantiations, forced with EFFIKERN_CPU_ISA, agree with torch."""
+    """The AVX2 (8 lanes) and baseline (4 lanes) instantiations, forced with EFFIKERN_CPU_ISA, agree with torch, on
+    both CSR forward walks (flat and by segment) and both paths (gather and packed) that these ISAs pick."""
     import os
     import subprocess
     import sys

@@ -1,7 +1,7 @@
 // Run-time choice of the CPU vector ISA, shared by every C++ kernel family.
 //
 // A kernel is a class with `template <int B> void run() const` (B = vector width in bytes: 64 AVX-512, 32 AVX2+FMA,
-// 16 baseline SSE2/NEON) and a `static constexpr bool kVectorize`. run_best_isa(k) instantiates run<B> inside a
+// 16 baseline SSE2/NEON; both x86 vector builds also have F16C, which every AVX2 CPU has) and a `static constexpr bool kVectorize`. run_best_isa(k) instantiates run<B> inside a
 // function compiled for that target, so one wheel runs on any x86-64 and still uses 512-bit registers where they
 // exist. Kernels with kVectorize false (float64: gradcheck, not speed) only get the baseline build, which saves
 // compile time.
@@ -28,11 +28,11 @@ namespace isa {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EK_X86_DISPATCH 1
 template <class K>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void run_avx512(const K& k) {
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void run_avx512(const K& k) {
   k.template run<64>();
 }
 template <class K>
-__attribute__((target("avx2,fma"))) void run_avx2(const K& k) {
+__attribute__((target("avx2,fma,f16c"))) void run_avx2(const K& k) {
   k.template run<32>();
 }
 
@@ -42,9 +42,9 @@ inline int level() {
     __builtin_cpu_init();
     int best = 0;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c")) {
       best = 2;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
       best = 1;
     }
     const char* cap = std::getenv("EFFIKERN_CPU_ISA");

@@ -32,6 +32,7 @@
 #include "scratch.h"
 #include "simd.h"
 #include "sparse_gather_avx512.h"
+#include "sparse_row_columns.h"
 #include "sparse_row_stage.h"
 #include "sparse_wide_values.h"
 
@@ -58,12 +59,22 @@ constexpr int64_t kMaxVectors = 4;
 // ... but a chunk of the packed operand (rows x T x 4 B) must stay within half of the 1 MiB L2: at K = 4096 and 64
 // tokens (1 MiB) every nonzero's 4 cache lines came from L3 and the forward ran 2x slower than dense F.linear.
 constexpr int64_t kChunkBytes = 512 * 1024;
-// Entries ahead of the current segment's end that the packed forward prefetches (values and offsets): 1 KiB of fp32
+// Entries ahead of the current row's that the packed forward prefetches (values and offsets): 1 KiB of fp32
 // values. A microbenchmark of the loop (1 thread, 4096 x 4096 at 90%, 16 tokens, LLC emptied before each call):
 // 1.50-1.57 ms without, 1.38-1.41 ms at 256, 1.39-1.49 ms at 128 or 512; warm calls unchanged.
 constexpr int64_t kPrefetchAhead = 256;
-// At most this many tokens take the gather path (no packing; see the header comment).
+// At most this many tokens take the gather path (no packing; see the header comment), and the forward's policy on
+// an AVX2 (or older) CPU, measured on an AVX2 Zen 3 EPYC (1 thread, 4096 x 4096, densities 5-50%, min of 40 calls):
+// - flat_walk: a row of short segments (<= kFlatSegment entries on average: <= 25% density) is expanded to whole
+//   columns and walked flat (sparse_row_columns.h). 1 token: 0.93 -> 0.66 ms at 5% density, 1.40 -> 1.03 at 10%,
+//   2.21 -> 2.12 at 20%; at 50% (128-entry segments) it lost, 4.50 -> 4.68. 16 tokens: 1.35 -> 1.16 (5%), 2.24 ->
+//   2.01 (10%), even at 20%, 6.10 -> 6.57 at 30%.
+// - gather_tokens: 2 (3 for long segments). 4 tokens gathered took 2-3.5x the packed forward (3.0 vs 1.6 ms at 10%,
+//   9.9 vs 7.5 at 50%); 3 tokens 1.5-1.7x at <= 10% density, but 0.87-0.97x at 30-50%.
+// On AVX-512 both stay as they were measured there: 4 tokens gathered (fp32 by sparse_gather_avx512.h), and the
+// segment walk (the flat walk is untimed on that class).
 constexpr int64_t kGatherTokens = 4;
+constexpr int64_t kFlatSegment = 64;
 // Output rows per register block of the BSR kernels: 8 accumulators + the x vector + a broadcast fit 16 registers.
 constexpr int kRowGroup = 8;
 // Rows per register block of the BSR value gradient, times two vectors of columns.
@@ -134,6 +145,13 @@ int64_t chunk_vectors(int64_t M, int64_t lanes, int64_t rows) {
 // Columns per panel of the CSR layout (effikern/sparse/formats.py PANEL): an offset within a panel is one byte.
 constexpr int64_t kPanel = 256;
 
+// The forward's policy (see kGatherTokens).
+bool flat_walk(int64_t R, int64_t O, int64_t P, const int32_t* crow) {
+  return isa::level() < 2 && RowColumns<kPanel>::fits(R) && crow[O * P] <= kFlatSegment * O * P;
+}
+
+int64_t gather_tokens(bool flat) { return isa::level() >= 2 ? kGatherTokens : (flat ? 2 : 3); }
+
 int64_t panels(int64_t width) {
   return std::max<int64_t>(1, ceil_div(width, kPanel));
 }
@@ -155,13 +173,17 @@ struct CsrRows {
   S* out;         // [M, O]
   int64_t O;
   int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
+  bool flat = false;
 
-  // Up to kGatherTokens tokens read src directly; 4 partial sums per token hide the FMA latency. (On AVX-512 with
-  // fp32 accumulation the explicit gather path of sparse_gather_avx512.h runs instead. Its AVX2 counterpart, 8
-  // entries per vgatherdps, was tried on an AVX2-only EPYC and lost to this loop: 4096 x 4096, 90%, min of 300
-  // calls, 2 threads: 0.94 vs 0.76 ms at 1 token, 1.59 vs 0.91 at 2, 2.72 vs 1.58 at 4.)
+  // Up to gather_tokens() tokens read src directly; 4 partial sums per token hide the FMA latency. The row's offsets
+  // are first expanded to absolute columns (sparse_row_columns.h: a flat loop instead of one per 256-column panel)
+  // where the columns fit in 16 bits. (On AVX-512 with fp32 accumulation the explicit gather path of
+  // sparse_gather_avx512.h runs instead. Its AVX2 counterpart, 8 entries per vgatherdps, was tried on an AVX2-only
+  // EPYC and lost to the segment loop: 4096 x 4096, 90%, min of 300 calls, 2 threads: 0.94 vs 0.76 ms at 1 token,
+  // 1.59 vs 0.91 at 2, 2.72 vs 1.58 at 4.)
   template <int MM>
   EK_INLINE void gather_rows() const {
+    if (flat) return gather_flat_rows<MM>();
     WideValues<S, A> value;
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
@@ -182,31 +204,88 @@ struct CsrRows {
           for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + idx[j]];
         }
       }
-      const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
-      for (int m = 0; m < MM; ++m) {
-        out[m * O + o] = static_cast<S>(b + ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])));
-      }
+      finish_row<MM>(o, acc);
     }
   }
 
-  // L consecutive entries of one segment, one token vector each (NV == 1): their values come in one vector load and
-  // each is broadcast from a register, instead of one scalar load + broadcast per entry (the 16-token forward is
-  // bound by its loads: the packed x vector, the offset and the value of every nonzero). Measured: 1.51 -> 1.45 ms
-  // at 4096x4096, 90%, 16 tokens, 1 thread (four alternating A/B runs, every pair the same way).
-  template <class W, size_t... U>
-  EK_INLINE void group_of_lanes(const A* panel, int64_t j, typename W::V (*acc)[1], std::index_sequence<U...>) const {
+  template <int MM>
+  EK_INLINE void gather_flat_rows() const {
+    WideValues<S, A> value;
+    RowColumns<kPanel> columns(crow[O * P]);
+    for (int64_t o = begin; o < end; ++o) {
+      A acc[MM][4] = {};
+      const int64_t j0 = crow[o * P], n = crow[(o + 1) * P] - j0;
+      value.load(values, j0, j0 + n);
+      const uint16_t* col = columns.expand(crow, idx, o, P);
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        for (int u = 0; u < 4; ++u) {
+          const A v = value[j0 + t + u];
+          const int64_t k = col[t + u];
+          for (int m = 0; m < MM; ++m) acc[m][u] += v * src[m * R + k];
+        }
+      }
+      for (; t < n; ++t) {
+        const A v = value[j0 + t];
+        for (int m = 0; m < MM; ++m) acc[m][0] += v * src[m * R + col[t]];
+      }
+      finish_row<MM>(o, acc);
+    }
+  }
+
+  template <int MM>
+  EK_INLINE void finish_row(int64_t o, const A (&acc)[MM][4]) const {
+    const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
+    for (int m = 0; m < MM; ++m) {
+      out[m * O + o] = static_cast<S>(b + ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])));
+    }
+  }
+
+  // L consecutive entries, one token vector each (NV == 1): their values come in one vector load and each is
+  // broadcast from a register, instead of one scalar load + broadcast per entry (the 16-token forward is bound by its
+  // loads: the packed x vector, the offset and the value of every nonzero). Measured: 1.51 -> 1.45 ms at 4096x4096,
+  // 90%, 16 tokens, 1 thread (four alternating A/B runs, every pair the same way). off: the entries' offsets from
+  // base, in units of TT (panel offsets or whole-row columns).
+  template <class W, class Off, size_t... U>
+  EK_INLINE void group_of_lanes(const A* base, const Off* off, const S* vals, typename W::V (*acc)[1],
+                                std::index_sequence<U...>) const {
     constexpr int64_t TT = W::kLanes, kSets = sizeof...(U) >= 4 ? 4 : 1;
-    const typename W::V vals = W::load(values + j);
-    ((acc[U % kSets][0] += W::template lane<U>(vals) * W::load(panel + static_cast<int64_t>(idx[j + U]) * TT)), ...);
+    const typename W::V v = W::load(vals);
+    ((acc[U % kSets][0] += W::template lane<U>(v) * W::load(base + static_cast<int64_t>(off[U]) * TT)), ...);
+  }
+
+  // Entries j .. j + count of one row (or one segment): values through `value`, offsets off[0 .. count) in units of
+  // TT from base. U accumulator sets, entries dealt round-robin: with one set every entry waited for the previous
+  // FMA (4 cycles of latency), which bounded the 16-token forward at ~4 cycles per nonzero.
+  template <class W, int NV, int U, class Off>
+  EK_INLINE void packed_entries(const A* base, const Off* off, const WideValues<S, A>& value, int64_t j,
+                                int64_t count, typename W::V (*acc)[NV]) const {
+    constexpr int64_t L = W::kLanes, TT = NV * L;
+    int64_t t = 0;
+    if constexpr (std::is_same_v<S, A> && NV == 1 && L >= 8) {
+      for (; t + L <= count; t += L) group_of_lanes<W>(base, off + t, values + j + t, acc, std::make_index_sequence<L>{});
+    }
+    for (; t + U <= count; t += U) {
+      for (int u = 0; u < U; ++u) {
+        const typename W::V v = W::splat(value[j + t + u]);
+        const A* p = base + static_cast<int64_t>(off[t + u]) * TT;
+        for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
+      }
+    }
+    for (; t < count; ++t) {
+      const typename W::V v = W::splat(value[j + t]);
+      const A* p = base + static_cast<int64_t>(off[t]) * TT;
+      for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
+    }
   }
 
   template <int B, int NV>
   EK_INLINE void packed_rows() const {
     using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
-    // U independent accumulator sets, entries dealt round-robin: with one set every entry waited for the previous
-    // FMA (4 cycles of latency), which bounded the 16-token forward at ~4 cycles per nonzero.
     constexpr int U = NV >= 4 ? 1 : 4 / NV;
+    // Rows whose columns fit 16 bits run as one flat walk (sparse_row_columns.h), the others panel by panel.
+    RowColumns<kPanel> columns(crow[O * P]);
     RowStage<S, A, TT> stage(out, M, O);
     WideValues<S, A> value;
     int64_t c = begin / O, o = begin % O - 1;  // (chunk, row) of pair i, stepped without a division per row
@@ -214,31 +293,21 @@ struct CsrRows {
       if (++o == O) o = 0, ++c;
       const A* Pc = src + c * R * TT;
       typename W::V acc[U][NV] = {};
-      value.load(values, crow[o * P], crow[(o + 1) * P]);
-      for (int64_t s = o * P; s < (o + 1) * P; ++s) {
-        const A* panel = Pc + (s - o * P) * kPanel * TT;
-        int64_t j = crow[s];
-        const int64_t j1 = crow[s + 1];
-        // The weight streams from DRAM when it is not cached (a model's layers); the hardware prefetcher alone left
-        // a 16-token call 0.3 ms slower cold than warm. kPrefetchAhead entries ahead: two lines of values, one of
-        // offsets per segment (~26 entries at 90%), so the prefetches keep pace with the stream.
-        __builtin_prefetch(values + j1 + kPrefetchAhead);
-        __builtin_prefetch(values + j1 + kPrefetchAhead + 64 / static_cast<int64_t>(sizeof(S)));
-        __builtin_prefetch(idx + j1 + kPrefetchAhead);
-        if constexpr (std::is_same_v<S, A> && NV == 1 && L >= 8) {
-          for (; j + L <= j1; j += L) group_of_lanes<W>(panel, j, acc, std::make_index_sequence<L>{});
-        }
-        for (; j + U <= j1; j += U) {
-          for (int u = 0; u < U; ++u) {
-            const typename W::V v = W::splat(value[j + u]);
-            const A* p = panel + static_cast<int64_t>(idx[j + u]) * TT;
-            for (int q = 0; q < NV; ++q) acc[u][q] += v * W::load(p + q * L);
-          }
-        }
-        for (; j < j1; ++j) {
-          const typename W::V v = W::splat(value[j]);
-          const A* p = panel + static_cast<int64_t>(idx[j]) * TT;
-          for (int q = 0; q < NV; ++q) acc[0][q] += v * W::load(p + q * L);
+      const int64_t j0 = crow[o * P], n = crow[(o + 1) * P] - j0;
+      value.load(values, j0, j0 + n);
+      // The weight streams from DRAM when it is not cached (a model's layers); the hardware prefetcher alone left
+      // a 16-token call 0.3 ms slower cold than warm. Fetched kPrefetchAhead entries ahead of this row's: 1 KiB of
+      // fp32 values, ~ a row at 75% sparsity.
+      for (int64_t l = 0; l < n * static_cast<int64_t>(sizeof(S)); l += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(values + j0 + kPrefetchAhead) + l);
+      }
+      for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(idx + j0 + kPrefetchAhead + l);
+      if (flat) {
+        packed_entries<W, NV, U>(Pc, columns.expand(crow, idx, o, P), value, j0, n, acc);
+      } else {
+        for (int64_t s = o * P; s < (o + 1) * P; ++s) {
+          const int64_t j = crow[s];
+          packed_entries<W, NV, U>(Pc + (s - o * P) * kPanel * TT, idx + j, value, j, crow[s + 1] - j, acc);
         }
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
@@ -292,7 +361,8 @@ void csr_rows(const S* src, int64_t M, int64_t R, const int32_t* crow, const uin
               const S* bias, S* out, int64_t O) {
   using A = at::opmath_type<S>;
   CsrRows<S> k{nullptr, M, R, 0, panels(R), crow, idx, values, bias, out, O};
-  if (M <= kGatherTokens) {
+  k.flat = flat_walk(R, O, k.P, crow);
+  if (M <= gather_tokens(k.flat)) {
     Scratch<A> own;
     if constexpr (std::is_same_v<S, A>) {
       k.src = src;
@@ -345,7 +415,7 @@ struct CsrScatterPanels {
         typename W::V gv[NV];
         for (int q = 0; q < NV; ++q) gv[q] = W::load(g + o * TT + q * L);
         for (int64_t j = j0; j < j1; ++j) {
-          const typename W::V v = W::splat(static_cast<A>(values[j]));
+          const typename W::V v = W::splat(widen_value<B, A>(values[j]));
           A* a = acc + static_cast<int64_t>(idx[j]) * TT;
           for (int q = 0; q < NV; ++q) W::store(a + q * L, W::load(a + q * L) + v * gv[q]);
         }

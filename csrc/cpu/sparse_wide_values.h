@@ -13,6 +13,10 @@
 
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -51,5 +55,22 @@ class WideValues {
   std::vector<A> buf_;  // (A is float wherever it widens: fp16's opmath type)
   int64_t j0_ = 0;
 };
+
+// One stored value as A inside a kernel's run<B> (isa_dispatch.h), for values read one at a time where a WideValues
+// buffer per short segment would not pay for itself. fp16 converts with F16C's vcvtph2ps in the AVX2 and AVX-512
+// builds (B >= 32: isa::level() guarantees F16C there), where c10::Half's conversion would be software. Written as
+// asm because GCC refuses the _cvtsh_ss intrinsic inside an always_inline template that is not itself compiled for
+// F16C, even though it only ever runs inlined into run_avx2 / run_avx512.
+template <int B, typename A, typename S>
+EK_INLINE A widen_value(S v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<S, c10::Half> && B >= 32) {
+    __m128 wide;
+    __asm__("vcvtph2ps %1, %0" : "=x"(wide) : "x"(_mm_cvtsi32_si128(v.x)));
+    return _mm_cvtss_f32(wide);
+  }
+#endif
+  return static_cast<A>(v);
+}
 
 }  // namespace effikern
