@@ -278,7 +278,7 @@ if __name__ == "__main__":
     if backends_mode:
         table, stat = backend_table(), "min of 5 calls, 1 thread, forward (no_grad) and forward + backward"
     else:
-        table, stat = decision_table(dtypes=("fp32", "bf16")), "min of 15 calls, 1 thread, forward"
+        table, stat = decision_table(dtypes=("fp32", "bf16", "fp16")), "min of 15 calls, 1 thread, forward"
     with open(out, "w") as f:
         json.dump({**environment(torch.device("cpu")), "stat": stat, "rows": table}, f, indent=1)
     print(f"wrote {out}")

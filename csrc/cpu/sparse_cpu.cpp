@@ -59,10 +59,12 @@ constexpr int64_t kMaxVectors = 4;
 // ... but a chunk of the packed operand (rows x T x 4 B) must stay within half of the 1 MiB L2: at K = 4096 and 64
 // tokens (1 MiB) every nonzero's 4 cache lines came from L3 and the forward ran 2x slower than dense F.linear.
 constexpr int64_t kChunkBytes = 512 * 1024;
-// Entries ahead of the current row's that the packed forward prefetches (values and offsets): 1 KiB of fp32
+// Entries ahead of the current segment's end that the packed forward prefetches (values and offsets): 1 KiB of fp32
 // values. A microbenchmark of the loop (1 thread, 4096 x 4096 at 90%, 16 tokens, LLC emptied before each call):
 // 1.50-1.57 ms without, 1.38-1.41 ms at 256, 1.39-1.49 ms at 128 or 512; warm calls unchanged.
 constexpr int64_t kPrefetchAhead = 256;
+// Entries of a flat row (sparse_row_columns.h) per prefetch step: one offset line, 4 lines of fp32 values.
+constexpr int64_t kFlatPiece = 64;
 // At most this many tokens take the gather path (no packing; see the header comment), and the forward's policy on
 // an AVX2 (or older) CPU, measured on an AVX2 Zen 3 EPYC (1 thread, 4096 x 4096, densities 5-50%, min of 40 calls):
 // - flat_walk: a row of short segments (<= kFlatSegment entries on average: <= 25% density) is expanded to whole
@@ -284,7 +286,7 @@ struct CsrRows {
     using W = Simd<A, B>;
     constexpr int64_t L = W::kLanes, TT = NV * L;
     constexpr int U = NV >= 4 ? 1 : 4 / NV;
-    // Rows whose columns fit 16 bits run as one flat walk (sparse_row_columns.h), the others panel by panel.
+    // Rows of short segments run as one flat walk (flat_walk(), sparse_row_columns.h), the others panel by panel.
     RowColumns<kPanel> columns(crow[O * P]);
     RowStage<S, A, TT> stage(out, M, O);
     WideValues<S, A> value;
@@ -296,18 +298,27 @@ struct CsrRows {
       const int64_t j0 = crow[o * P], n = crow[(o + 1) * P] - j0;
       value.load(values, j0, j0 + n);
       // The weight streams from DRAM when it is not cached (a model's layers); the hardware prefetcher alone left
-      // a 16-token call 0.3 ms slower cold than warm. Fetched kPrefetchAhead entries ahead of this row's: 1 KiB of
-      // fp32 values, ~ a row at 75% sparsity.
-      for (int64_t l = 0; l < n * static_cast<int64_t>(sizeof(S)); l += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(values + j0 + kPrefetchAhead) + l);
-      }
-      for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(idx + j0 + kPrefetchAhead + l);
+      // a 16-token call 0.3 ms slower cold than warm. Values and offsets are fetched kPrefetchAhead entries ahead,
+      // spread over the walk: per segment, or per kFlatPiece entries of a flat row. (Prefetching a row's whole range
+      // at its start, a burst of up to ~100 prefetches, made the packed forward at 70% sparsity 5-10% slower: 1
+      // thread, best of 4 alternating runs, 5.46 -> 6.09 ms at 4096x4096 16 tokens, 2.97 -> 3.20 at 768x3072 64.)
       if (flat) {
-        packed_entries<W, NV, U>(Pc, columns.expand(crow, idx, o, P), value, j0, n, acc);
+        const uint16_t* col = columns.expand(crow, idx, o, P);
+        for (int64_t t = 0; t < n; t += kFlatPiece) {
+          const int64_t j = j0 + t + kPrefetchAhead;
+          for (int64_t l = 0; l < kFlatPiece * static_cast<int64_t>(sizeof(S)); l += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(values + j) + l);
+          }
+          __builtin_prefetch(idx + j);
+          packed_entries<W, NV, U>(Pc, col + t, value, j0 + t, std::min(kFlatPiece, n - t), acc);
+        }
       } else {
         for (int64_t s = o * P; s < (o + 1) * P; ++s) {
-          const int64_t j = crow[s];
-          packed_entries<W, NV, U>(Pc + (s - o * P) * kPanel * TT, idx + j, value, j, crow[s + 1] - j, acc);
+          const int64_t j = crow[s], j1 = crow[s + 1];
+          __builtin_prefetch(values + j1 + kPrefetchAhead);
+          __builtin_prefetch(values + j1 + kPrefetchAhead + 64 / static_cast<int64_t>(sizeof(S)));
+          __builtin_prefetch(idx + j1 + kPrefetchAhead);
+          packed_entries<W, NV, U>(Pc + (s - o * P) * kPanel * TT, idx + j, value, j, j1 - j, acc);
         }
       }
       const A b = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
