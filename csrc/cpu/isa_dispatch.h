@@ -1,8 +1,8 @@
 // Run-time choice of the CPU vector ISA, shared by every C++ kernel family.
 //
 // A kernel is a class with `template <int B> void run() const` (B = vector width in bytes: 64 AVX-512, 32 AVX2+FMA,
-// 16 baseline SSE2/NEON; both x86 vector builds also have F16C, which every AVX2 CPU has) and a `static constexpr bool kVectorize`. run_best_isa(k) instantiates run<B> inside a
-// function compiled for that target, so one wheel runs on any x86-64 and still uses 512-bit registers where they
+// 16 baseline SSE2/NEON; both x86 vector builds also have F16C, which every AVX2 CPU has) and a
+// `static constexpr bool kVectorize`. run_best_isa(k) instantiates run<B> inside a function compiled for that target, so one wheel runs on any x86-64 and still uses 512-bit registers where they
 // exist. Kernels with kVectorize false (float64: gradcheck, not speed) only get the baseline build, which saves
 // compile time.
 //

@@ -177,61 +177,47 @@ struct CsrRows {
   int64_t begin = 0, end = 0;  // gather path: output rows; packed path: (chunk, output row) pairs
   bool flat = false;
 
-  // Up to gather_tokens() tokens read src directly; 4 partial sums per token hide the FMA latency. The row's offsets
-  // are first expanded to absolute columns (sparse_row_columns.h: a flat loop instead of one per 256-column panel)
-  // where the columns fit in 16 bits. (On AVX-512 with fp32 accumulation the explicit gather path of
+  // Up to gather_tokens() tokens read src directly; 4 partial sums per token hide the FMA latency. Where flat_walk()
+  // chose it, the row's offsets are first expanded to absolute columns (sparse_row_columns.h: one loop over the row
+  // instead of one per 256-column panel). (On AVX-512 with fp32 accumulation the explicit gather path of
   // sparse_gather_avx512.h runs instead. Its AVX2 counterpart, 8 entries per vgatherdps, was tried on an AVX2-only
   // EPYC and lost to the segment loop: 4096 x 4096, 90%, min of 300 calls, 2 threads: 0.94 vs 0.76 ms at 1 token,
   // 1.59 vs 0.91 at 2, 2.72 vs 1.58 at 4.)
   template <int MM>
   EK_INLINE void gather_rows() const {
-    if (flat) return gather_flat_rows<MM>();
     WideValues<S, A> value;
+    RowColumns<kPanel> columns(crow[O * P]);
     for (int64_t o = begin; o < end; ++o) {
       A acc[MM][4] = {};
-      value.load(values, crow[o * P], crow[(o + 1) * P]);  // the row's segments are consecutive in values
-      for (int64_t p = 0; p < P; ++p) {
-        const A* base = src + p * kPanel;
-        int64_t j = crow[o * P + p];
-        const int64_t j1 = crow[o * P + p + 1];
-        for (; j + 4 <= j1; j += 4) {
-          for (int u = 0; u < 4; ++u) {
-            const A v = value[j + u];
-            const int64_t k = idx[j + u];
-            for (int m = 0; m < MM; ++m) acc[m][u] += v * base[m * R + k];
-          }
-        }
-        for (; j < j1; ++j) {
-          const A v = value[j];
-          for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + idx[j]];
+      const int64_t j0 = crow[o * P], n = crow[(o + 1) * P] - j0;
+      value.load(values, j0, j0 + n);  // the row's segments are consecutive in values
+      if (flat) {
+        gather_entries<MM>(src, columns.expand(crow, idx, o, P), value, j0, n, acc);
+      } else {
+        for (int64_t s = o * P; s < (o + 1) * P; ++s) {
+          gather_entries<MM>(src + (s - o * P) * kPanel, idx + crow[s], value, crow[s], crow[s + 1] - crow[s], acc);
         }
       }
       finish_row<MM>(o, acc);
     }
   }
 
-  template <int MM>
-  EK_INLINE void gather_flat_rows() const {
-    WideValues<S, A> value;
-    RowColumns<kPanel> columns(crow[O * P]);
-    for (int64_t o = begin; o < end; ++o) {
-      A acc[MM][4] = {};
-      const int64_t j0 = crow[o * P], n = crow[(o + 1) * P] - j0;
-      value.load(values, j0, j0 + n);
-      const uint16_t* col = columns.expand(crow, idx, o, P);
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) {
-        for (int u = 0; u < 4; ++u) {
-          const A v = value[j0 + t + u];
-          const int64_t k = col[t + u];
-          for (int m = 0; m < MM; ++m) acc[m][u] += v * src[m * R + k];
-        }
+  // Entries j .. j + count of one row (or one segment) into the MM tokens' 4 partial sums: values through `value`,
+  // columns off[0 .. count) from base (whole-row columns from src, or panel offsets from the panel's first column).
+  template <int MM, class Off>
+  EK_INLINE void gather_entries(const A* base, const Off* off, const WideValues<S, A>& value, int64_t j,
+                                int64_t count, A (&acc)[MM][4]) const {
+    int64_t t = 0;
+    for (; t + 4 <= count; t += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const A v = value[j + t + u];
+        const int64_t k = off[t + u];
+        for (int m = 0; m < MM; ++m) acc[m][u] += v * base[m * R + k];
       }
-      for (; t < n; ++t) {
-        const A v = value[j0 + t];
-        for (int m = 0; m < MM; ++m) acc[m][0] += v * src[m * R + col[t]];
-      }
-      finish_row<MM>(o, acc);
+    }
+    for (; t < count; ++t) {
+      const A v = value[j + t];
+      for (int m = 0; m < MM; ++m) acc[m][0] += v * base[m * R + off[t]];
     }
   }
 

@@ -1,9 +1,10 @@
 // One output row of the panelled CSR weight (csrc/cpu/sparse_cpu.cpp) as absolute input columns, for the forward's
-// gather path (1-4 tokens): row o's entries crow[o*P] .. crow[(o+1)*P] become columns[0 .. n).
+// flat walk (both its gather and packed paths; where it is used: flat_walk() there): row o's entries
+// crow[o*P] .. crow[(o+1)*P] become columns[0 .. n).
 //
 // Why: the stored row is P short segments (one per 256-column panel, 1-byte offsets). Walked segment by segment,
-// the one-token loop pays every segment's loop exit and remainder, branches whose trip counts are random (about
-// 26 entries per segment at 90% sparsity), and ran at ~2 cycles per nonzero. The same multiply-adds over a flat
+// the loop pays every segment's loop exit and remainder, branches whose trip counts are random (about 26 entries
+// per segment at 90% sparsity); the one-token forward ran at ~2 cycles per nonzero. The same multiply-adds over a flat
 // array of columns run at ~1.05 (microbenchmark: 4096 x 4096, 90%, 1 thread, AVX2 Zen 3 EPYC: 1.34 vs 0.72 ms).
 // Expanding the offsets costs ~0.25 cycles per nonzero: 16 at a time, one widening and one add of the panel's base,
 // stored over the segment's end (the next segment overwrites the excess). Expand + flat loop: 0.88 ms.

@@ -296,8 +296,8 @@ def _scale_rows(grad_loss, grad_student, out):
     if kernel is not None:
         kernel(sc.reshape(-1), g, o)
         return out
-    for rows in _row_chunks(grad_student):
-        torch.mul(g[rows], sc[rows], out=o[rows])
+    for chunk in _row_chunks(grad_student):
+        torch.mul(g[chunk], sc[chunk], out=o[chunk])
     return out
 
 
