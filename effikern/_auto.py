@@ -63,7 +63,8 @@ _PREFERENCE = {
     # dtype and pass.
     ("sparse_linear", "cpu", torch.bfloat16): ("cpp", "torch"),
     ("sparse_linear", "cpu", torch.float16): ("cpp", "torch"),
-    # --- AVX2-only CPUs (cpu_class() == "avx2"): an AMD EPYC without AVX-512, 2 threads, git 4bdc989, one run each.
+    # --- AVX2-only CPUs (cpu_class() == "avx2"): an AMD EPYC without AVX-512, 2 threads, git 4bdc989, one run each
+    # (unless an entry names another run).
     # dwsep fp32, benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp's geomean over the shapes whose output
     # image is larger than 14x14 is 2.11x (NCHW fwd), 2.06x (NCHW fwd+bwd), 1.14x and 1.20x (channels_last), slower
     # on 2, 0, 4 and 4 of 14; the small-image forwards lose as on AVX-512 (_CASES).
@@ -103,13 +104,15 @@ _PREFERENCE = {
     ("fused_sgd", "cpu-avx2", torch.float32): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.float16): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
-    # sparse/cpu-AMD-EPYC-avx2-2t.json (4096 x 4096, 90%, fp32): cpp 7.4-75x the torch reference in every pass
-    # (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight), and 1.54-3.46x torch's CSR matmul.
+    # sparse/cpu-AMD-EPYC-avx2-2t.json (git eb115cf; 4096 x 4096, 90%, fp32): cpp 12.9-74x the torch reference in
+    # every pass (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight), and 1.42-2.80x torch's CSR
+    # matmul. The earlier/ run of 4bdc989: 7.4-75x and 1.54-3.46x.
     ("sparse_linear", "cpu-avx2", torch.float32): ("cpp", "torch"),
-    # sparse/cpu-backends-halfprec-avx2-1t.json (git f4c8209; python -m benchmarks.bench_sparse --backends: 1 thread,
-    # min of 5, the 24 cases per dtype of the AVX-512 table): cpp against the torch reference, bf16 1.51-105x forward
-    # and 1.75-92x forward + backward, fp16 1.41-74x and 1.62-35x: faster in all 96. The run before fp16 weights were
-    # widened with F16C (earlier/, git 540f179) had one fp16 forward at 0.60x (768x3072 block-32 50%, 64 tokens).
+    # sparse/cpu-backends-halfprec-avx2-1t.json (git eb115cf; python -m benchmarks.bench_sparse --backends: 1 thread,
+    # min of 5, the 24 cases per dtype of the AVX-512 table): cpp against the torch reference, bf16 1.37-93x forward
+    # and 1.83-60x forward + backward, fp16 1.56-90x and 1.54-27x: faster in all 96 (as in the earlier/ run of
+    # f4c8209). The run before fp16 weights were widened with F16C (earlier/, git 540f179) had one fp16 forward at
+    # 0.60x (768x3072 block-32 50%, 64 tokens).
     ("sparse_linear", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
     ("sparse_linear", "cpu-avx2", torch.float16): ("cpp", "torch"),
     # No GPU measurement exists yet (the Triton and CUDA kernels are interpreter- and compile-checked only):

@@ -75,13 +75,14 @@ def test_cpp_packed_forward_row_tiles(threads, dtype):
 @pytest.mark.parametrize("k", [65536, 65537])
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_cpp_gather_path_wide_rows(dtype, k, tokens):
-    """The 1-4 token forward expands a row's panel offsets to uint16 columns (csrc/cpu/sparse_row_columns.h) up to
-    65536 inputs (columns 0..65535) and walks the panels beyond that. Rows of 50% (128-entry segments: several
-    16-wide expansions each), and a last row kept whole, whose last segments end at the end of the offsets array
-    (the expansion must not read past it; its final 256 columns are the last entries stored)."""
-    n = 3
+    """Rows of short segments are expanded to uint16 columns (csrc/cpu/sparse_row_columns.h) up to 65536 inputs
+    (columns 0..65535), and walked panel by panel beyond that. 7 rows at 10% (~26-entry segments: two 16-wide
+    expansions each) and a last row kept whole, whose last segments end at the end of the offsets array (the
+    expansion must not read past it); on average 54 entries per panel, so an AVX2 CPU takes the flat walk at 65536
+    (flat_walk(): <= 64), for 1 token gathered and 4 packed."""
+    n = 8
     w = torch.randn(n, k, dtype=torch.float64).to(dtype)
-    mask = torch.rand(n, k) < 0.5
+    mask = torch.rand(n, k) < 0.1
     mask[-1] = True
     sw = effikern.sparse.from_dense(w, mask, "unstructured")
     x = torch.randn(tokens, k).to(dtype)
