@@ -374,7 +374,7 @@ SPARSE_FASTER = {
     ("cpu", torch.bfloat16, "unstructured"): ((1, 0.95), (16, 0.9), (64, 0.9), (256, 0.9)),
     ("cpu", torch.bfloat16, "block32"): ((1, 0.9), (16, 0.7), (64, 0.9), (256, 0.9)),
     ("cpu", torch.bfloat16, "block64"): ((1, None), (16, 0.7), (64, 0.7), (256, 0.9)),
-    # On AVX2 PyTorch's dense bf16 and fp16 matmuls are slow (no native bf16: 776 ms for 256 tokens at 4096x4096),
+    # On AVX2 PyTorch's dense bf16 and fp16 matmuls are slow (no native bf16: 781 ms for 256 tokens at 4096x4096),
     # so the sparse kernel wins from 50% sparsity at 16 tokens and more. fp32 unstructured at 16 tokens and 50% was
     # at parity with dense on 768x3072 in the eb115cf run (1.46 vs 1.44 ms), so it starts at 70%.
     ("cpu-avx2", torch.float32, "unstructured"): ((1, 0.95), (16, 0.7), (64, 0.7), (256, 0.7)),
