@@ -367,7 +367,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpp_other_isa_builds(isa):
     """The AVX2 (8 lanes) and baseline (4 lanes) instantiations, forced with EFFIKERN_CPU_ISA, agree with torch, on
-    both CSR forward walks (flat and by segment) and both paths (gather and packed) that these ISAs pick."""
+    both CSR row walks (flat and by segment) and both paths (gather and packed) that these ISAs pick; the value
+    gradient's reductions (groups of 8 or 4 lanes, then 4, then single entries) with them."""
     import os
     import subprocess
     import sys

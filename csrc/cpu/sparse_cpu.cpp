@@ -147,7 +147,7 @@ int64_t chunk_vectors(int64_t M, int64_t lanes, int64_t rows) {
 // Columns per panel of the CSR layout (effikern/sparse/formats.py PANEL): an offset within a panel is one byte.
 constexpr int64_t kPanel = 256;
 
-// The forward's policy (see kGatherTokens).
+// The forward's policy (see kGatherTokens); the value gradient walks its rows the same way (measured: CsrGradValues).
 bool flat_walk(int64_t R, int64_t O, int64_t P, const int32_t* crow) {
   return isa::level() < 2 && RowColumns<kPanel>::fits(R) && crow[O * P] <= kFlatSegment * O * P;
 }
@@ -446,7 +446,13 @@ void csr_scatter_grad_input(const S* gy, int64_t M, int64_t N, int64_t K, const 
 
 // CSR value gradient from the forward arrays: g[j] = sum_m gy[m, o] * x[m, p*256 + idx[j]] for every entry j of
 // segment o*P + p. A task owns a range of rows (so it needs no per-entry row index, which the transposed-view
-// interface of the GPU backends keeps in row[]); each row's gy column is loaded once for all its entries.
+// interface of the GPU backends keeps in row[]); each row's gy column is loaded once for all its entries. Where
+// flat_walk() chose it, a row's offsets are expanded to whole columns and walked as one run, as in the forward.
+// Each entry's dot product over the chunk's tokens is one vector of lane products; L of them are reduced together
+// (Simd::sum_lanes) and stored as one vector. Measured against per-segment walks with 4-entry reductions (sum4 and
+// scalar stores), 4096 x 4096 at 90%, 1 thread, AVX2 EPYC, min of 25 calls, three alternating runs: fp32 16 tokens
+// 3.6-5.1 -> 2.2-2.7 ms, 64 tokens 13.1-17.9 -> 8.1-10.5; bf16 16 tokens 3.6-5.8 -> 2.4-2.6. (fp16 also lost ~3 ms
+// to c10::Half's software narrowing of the 1.68M gradients: narrow_block, 6.2 -> 2.3-3.8 ms.)
 template <typename S>
 struct CsrGradValues {
   using A = at::opmath_type<S>;
@@ -457,7 +463,42 @@ struct CsrGradValues {
   const int32_t* crow;
   const uint8_t* idx;
   A* acc;  // [nnz]
+  bool flat = false;
   int64_t begin = 0, end = 0;  // rows
+
+  // Entries j .. j + count of one row (or one segment) against the row's gy vectors gv: offsets off[0 .. count)
+  // in units of TT from base (whole-row columns from x, or panel offsets from the panel's first column).
+  template <class W, int NV, class Off>
+  EK_INLINE void entries(const A* base, const Off* off, const typename W::V (&gv)[NV], int64_t j,
+                         int64_t count) const {
+    constexpr int64_t L = W::kLanes;
+    int64_t t = 0;
+    for (; t + L <= count; t += L) {  // L entries' dot products reduced into one vector (Simd::sum_lanes)
+      typename W::V s[L];
+      for (int64_t u = 0; u < L; ++u) s[u] = dot<W>(base, off[t + u], gv);
+      typename W::V g = W::sum_lanes(s);
+      if (c != 0) g += W::load(acc + j + t);
+      W::store(acc + j + t, g);
+    }
+    for (; t + 4 <= count; t += 4) {  // then four at a time (Simd::sum4)
+      typename W::V s[4];
+      for (int u = 0; u < 4; ++u) s[u] = dot<W>(base, off[t + u], gv);
+      A dots[4];
+      W::sum4(s[0], s[1], s[2], s[3], dots);
+      for (int u = 0; u < 4; ++u) acc[j + t + u] = (c == 0 ? A(0) : acc[j + t + u]) + dots[u];
+    }
+    for (; t < count; ++t) acc[j + t] = (c == 0 ? A(0) : acc[j + t]) + W::sum(dot<W>(base, off[t], gv));
+  }
+
+  // One entry's products with the row's gy vectors, lane-wise: its dot product is the lane sum.
+  template <class W, int NV>
+  static EK_INLINE typename W::V dot(const A* base, int64_t offset, const typename W::V (&gv)[NV]) {
+    constexpr int64_t L = W::kLanes;
+    const A* b = base + offset * NV * L;
+    typename W::V s = gv[0] * W::load(b);
+    for (int q = 1; q < NV; ++q) s += gv[q] * W::load(b + q * L);
+    return s;
+  }
 
   template <int B, int NV>
   EK_INLINE void rows() const {
@@ -465,29 +506,17 @@ struct CsrGradValues {
     constexpr int64_t L = W::kLanes, TT = NV * L;
     const A* g = Pg + c * N * TT;
     const A* x = Px + c * K * TT;
+    RowColumns<kPanel> columns(crow[N * P]);
     for (int64_t o = begin; o < end; ++o) {
       typename W::V gv[NV];
       for (int q = 0; q < NV; ++q) gv[q] = W::load(g + o * TT + q * L);
-      for (int64_t p = 0; p < P; ++p) {
-        const A* panel = x + p * kPanel * TT;
-        int64_t j = crow[o * P + p];
-        const int64_t j1 = crow[o * P + p + 1];
-        for (; j + 4 <= j1; j += 4) {  // four entries' dot products reduced together (Simd::sum4)
-          typename W::V s[4];
-          for (int u = 0; u < 4; ++u) {
-            const A* b = panel + static_cast<int64_t>(idx[j + u]) * TT;
-            s[u] = gv[0] * W::load(b);
-            for (int q = 1; q < NV; ++q) s[u] += gv[q] * W::load(b + q * L);
-          }
-          A dots[4];
-          W::sum4(s[0], s[1], s[2], s[3], dots);
-          for (int u = 0; u < 4; ++u) acc[j + u] = (c == 0 ? A(0) : acc[j + u]) + dots[u];
-        }
-        for (; j < j1; ++j) {
-          const A* b = panel + static_cast<int64_t>(idx[j]) * TT;
-          typename W::V s = gv[0] * W::load(b);
-          for (int q = 1; q < NV; ++q) s += gv[q] * W::load(b + q * L);
-          acc[j] = (c == 0 ? A(0) : acc[j]) + W::sum(s);
+      if (flat) {
+        const int64_t j0 = crow[o * P];
+        entries<W, NV>(x, columns.expand(crow, idx, o, P), gv, j0, crow[(o + 1) * P] - j0);
+      } else {
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t j = crow[o * P + p];
+          entries<W, NV>(x + p * kPanel * TT, idx + j, gv, j, crow[o * P + p + 1] - j);
         }
       }
     }
@@ -526,14 +555,15 @@ void csr_grad_values(const S* gy, const S* x, int64_t M, int64_t N, int64_t K, c
   auto Pg = scratch<A>(chunks * N * T);
   auto Px = scratch<A>(chunks * K * T);
   auto acc = scratch<A>(nnz);
+  const bool flat = flat_walk(K, N, P, crow);
   pack_tokens(gy, M, N, N, T, Pg.get());
   pack_tokens(x, M, K, K, T, Px.get());
   // Chunk-outer: one chunk of the packed operands stays in L2 while every entry visits it.
   for (int64_t c = 0; c < chunks; ++c) {
-    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, P, c, crow, idx, acc.get()}, N, 16);
+    parallel_run(CsrGradValues<S>{Pg.get(), Px.get(), N, K, T, P, c, crow, idx, acc.get(), flat}, N, 16);
   }
   at::parallel_for(0, nnz, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<S>(acc[i]);
+    narrow_block(acc.get() + i0, out + i0, i1 - i0);
   });
 }
 
@@ -682,7 +712,7 @@ struct BsrGradValues {
           }
           const int64_t rows = std::min<int64_t>(kGradRows, BR - r0), cols = std::min<int64_t>(2 * L, BC - c0);
           for (int64_t g = 0; g < rows; ++g)
-            for (int64_t cc = 0; cc < cols; ++cc) dst[(r0 + g) * BC + c0 + cc] = static_cast<S>(lanes[g][cc]);
+            for (int64_t cc = 0; cc < cols; ++cc) dst[(r0 + g) * BC + c0 + cc] = narrow_value<B, S>(lanes[g][cc]);
         }
       }
     }
