@@ -139,11 +139,13 @@ def _why_not(op: str, impl: Optional[Impl], backend: str, device_type: str, dtyp
     return unavailable_reason(backend, device_type)
 
 
-def choose(op: str, device_type: str, dtype: torch.dtype, case: Optional[str] = None) -> str:
-    """The backend that will run ``op`` on this device type and dtype under the current choice; ``case`` is
-    the class of shapes the op names for ``auto`` (see effikern/_auto.py)."""
+def choose(op: str, device_type: str, dtype: torch.dtype, case: Optional[str] = None,
+           choice: Optional[str] = None) -> str:
+    """The backend that will run ``op`` on this device type and dtype under ``choice`` (None or "": the current
+    choice, :func:`get_backend`); ``case`` is the class of shapes the op names for ``auto`` (see
+    effikern/_auto.py)."""
     impls = _REGISTRY[op]
-    choice = get_backend()
+    choice = _validate_choice(choice) if choice else get_backend()
     if choice != "auto":
         reason = _why_not(op, impls.get(choice), choice, device_type, dtype)
         if reason is not None:
@@ -163,7 +165,9 @@ def implementation(op: str, backend: str) -> Callable:
     return _LOADED[key]
 
 
-def resolve(op: str, x: torch.Tensor, case: Optional[str] = None) -> Tuple[str, Callable]:
-    """(backend name, callable) for running ``op`` on tensors like ``x`` (``case``: as for :func:`choose`)."""
-    name = choose(op, x.device.type, x.dtype, case)
+def resolve(op: str, x: torch.Tensor, case: Optional[str] = None, choice: Optional[str] = None
+            ) -> Tuple[str, Callable]:
+    """(backend name, callable) for running ``op`` on tensors like ``x`` (``case``, ``choice``: as for
+    :func:`choose`)."""
+    name = choose(op, x.device.type, x.dtype, case, choice)
     return name, implementation(op, name)

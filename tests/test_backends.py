@@ -100,3 +100,66 @@ def test_auto_reads_the_measurements_of_this_cpu_class(monkeypatch, cpu_class, k
     assert _auto.preference("op_x", "cpu", torch.float32) == expected
     monkeypatch.setattr(_auto, "_PREFERENCE", {})
     assert _auto.preference("dwsep_conv2d", "cpu", torch.float32) == ("torch",)
+
+
+def _dwsep_call(dtype):
+    x = torch.randn(2, 4, 6, 6, dtype=dtype, requires_grad=True)
+    dw = torch.randn(4, 1, 3, 3, dtype=dtype, requires_grad=True)
+    pw = torch.randn(5, 4, 1, 1, dtype=dtype, requires_grad=True)
+    return "dwsep_conv2d", lambda: torch.ops.effikern.dwsep_conv2d(x, dw, None, pw, None, [1, 1], [1, 1], [1, 1],
+                                                                   "relu", None)
+
+
+def _sparse_call(dtype):
+    from effikern.sparse import from_dense
+
+    sw = from_dense(torch.randn(6, 40, dtype=dtype), torch.rand(6, 40) < 0.5)
+    values = sw.values.clone().requires_grad_()
+    x = torch.randn(3, 40, dtype=dtype, requires_grad=True)
+    return "sparse_linear", lambda: torch.ops.effikern.sparse_linear(
+        x, values, sw.crow, sw.col, sw.row, sw.t_crow, sw.t_row, sw.t_perm, sw.value_mask, None, "unstructured", 6,
+        40)
+
+
+@pytest.mark.parametrize("make_call", [_dwsep_call, _sparse_call], ids=["dwsep", "sparse"])
+@pytest.mark.parametrize("where", ["after_the_block", "another_thread"])
+@pytest.mark.parametrize("choice", ["torch", "cpp"])
+def test_backward_runs_under_the_forwards_backend(choice, where, make_call, monkeypatch):
+    """The backend chosen around a forward also runs its backward, wherever autograd runs that: after the ``with``
+    block has ended, or on another thread (autograd's device threads run CUDA backwards), where the choice is the
+    default. Both choices are tried, so this fails whichever one ``auto`` would have picked instead."""
+    from backend_util import skip_unavailable
+
+    skip_unavailable(choice, "cpu")
+    op, call = make_call(torch.float64)
+    resolved = []
+    choose = backends.choose
+
+    def spy(*args, **kwargs):
+        name = choose(*args, **kwargs)
+        resolved.append(name)
+        return name
+
+    monkeypatch.setattr(backends, "choose", spy)
+    with effikern.set_backend(choice):
+        y = call()
+    resolved.clear()
+    if where == "after_the_block":
+        y.sum().backward()
+    else:
+        import threading
+
+        errors = []
+
+        def backward():
+            try:
+                assert effikern.get_backend() == "auto"
+                y.sum().backward()
+            except BaseException as err:  # noqa: BLE001 - re-raised on the test's thread
+                errors.append(err)
+
+        worker = threading.Thread(target=backward)
+        worker.start()
+        worker.join()
+        assert not errors, errors
+    assert resolved and set(resolved) == {choice}, (op, resolved)

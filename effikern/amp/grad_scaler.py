@@ -75,6 +75,15 @@ class GradScaler(torch.amp.GradScaler):
         self._hysteresis_tracker: Optional[torch.Tensor] = None
         self.process_group = process_group
 
+    def _optimizer_state(self, optimizer) -> dict:
+        """This step's state for ``optimizer``, created on first use. An explicit insert, not the defaultdict's
+        factory: under torch.compile, Dynamo dropped the entry the factory created inside the compiled step, and
+        update() then found no inf checks recorded."""
+        key = id(optimizer)
+        if key not in self._per_optimizer_states:
+            self._per_optimizer_states[key] = _fresh_state()
+        return self._per_optimizer_states[key]
+
     # --- unscale --------------------------------------------------------------------------------------------
 
     def unscale_(self, optimizer, max_norm: Optional[float] = None, norm_type: float = 2.0):
@@ -98,7 +107,7 @@ class GradScaler(torch.amp.GradScaler):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
         self._check_scale_growth_tracker("unscale_")
-        state = self._per_optimizer_states[id(optimizer)]
+        state = self._optimizer_state(optimizer)
         if state["stage"] is OptState.UNSCALED:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last "
                                "update().")
@@ -182,7 +191,7 @@ class GradScaler(torch.amp.GradScaler):
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._check_scale_growth_tracker("step")
-        state = self._per_optimizer_states[id(optimizer)]
+        state = self._optimizer_state(optimizer)
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
         kind = _fold_kind(optimizer)

@@ -256,8 +256,13 @@ def _conv_backward(
     padding: List[int],
     dilation: List[int],
     activation: str,
+    backend: str = "",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of dwsep_conv2d w.r.t. (x, dw_weight, dw_bias, pw_weight, pw_bias); recomputes dw(x).
+
+    ``backend``: the backend choice to resolve under ("": the current one). Autograd passes the choice that was in
+    force at the forward, because the backward may run on another thread (autograd's device threads for CUDA
+    tensors) or after the ``with set_backend(...)`` block has ended, where the current choice is not the user's.
 
     grad_y: [N, Cout, Ho, Wo]. Returns grad_x [N, C, H, W] in x's layout, grad_dw_weight [C, 1, kh, kw],
     grad_dw_bias [C], grad_pw_weight [Cout, C, 1, 1], grad_pw_bias [Cout], all in x's dtype. The bias
@@ -270,7 +275,7 @@ def _conv_backward(
     fmt = _checks.memory_format_of(x)
     if x.shape[0] == 0:
         return _zero_grads(x, dw_weight, pw_weight, fmt)
-    _, (_, bwd) = backends.resolve(OP, x, _backward_case(dw_weight, stride))
+    _, (_, bwd) = backends.resolve(OP, x, _backward_case(dw_weight, stride), backend)
     grads = bwd(
         grad_y.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), dw_weight.contiguous(),
         _contig(dw_bias), pw_weight.contiguous(), list(stride), list(padding), list(dilation), CODES[activation],
@@ -294,7 +299,7 @@ def _zero_grads(x, dw_weight, pw_weight, fmt):
 
 
 @dwsep_conv2d_backward.register_fake
-def _(grad_y, x, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation):
+def _(grad_y, x, dw_weight, dw_bias, pw_weight, stride, padding, dilation, activation, backend=""):
     check_args(x, dw_weight, dw_bias, pw_weight, None, stride, padding, dilation, activation, None)
     fmt = _checks.memory_format_of(x)
     return (
@@ -312,6 +317,9 @@ def _setup_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation), activation)
     ctx.has_bias = (dw_bias is not None, pw_bias is not None)
     ctx.has_residual = residual is not None
+    # The choice in force now, for the backward (see _conv_backward's ``backend``). Under torch.compile this runs
+    # while tracing: the compiled backward keeps the choice made when it was compiled.
+    ctx.backend = backends.get_backend()
 
 
 def _gradients(ctx, grad_y, conv_backward):
@@ -322,7 +330,8 @@ def _gradients(ctx, grad_y, conv_backward):
     if torch.is_grad_enabled():
         gx, gdw, gdwb, gpw, gpwb = _differentiable_gradients(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
     else:
-        gx, gdw, gdwb, gpw, gpwb = conv_backward(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args)
+        gx, gdw, gdwb, gpw, gpwb = conv_backward(grad_y, x, dw_weight, dw_bias, pw_weight, *ctx.conv_args,
+                                                 ctx.backend)
     has_dw_b, has_pw_b = ctx.has_bias
     return (
         gx, gdw, gdwb if has_dw_b else None, gpw, gpwb if has_pw_b else None,

@@ -282,9 +282,10 @@ def _(x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, format
 
 def _grad_input(grad_y: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                 t_crow: torch.Tensor, t_row: torch.Tensor, t_perm: torch.Tensor, format: str,
-                out_features: int, in_features: int) -> torch.Tensor:
+                out_features: int, in_features: int, backend: str = "") -> torch.Tensor:
     """grad_x [..., K] = grad_y [..., N] W: through the transposed view, or from the forward arrays (crow, col) on a
-    backend with ``csr_grad_input_rowwise``."""
+    backend with ``csr_grad_input_rowwise``. ``backend``: the choice to resolve under ("": the current one;
+    autograd passes the forward's, as effikern.ops.dwsep's backward op explains)."""
     block = _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features)
     trust_index_arrays(format, (out_features, in_features), values.shape[0], block, crow, col, None, t_crow, t_row,
                        t_perm)
@@ -292,7 +293,7 @@ def _grad_input(grad_y: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, 
     gy = _flat(grad_y, out_features)
     if gy.shape[0] == 0:
         return grad_y.new_empty(*lead, in_features)
-    name, kernels = backends.resolve(OP, grad_y)
+    name, kernels = backends.resolve(OP, grad_y, choice=backend)
     if format != "block" and hasattr(kernels, ROWWISE):
         gx = getattr(kernels, ROWWISE)(gy, crow, col, values.contiguous(), out_features, in_features)
     else:
@@ -331,22 +332,23 @@ def _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, fmt, out
 
 
 @sparse_linear_grad_input.register_fake
-def _(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features):
+def _(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features, backend=""):
     _check_grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, format, out_features, in_features)
     return grad_y.new_empty(*grad_y.shape[:-1], in_features)
 
 
 def _grad_values(grad_y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, row: torch.Tensor,
                  col: torch.Tensor, value_mask: Optional[torch.Tensor], values_shape: List[int],
-                 format: str) -> torch.Tensor:
+                 format: str, backend: str = "") -> torch.Tensor:
     """grad_values (values_shape) = (grad_y^T x) at the stored positions, times value_mask when given; from row
-    (the per-entry index of the training arrays), or from crow on a backend with ``csr_grad_values_rowwise``."""
+    (the per-entry index of the training arrays), or from crow on a backend with ``csr_grad_values_rowwise``.
+    ``backend``: as for the grad_input op."""
     _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, format)
     block = tuple(values_shape[1:]) if format == "block" else None
     trust_index_arrays(format, (grad_y.shape[-1], x.shape[-1]), values_shape[0], block, crow, col, row)
     gy = _flat(grad_y, grad_y.shape[-1])
     x2 = _flat(x, x.shape[-1])
-    name, kernels = backends.resolve(OP, grad_y)
+    name, kernels = backends.resolve(OP, grad_y, choice=backend)
     if format != "block" and hasattr(kernels, ROWWISE_VALUES):
         g = getattr(kernels, ROWWISE_VALUES)(gy, x2, crow, col)
     else:
@@ -430,7 +432,7 @@ def _check_value_mask(value_mask, values_shape, device):
 
 
 @sparse_linear_grad_values.register_fake
-def _(grad_y, x, crow, row, col, value_mask, values_shape, format):
+def _(grad_y, x, crow, row, col, value_mask, values_shape, format, backend=""):
     _check_grad_values(grad_y, x, crow, row, col, value_mask, values_shape, format)
     return grad_y.new_empty(values_shape)
 
@@ -439,6 +441,7 @@ def _setup_context(ctx, inputs, output):
     x, values, crow, col, row, t_crow, t_row, t_perm, value_mask, bias, fmt, n, k = inputs
     ctx.fmt, ctx.n, ctx.k = fmt, n, k
     ctx.has_bias = bias is not None
+    ctx.backend = backends.get_backend()  # for the backward: see effikern.ops.dwsep._setup_context
     ctx.save_for_backward(x, values, crow, row, t_crow, t_row, t_perm, col, value_mask)
 
 
@@ -454,9 +457,9 @@ def _gradients(ctx, grad_y, grad_input, grad_values):
         grad_x, grad_vals = _differentiable_gradients(ctx, grad_y, need_x, need_values)
     else:
         if need_x:
-            grad_x = grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, ctx.fmt, ctx.n, ctx.k)
+            grad_x = grad_input(grad_y, values, crow, col, t_crow, t_row, t_perm, ctx.fmt, ctx.n, ctx.k, ctx.backend)
         if need_values:
-            grad_vals = grad_values(grad_y, x, crow, row, col, value_mask, list(values.shape), ctx.fmt)
+            grad_vals = grad_values(grad_y, x, crow, row, col, value_mask, list(values.shape), ctx.fmt, ctx.backend)
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(-1, ctx.n).sum(0, dtype=_math_dtype(grad_y)).to(grad_y.dtype)
     return grad_x, grad_vals, None, None, None, None, None, None, None, grad_bias, None, None, None
