@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 _PREFERENCE = {
-    # benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-2t.json (2 threads, git 2dd3ba7, N=8): cpp's geomean over the 12
-    # MobileNetV2 / EfficientNet / ConvNeXt shapes is 1.24-1.65x torch in every (layout, mode) group (earlier runs:
-    # 1.37-2.01x in a run of the same code minutes before, 1.17-1.76x at 2154d50, 1.11-1.67x at ff7a76b, 1.20-1.44x
-    # at c85bc75, 1.05-1.85x in the all-family cpu-AMD-EPYC-2t.json at b45aafe);
-    # it is slower on some shapes (README).
+    # benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-2t.json (2 threads, git 3e71c43, N=8): cpp's geomean over the 12
+    # MobileNetV2 / EfficientNet / ConvNeXt shapes is 1.15-1.59x torch in every (layout, mode) group (earlier runs:
+    # 1.24-1.65x at 2dd3ba7, 1.17-1.76x at 2154d50, 1.11-1.67x at ff7a76b, 1.20-1.44x at c85bc75, 1.05-1.85x in the
+    # all-family cpu-AMD-EPYC-2t.json at b45aafe). It is slower on some shapes, and at N=1 its channels_last
+    # forwards are 0.98x (1.00x outside the small-image class below; README).
     ("dwsep_conv2d", "cpu", torch.float32): ("cpp", "torch"),
     # bf16 stays on torch (but see _CASES for backwards). The latest benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json
     # (git 46b4d15) has cpp at 0.96-0.98x torch for channels_last forwards (slower on 13 of 24) and 1.26-1.76x
@@ -28,16 +28,16 @@ _PREFERENCE = {
     # has cpp at 0.95-1.01x torch for channels_last forwards (slower on 14 of 24) and 1.22-1.83x geomean elsewhere,
     # but slower on 5-9 of 24 shapes in those groups too (2154d50: 0.96-1.02x, 13; 1.13-1.90x, 4-8; ff41169:
     # 0.85-0.87x, slower on 21; 1.25-1.36x, 8-10).
-    # fp16: benchmarks/results/dwsep-fp16/cpu-AMD-EPYC-2t.json (same shapes and batches, git 2154d50): PyTorch has
-    # no fast fp16 convolution on this CPU (no AVX512-FP16), and cpp ran 6.3-85x faster in all 96 cases, small
-    # images included (4.2-81x at b176581).
+    # fp16: benchmarks/results/dwsep-fp16/cpu-AMD-EPYC-2t.json (same shapes and batches, git 6109227): PyTorch has
+    # no fast fp16 convolution on this CPU (no AVX512-FP16), and cpp ran 5.8-69x faster in all 96 cases, small
+    # images included (6.3-85x at 2154d50, 4.2-81x at b176581).
     ("dwsep_conv2d", "cpu", torch.float16): ("cpp", "torch"),
     # The all-family cpu-AMD-EPYC-2t.json (b45aafe): 5.3x eager over 256 x {32000, 50257} fp32, forward + backward;
     # kd-fp32/cpu-AMD-EPYC-2t.json (010b4ad): 6.0x and 9.6x (earlier/ ea6b82a: 4.2x and 10.2x).
     ("distillation_loss", "cpu", torch.float32): ("cpp", "torch"),
-    # benchmarks/results/kd-bf16/cpu-AMD-EPYC-2t.json (2 threads, 256 and 1024 tokens x {32000, 50257, 128256},
-    # T 1/2/4, fwd+bwd): cpp 1.37-3.75x the eager formula in all 18 bf16 cases; the torch reference backend
-    # 0.21-0.53x (it keeps fp32 intermediates).
+    # benchmarks/results/kd-bf16/cpu-AMD-EPYC-2t.json (2 threads, git 3e22d17, 256 and 1024 tokens x {32000,
+    # 50257, 128256}, T 1/2/4, fwd+bwd): cpp 1.93-4.27x the eager formula in all 18 bf16 cases (geomean 3.00x); the
+    # torch reference backend 0.27-0.79x (it keeps fp32 intermediates). Earlier runs: 1.37-3.75x, 0.21-0.53x.
     ("distillation_loss", "cpu", torch.bfloat16): ("cpp", "torch"),
     # benchmarks/results/kd-fp16/cpu-AMD-EPYC-2t.json (the same 18 cases in fp16, git ec7f7fb): cpp 1.39-3.08x the
     # eager formula (geomean 2.27x), the torch reference 0.24-0.58x. Earlier runs (earlier/): 1.30-2.63x with
@@ -129,19 +129,21 @@ _CASES = {
     # NCHW and in channels_last: oneDNN's depthwise kernel is already fast there and the fused pointwise GEMM is
     # small per tile. The later dwsep-fp32 runs agree on 8 of those 10 (c85bc75) and 9 of 10 (ff7a76b: 1.05-1.17x
     # torch's time); at 2154d50 it is a toss-up, 5 of 10 slower (1.03-1.28x torch's time; the others 0.88-0.97x);
-    # the two runs at 2dd3ba7 (N=1 and N=8, 20 such forwards each) have cpp slower on 14 and 11 of 20, so torch
-    # stays. The backward is chosen separately and stays cpp (it won on 3 of those 5 shapes).
+    # the two runs at 2dd3ba7 (N=1 and N=8, 20 such forwards each) have cpp slower on 14 and 11 of 20, and the
+    # latest (3e71c43) on 16 of 20, so torch stays. The backward is chosen separately and stays cpp (it won on 3 of
+    # those 5 shapes).
     ("dwsep_conv2d", "cpu", torch.float32, "forward_small_image"): ("torch",),
-    # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json at
-    # ff41169 (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
+    # bf16 backward, strided or with kernels of 5 or more: benchmarks/results/dwsep-bf16/cpu-AMD-EPYC-2t.json, first
+    # measured at ff41169 (2 threads, N=1 and N=8, both layouts), backward alone taken as fwd+bwd minus fwd of the same
     # backend: cpp 1.93x torch (geomean of the 28 cases in the class; 2.2-4.2x at stride 2, up to 7.6x at k5),
     # slower on 3, all at N=1 (ConvNeXt's 384x14 k7 -> 1536: 0.51x NCHW, 0.65x channels_last; 1152x7 k5 NCHW:
-    # 0.59x). The run before the bf16 backward GEMM (earlier/, 0dc35dd) gave 1.91x and 5 slower; the latest
-    # (2154d50, grad_x stored once and dW batched) 2.52x, slower on 1 (N=1 384x14 k7 -> 1536 NCHW, 0.78x); 2dd3ba7
-    # 2.44x, slower on 2 (that shape at N=1: 0.66x NCHW, 0.88x channels_last). The other
-    # bf16 backwards (stride 1, 3x3) stay on torch: cpp was 0.74x there (slower on 18 of 20; 0.91x, 13 of 20 at
-    # 2154d50; 0.99x, 13 of 20 at 2dd3ba7), and those calls run as eager PyTorch when the forward stays on torch too (ops/dwsep.py:
-    # auto_runs_eager). The bf16 forward stays on torch everywhere.
+    # 0.59x). The run before the bf16 backward GEMM (earlier/, 0dc35dd) gave 1.91x and 5 slower; 2154d50 (grad_x
+    # stored once and dW batched) 2.52x, slower on 1 (N=1 384x14 k7 -> 1536 NCHW, 0.78x); 2dd3ba7
+    # 2.44x, slower on 2 (that shape at N=1: 0.66x NCHW, 0.88x channels_last); 8405238 2.37x, slower on 2; the
+    # current file (46b4d15) 2.49x, slower on 1 (that shape at N=1 NCHW, 0.80x). The other bf16 backwards (stride
+    # 1, 3x3) stay on torch: cpp was 0.74x there (slower on 18 of 20; 0.91x, 13 of 20 at 2154d50; 0.99x, 13 of 20
+    # at 2dd3ba7; 0.92x, 13 of 20 at 46b4d15), and those calls run as eager PyTorch when the forward stays on torch
+    # too (ops/dwsep.py: auto_runs_eager). The bf16 forward stays on torch everywhere.
     ("dwsep_conv2d", "cpu", torch.bfloat16, "backward_strided_or_large_kernel"): ("cpp", "torch"),
     # AVX2-only CPUs: benchmarks/results/dwsep-fp32/cpu-AMD-EPYC-avx2-2t.json (git 4bdc989): the cpp forward of the
     # 10 N=1/N=8 shapes with an output image of 14x14 or less is 0.76x torch (NCHW, slower on 9) and 0.84x

@@ -51,13 +51,14 @@ _LOADED: Dict[Tuple[str, str], Callable] = {}
 _state = threading.local()
 
 
-def _validate_choice(name: str) -> str:
+def _validate_choice(name: str, what: str = "backend") -> str:
     if name not in CHOICES:
-        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+        raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
     return name
 
 
-_DEFAULT = _validate_choice(os.environ.get("EFFIKERN_BACKEND", "auto").strip().lower() or "auto")
+_DEFAULT = _validate_choice(os.environ.get("EFFIKERN_BACKEND", "auto").strip().lower() or "auto",
+                            "the environment variable EFFIKERN_BACKEND")
 
 
 def get_backend() -> str:

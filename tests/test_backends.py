@@ -51,6 +51,12 @@ def test_environment_variable_sets_the_initial_backend():
     assert out.stdout.strip() == "cpp"
 
 
+def test_a_bad_environment_variable_is_named():
+    out = _python("import effikern", EFFIKERN_BACKEND="fast")
+    assert out.returncode != 0
+    assert "the environment variable EFFIKERN_BACKEND must be one of" in out.stderr and "'fast'" in out.stderr
+
+
 def test_import_needs_neither_triton_nor_the_extension():
     code = "import sys, effikern; print('triton' in sys.modules, 'effikern._C' in sys.modules)"
     out = _python(code)
@@ -163,3 +169,23 @@ def test_backward_runs_under_the_forwards_backend(choice, where, make_call, monk
         worker.join()
         assert not errors, errors
     assert resolved and set(resolved) == {choice}, (op, resolved)
+
+
+def test_an_unusable_choice_raises_for_empty_inputs_too():
+    """An explicitly chosen backend that cannot run a call says so whatever the batch size: an empty batch used to
+    return an empty result before the backend was looked at, so a misconfiguration passed unnoticed until the
+    first real batch."""
+    from effikern.sparse import from_dense
+
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend may run here")
+    sw = from_dense(torch.randn(6, 40), torch.rand(6, 40) < 0.5)
+    calls = {
+        "sparse_linear": lambda x: effikern.functional.sparse_linear(x, sw),
+        "distillation_loss": lambda x: effikern.functional.distillation_loss(x[:, :6], x[:, 6:12],
+                                                                             torch.zeros(x.shape[0], dtype=torch.long)),
+    }
+    for name, call in calls.items():
+        for rows in (0, 2):
+            with effikern.set_backend("cuda"), pytest.raises(backends.BackendUnavailableError, match="cuda"):
+                call(torch.randn(rows, 40))

@@ -117,6 +117,20 @@ def test_sparse_conv1x1(backend):
     assert torch.equal(sparse.to_conv().weight, conv.weight)
 
 
+def test_an_input_of_another_dtype_is_named_as_the_input():
+    """A module's user passed x, not 'values': the error says the layer's weights and the input disagree, as
+    nn.Linear's does; under autocast both are cast and it runs."""
+    lin = SparseLinear.from_linear(_pruned_linear("unstructured"))
+    conv = SparseConv2d1x1.from_conv(prune.l1_unstructured(nn.Conv2d(64, 48, 1), "weight", amount=0.7))
+    for module, x in ((lin, torch.randn(3, 64, dtype=torch.bfloat16)),
+                      (conv, torch.randn(1, 64, 2, 2, dtype=torch.bfloat16))):
+        with pytest.raises(TypeError, match=f"{type(module).__name__} holds float32 weights and got a bfloat16 "
+                                            "input"):
+            module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module(x).dtype == torch.bfloat16
+
+
 def test_conv_errors():
     with pytest.raises(ValueError, match=r"kernel_size is \(3, 3\)"):
         SparseConv2d1x1.from_conv(nn.Conv2d(4, 4, 3))

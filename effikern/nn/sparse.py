@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import functional
+from ..ops import _autocast
 from ..sparse import formats
 from ..sparse.formats import INDEX_ARRAYS, SparseWeight
 
@@ -91,6 +92,11 @@ class _SparseMatmul(nn.Module):
         return self
 
     def _matmul(self, x):
+        if isinstance(x, torch.Tensor) and x.dtype != self.values.dtype and _autocast.autocast_dtype([x]) is None:
+            # The op would name its own argument ("values"), which a module's user never passed.
+            raise TypeError(f"{type(self).__name__} holds {_name(self.values.dtype)} weights and got a "
+                            f"{_name(x.dtype)} input: convert one of them (module.to(dtype)) or run under "
+                            f"torch.autocast")
         return functional.sparse_linear(x, self.sparse_weight, self.bias)
 
     def get_extra_state(self):
@@ -219,3 +225,7 @@ def pointwise_problem(conv) -> Optional[str]:
     if conv.padding not in ((0, 0), "valid") and conv.padding != 0:
         return f"padding is {conv.padding}, not 0"
     return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

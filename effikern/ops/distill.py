@@ -206,10 +206,10 @@ def distillation_loss(
     tokens, vocab = check_args(student, teacher, target, temperature, alpha, ignore_index)
     check_target_values(target, vocab, ignore_index)
     lead = student.shape[:-1]
+    _, fwd = backends.resolve(OP, student)  # first: a backend that cannot run this call says so, even for no tokens
     if tokens == 0:
         grad = student.new_empty(student.shape if compute_grad else (0,))
         return student.new_empty(lead, dtype=_loss_dtype(student)), grad
-    _, fwd = backends.resolve(OP, student)
     soft_weight, hard_weight = weights(target, alpha)
     loss, grad = fwd(
         student.reshape(tokens, vocab).contiguous(), teacher.reshape(tokens, vocab).contiguous(),

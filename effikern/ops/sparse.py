@@ -259,6 +259,7 @@ def _linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torc
     lead = x.shape[:-1]
     x2 = _flat(x, in_features)
     if x2.shape[0] == 0:
+        backends.choose(OP, x.device.type, x.dtype)  # a chosen backend that cannot run this call says so
         return x.new_empty(*lead, out_features)
     if semi_structured.usable(x, format, out_features, in_features) and backends.get_backend() != "torch":
         y = semi_structured.forward(x2, values, crow, col, bias, out_features, in_features)
@@ -291,9 +292,9 @@ def _grad_input(grad_y: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, 
                        t_perm)
     lead = grad_y.shape[:-1]
     gy = _flat(grad_y, out_features)
+    name, kernels = backends.resolve(OP, grad_y, choice=backend)  # first: an unusable choice raises, even if empty
     if gy.shape[0] == 0:
         return grad_y.new_empty(*lead, in_features)
-    name, kernels = backends.resolve(OP, grad_y, choice=backend)
     if format != "block" and hasattr(kernels, ROWWISE):
         gx = getattr(kernels, ROWWISE)(gy, crow, col, values.contiguous(), out_features, in_features)
     else:
