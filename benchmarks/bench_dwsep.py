@@ -56,7 +56,16 @@ def _candidates(device):
     return {"eager": "torch", "compile": "torch", "triton": "triton", "cuda": "cuda"}, "eager"
 
 
-def _make_case(device, shape, n, dtype_name, layout_name, mode):
+# The summary's groups: the issue's GPU goal is a geomean over the MobileNetV2 and EfficientNet shapes at N=64, so
+# ConvNeXt's GEMM-heavy blocks and each batch size are summarized apart.
+GOAL_NETS = ("mbv2", "effb0")
+
+
+def _group(net, n):
+    return f"N={n} " + ("MobileNetV2+EfficientNet" if net in GOAL_NETS else "ConvNeXt")
+
+
+def _make_case(device, net, shape, n, dtype_name, layout_name, mode):
     c, hw, k, s, cout = shape
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
     nbytes, flops = _traffic_and_flops(n, c, hw, k, s, cout, torch.finfo(dtype).bits // 8, mode)
@@ -93,7 +102,8 @@ def _make_case(device, shape, n, dtype_name, layout_name, mode):
         return out
 
     return Case(op="dwsep_conv2d", shape=f"N{n} {c}x{hw} k{k} s{s}->{cout}", dtype=dtype_name,
-                layout=layout_name, mode=mode, bytes=nbytes, flops=flops, baseline=baseline, build=build)
+                layout=layout_name, mode=mode, bytes=nbytes, flops=flops, baseline=baseline, build=build,
+                group=_group(net, n))
 
 
 def _compiled_reference():
@@ -131,5 +141,6 @@ def _with_backward(fwd, inputs):
 
 def cases(device, quick=True):
     """Every (shape, batch, dtype, layout, mode) case for this device."""
-    shapes = [shape for family in SHAPES.values() for shape in family]
-    return [_make_case(device, shape, n, d, l, m) for (n, d, l, m) in _matrix(device, quick) for shape in shapes]
+    shapes = [(net, shape) for net, family in SHAPES.items() for shape in family]
+    return [_make_case(device, net, shape, n, d, l, m)
+            for (n, d, l, m) in _matrix(device, quick) for net, shape in shapes]

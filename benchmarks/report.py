@@ -17,12 +17,12 @@ def render(data) -> str:
         f"Measured on **{data['device']}**, {data['date']}, git `{data['git_sha'][:12]}`, torch {v['torch']}, "
         f"triton {v['triton']}, {data['mode']} run; copy bandwidth {data['copy_bandwidth_gbps']:.1f} GB/s.",
         "",
-        "| family | dtype | layout | mode | backend | geomean speedup | cases | slower than baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | dtype | layout | mode | group | backend | geomean speedup | cases | slower than baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in data["summary"]:
-        lines.append(f"| {s['family']} | {s['dtype']} | {s['layout']} | {s['mode']} | {s['backend']} | "
-                     f"{_fmt(s['geomean_speedup'], '.2f')}x | {s['cases']} | {s['slower_cases']} |")
+    for s in data["summary"]:  # (files written before summaries had groups have no "group")
+        lines.append(f"| {s['family']} | {s['dtype']} | {s['layout']} | {s['mode']} | {s.get('group') or '-'} | "
+                     f"{s['backend']} | {_fmt(s['geomean_speedup'], '.2f')}x | {s['cases']} | {s['slower_cases']} |")
     lines += ["", "| op | shape | dtype | layout | mode | baseline ms | backend | ms | speedup | % copy BW |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["op"], r["shape"], r["dtype"], r["layout"], r["mode"]): r["ms"]

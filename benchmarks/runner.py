@@ -36,6 +36,8 @@ class Case:
     arithmetic, both for the floor: time >= max(bytes / bandwidth, flops / peak).
     ``cold``: on CPU, each timed call starts with the last-level cache emptied of the case's data (a model's
     weights do not stay cached between its layers; a loop over one call keeps a small sparse weight in L3).
+    ``group``: cases summarized together (e.g. dwsep's "N=64 MobileNetV2+EfficientNet", the set its goal names);
+    "" puts the case in one group with the family's other ungrouped cases.
     """
 
     op: str
@@ -48,6 +50,7 @@ class Case:
     baseline: str
     build: Callable[[], Dict[str, Union[Callable, str]]]
     cold: bool = False
+    group: str = ""  # the summary's group within its family, where one geomean over all cases would mix goals
 
 
 @dataclasses.dataclass
@@ -67,6 +70,7 @@ class Row:
     speedup: Optional[float]
     baseline: str
     note: str = ""
+    group: str = ""
 
 
 def _git_sha() -> str:
@@ -195,7 +199,7 @@ def _rows_for_case(family, case, device, quick, copy_gbps) -> List[Row]:
             family=family, op=case.op, shape=case.shape, dtype=case.dtype, layout=case.layout, mode=case.mode,
             backend=label, ms=ms, gbps=gbps, tflops=case.flops / (ms * 1e-3) / 1e12 if (ms and case.flops) else None,
             pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None, peak_extra_mib=mem,
-            speedup=base_ms / ms if (ms and base_ms) else None, baseline=case.baseline, note=note,
+            speedup=base_ms / ms if (ms and base_ms) else None, baseline=case.baseline, note=note, group=case.group,
         ))
     return rows
 
@@ -206,13 +210,13 @@ def geomean(values) -> Optional[float]:
 
 
 def summarize(rows: List[Row]) -> List[dict]:
-    """Geometric-mean speedup over the baseline per (family, dtype, layout, mode, backend)."""
+    """Geometric-mean speedup over the baseline per (family, dtype, layout, mode, group, backend)."""
     groups: Dict[tuple, list] = {}
     for r in rows:
         if r.backend != r.baseline and r.speedup is not None:
-            groups.setdefault((r.family, r.dtype, r.layout, r.mode, r.backend), []).append(r.speedup)
+            groups.setdefault((r.family, r.dtype, r.layout, r.mode, r.group, r.backend), []).append(r.speedup)
     return [
-        {"family": k[0], "dtype": k[1], "layout": k[2], "mode": k[3], "backend": k[4],
+        {"family": k[0], "dtype": k[1], "layout": k[2], "mode": k[3], "group": k[4], "backend": k[5],
          "geomean_speedup": geomean(v), "cases": len(v), "slower_cases": sum(1 for s in v if s and s < 1)}
         for k, v in sorted(groups.items())
     ]
@@ -231,8 +235,9 @@ def print_table(rows: List[Row], summary: List[dict]) -> None:
               f"{_fmt(r.tflops, '7.2f')}{_fmt(r.peak_extra_mib, '8.1f')}{_fmt(r.speedup, '8.2f')}  {r.note}")
     print("\ngeomean speedup over the baseline:")
     for s in summary:
+        group = f"  [{s['group']}]" if s.get("group") else ""
         print(f"  {s['family']:<8}{s['dtype']:<6}{s['layout']:<8}{s['mode']:<8}{s['backend']:<9}"
-              f"{_fmt(s['geomean_speedup'], '6.2f')}x over {s['cases']} cases ({s['slower_cases']} slower)")
+              f"{_fmt(s['geomean_speedup'], '6.2f')}x over {s['cases']} cases ({s['slower_cases']} slower){group}")
 
 
 def plot(rows: List[Row], path: str, title: str) -> Optional[str]:
