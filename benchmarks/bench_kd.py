@@ -4,8 +4,8 @@
 
 Shapes: tokens x vocabulary of LLM distillation, V = 32000 (Llama 2), 50257 (GPT-2), 128256 (Llama 3); 10% of
 the targets ignored (padding); mean reduction; the step is the loss and the student's gradient.
-CPU: the eager formula (baseline) vs the ``torch`` and ``cpp`` backends. GPU: the eager formula (baseline),
-``torch.compile`` of it, and the ``triton`` backend. The fused kernel runs twice: as the default
+CPU: the eager formula (baseline) and ``torch.compile`` of it vs the ``torch`` and ``cpp`` backends. GPU: the
+eager formula (baseline), ``torch.compile`` of it, and the ``triton`` backend. The fused kernel runs twice: as the default
 (``inplace_backward=False``) and as ``<backend>_inplace`` (``inplace_backward=True``). The runner also reports
 peak memory (GPU: the allocator's peak; CPU: peak resident memory, timing.cpu_peak_extra_mib): the eager formula
 keeps several [tokens, V] float tensors alive for backward, the fused op the gradient it saves and, by default,
@@ -53,8 +53,9 @@ def eager_formula(s, t, y, temperature, alpha, ignore_index=-100):
 
 def _candidates(device):
     """{label: (backend, inplace_backward) or None for the plain formula}, baseline label."""
-    if device.type == "cpu":
-        return {"eager": None, "torch": ("torch", False), "cpp": ("cpp", False), "cpp_inplace": ("cpp", True)}, "eager"
+    if device.type == "cpu":  # torch.compile (inductor's C++ backend) is the issue's second baseline here too
+        return {"eager": None, "compile": None, "torch": ("torch", False), "cpp": ("cpp", False),
+                "cpp_inplace": ("cpp", True)}, "eager"
     return {"eager": None, "compile": None, "triton": ("triton", False), "triton_inplace": ("triton", True)}, "eager"
 
 
