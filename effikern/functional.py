@@ -20,7 +20,7 @@ def dwsep_conv2d(
     pw_weight: torch.Tensor,
     pw_bias: Optional[torch.Tensor],
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: Union[IntOrPair, str] = 0,
     dilation: IntOrPair = 1,
     activation: Optional[str] = None,
     residual: Optional[torch.Tensor] = None,
@@ -34,7 +34,10 @@ def dwsep_conv2d(
         x: [N, C, H, W], NCHW or channels_last; float32, float16 or bfloat16 (float64 on torch/cpp).
         dw_weight: [C, 1, kh, kw]. dw_bias: [C] or None.
         pw_weight: [Cout, C, 1, 1]. pw_bias: [Cout] or None.
-        stride, padding, dilation: int or (h, w) pair, as in ``F.conv2d`` (zero padding).
+        stride, dilation: int or (h, w) pair, as in ``F.conv2d``.
+        padding: int, (h, w) pair, ``"valid"`` or ``"same"``, as in ``F.conv2d`` (zero padding). ``"same"`` needs
+            stride 1, and an even dilation*(k-1) per dimension: ``F.conv2d`` pads an odd total one pixel more at the
+            bottom/right, which this op does not (ValueError; pad x with ``F.pad`` first).
         activation: None, "relu", "relu6", "silu", "gelu" (exact erf form) or "hardswish".
         residual: [N, Cout, Ho, Wo] or None, added after the pointwise bias (MobileNetV2's skip).
 
@@ -49,7 +52,8 @@ def dwsep_conv2d(
             [x, dw_weight, dw_bias, pw_weight, pw_bias, residual], dtype)
     with _autocast.off_if(dtype, x):
         args = (x, dw_weight, dw_bias, pw_weight, pw_bias, list(_checks.pair(stride, "stride", 1)),
-                list(_checks.pair(padding, "padding", 0)), list(_checks.pair(dilation, "dilation", 1)),
+                list(_dwsep_ops.padding_for(padding, dw_weight, stride, dilation)),
+                list(_checks.pair(dilation, "dilation", 1)),
                 activation_name(activation), residual)
         if _dwsep_ops.auto_runs_eager(*args):
             _dwsep_ops.check_args(*args)  # the op's errors, then PyTorch's own autograd (see auto_runs_eager)
@@ -86,16 +90,17 @@ def distillation_loss(
     Args:
         student_logits: [..., V]; float32, float16 or bfloat16 (float64 on the torch and cpp backends).
         teacher_logits: [..., V], same shape, dtype and device as ``student_logits``.
-        target: [...] int64 class indices in [0, V) or ``ignore_index``; or None.
-        temperature: T > 0, softens both distributions of the soft term.
-        alpha: in [0, 1], the soft term's weight.
-        ignore_index: target value of tokens that do not count.
-        reduction: "mean" (over counted tokens; 0, with zero gradient, when none counts), "sum", or "none".
-        inplace_backward: backward scales the [..., V] gradient the forward kernel saved in place and hands that
-            buffer on as the student's gradient, rather than writing a scaled copy: peak memory is one [..., V]
+        target: [...] int64 class indices in [0, V) or ``ignore_index``; or None (the default).
+        temperature: T > 0, softens both distributions of the soft term. Default 1.0 (no softening).
+        alpha: in [0, 1], the soft term's weight. Default 0.5.
+        ignore_index: target value of tokens that do not count. Default -100, as ``F.cross_entropy``.
+        reduction: "mean" (over counted tokens; 0, with zero gradient, when none counts; the default), "sum", or
+            "none".
+        inplace_backward: True: backward scales the [..., V] gradient the forward kernel saved in place and hands
+            that buffer on as the student's gradient, rather than writing a scaled copy: peak memory is one [..., V]
             buffer in the logits' dtype less (it halves the loss's own peak). The graph can then be backpropagated
             once: a second backward (retain_graph=True) raises. No effect where ``auto`` runs the eager formula
-            (see ``effikern info``), whose backward is autograd's.
+            (see ``effikern info``), whose backward is autograd's. Default False.
 
     Returns:
         float32 (float64 for float64 logits): a scalar, or [...] per token for "none" (ignored tokens 0).

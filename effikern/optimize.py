@@ -8,7 +8,9 @@ The walk is generic; what gets replaced is decided by a list of rules (``RULES``
 is known: each child feeds the next) ``window[1:]`` are the siblings that follow it, so a rule may match a
 run of layers; elsewhere the window is ``[module]`` alone. A rule returns None when the module is not its
 business, ``Rewrite(length, replacement, reason)`` to replace ``window[:length]``, or a Rewrite with
-``replacement=None`` for a candidate it could not prove equivalent (the reason goes to the report).
+``replacement=None`` for a candidate it could not prove equivalent (the reason goes to the report). Such a
+verdict on a module also covers the rule's verdicts on its direct children, which are not reported again (a
+block left for its residual add does not list its depthwise conv as well); other rules' verdicts on them are.
 The depthwise-separable rule (:func:`dwsep_rule`) is the first; a family adds its own by appending to
 ``RULES`` (or passing ``rules=`` to :func:`optimize`).
 """
@@ -107,10 +109,10 @@ def optimize(model: nn.Module, inplace: bool = True, rules: Optional[Sequence[Ru
         _leaf_pruned_weights(model)
         model = copy.deepcopy(model)
     report = Report()
-    rewrite = _apply_rules(rules, [model], "", report)
+    rewrite, left_by = _apply_rules(rules, [model], "", report)
     if rewrite is not None:
         return rewrite.replacement, report
-    _rewrite_children(model, "", rules, report)
+    _rewrite_children(model, "", rules, report, left_by)
     return model, report
 
 
@@ -126,21 +128,27 @@ def _leaf_pruned_weights(model: nn.Module) -> None:
             run_pruning_hooks(module)
 
 
-def _apply_rules(rules, window, name, report) -> Optional[Rewrite]:
-    """The first rule's replacement for ``window``, or None; records it or every rule's 'left' verdict."""
+def _apply_rules(rules, window, name, report, explained=()) -> Tuple[Optional[Rewrite], List[Rule]]:
+    """The first rule's replacement for ``window`` (or None), and the rules that left it.
+
+    Records the replacement, or every rule's 'left' verdict except those of the rules in ``explained``: rules whose
+    'left' verdict on the parent already says why its children stay as they are.
+    """
     left = []
     for rule in rules:
         rewrite = rule(window)
         if rewrite is not None and rewrite.replacement is not None:
             report.entries.append(Entry(name, "replaced", rewrite.reason))
-            return rewrite
+            return rewrite, []
         if rewrite is not None:
-            left.append(Entry(name, "left", rewrite.reason))
-    report.entries.extend(left)
-    return None
+            left.append((rule, Entry(name, "left", rewrite.reason)))
+    report.entries.extend(entry for rule, entry in left if rule not in explained)
+    return None, [rule for rule, _ in left]
 
 
-def _rewrite_children(parent: nn.Module, prefix: str, rules, report) -> None:
+def _rewrite_children(parent: nn.Module, prefix: str, rules, report, explained=()) -> None:
+    """Applies ``rules`` to ``parent``'s children, depth first. ``explained``: the rules that left ``parent`` itself
+    (e.g. a block whose forward adds a residual), whose verdicts on its direct children would only repeat why."""
     if _is_effikern_module(parent):
         return  # already fused: its children hold parameters it reads directly, and are never called
     # Only a plain Sequential promises that each child feeds the next; a subclass may override forward.
@@ -150,9 +158,9 @@ def _rewrite_children(parent: nn.Module, prefix: str, rules, report) -> None:
     while i < len(names):
         window = [parent._modules[n] for n in (names[i:] if runs else names[i:i + 1])]
         qualified = prefix + names[i]
-        rewrite = _apply_rules(rules, window, qualified, report)
+        rewrite, left_by = _apply_rules(rules, window, qualified, report, explained)
         if rewrite is None:
-            _rewrite_children(window[0], qualified + ".", rules, report)
+            _rewrite_children(window[0], qualified + ".", rules, report, left_by)
             i += 1
             continue
         # The replacement takes the first layer's name (and so its place); the rest of the run is dropped.
@@ -172,11 +180,24 @@ def dwsep_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
     """depthwise Conv2d -> [BatchNorm2d] -> [activation] -> 1x1 Conv2d => DepthwiseSeparableConv2d.
 
     Matches a run starting at ``window[0]`` (inside a Sequential), or a module with a depthwise and a 1x1
-    ``Conv2d`` child whose traced forward is exactly that chain.
+    ``Conv2d`` child whose traced forward is exactly that chain. Every other depthwise conv is left with the
+    reason: a Conv2d subclass, one with a depth multiplier, or one with nothing after it in the window (the last
+    child of a Sequential, or a child of a module whose forward was not traced: a ModuleList run by a loop, ...).
     """
     first = window[0]
+    multiplier = _depth_multiplier(first)
+    if multiplier is not None and type(first) is not nn.Conv2d:
+        return Rewrite(1, None, f"depthwise conv of type {type(first).__name__}, a subclass of nn.Conv2d whose "
+                                "forward may differ: only nn.Conv2d itself is fused")
+    if multiplier is not None and multiplier > 1:
+        return Rewrite(1, None, f"depthwise conv with depth multiplier {multiplier} (out_channels "
+                                f"{first.out_channels} = {multiplier} x in_channels {first.in_channels}): the fused op "
+                                "takes multiplier 1")
     if _is_depthwise(first):
-        return _match_run(window) if len(window) > 1 else None
+        if len(window) > 1:
+            return _match_run(window)
+        return Rewrite(1, None, "depthwise conv not followed by a 1x1 nn.Conv2d in an nn.Sequential (the last "
+                                "child of one, or outside one, where the data flow is not known)")
     if _is_block_candidate(first):
         return _match_block(first)
     return None
@@ -185,6 +206,17 @@ def dwsep_rule(window: Sequence[nn.Module]) -> Optional[Rewrite]:
 def _is_depthwise(module) -> bool:
     # Exactly Conv2d: subclasses (timm's Conv2dSame, QAT convs, parametrized convs) change forward.
     return type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
+
+
+def _depth_multiplier(module) -> Optional[int]:
+    """out_channels / in_channels of a depthwise nn.Conv2d (or subclass): groups == in_channels, out_channels a
+    multiple of it; None for anything else. A conv from 1 channel to several is an ordinary convolution (None)."""
+    if not isinstance(module, nn.Conv2d) or module.groups != module.in_channels:
+        return None
+    multiplier, rest = divmod(module.out_channels, module.in_channels)
+    if rest or multiplier < 1 or (multiplier > 1 and module.in_channels == 1):
+        return None
+    return multiplier
 
 
 def _is_block_candidate(module) -> bool:

@@ -180,7 +180,10 @@ def test_an_unusable_choice_raises_for_empty_inputs_too():
     if torch.cuda.is_available():
         pytest.skip("the cuda backend may run here")
     sw = from_dense(torch.randn(6, 40), torch.rand(6, 40) < 0.5)
+    dw, pw = torch.randn(4, 1, 3, 3), torch.randn(5, 4, 1, 1)
     calls = {
+        "dwsep_conv2d": lambda x: effikern.functional.dwsep_conv2d(x[:, :16].reshape(-1, 4, 2, 2), dw, None, pw,
+                                                                   None, padding=1),
         "sparse_linear": lambda x: effikern.functional.sparse_linear(x, sw),
         "distillation_loss": lambda x: effikern.functional.distillation_loss(x[:, :6], x[:, 6:12],
                                                                              torch.zeros(x.shape[0], dtype=torch.long)),

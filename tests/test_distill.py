@@ -1,5 +1,6 @@
 """torch.ops.effikern.distillation_loss on every backend against the issue's eager formula (float64 truth)."""
 
+import inspect
 import math
 
 import pytest
@@ -370,6 +371,65 @@ def test_bad_input_names_the_argument(mutate, kwargs, match):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         F_KD(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+@pytest.mark.parametrize("on_meta, match", [
+    ("teacher_logits", r"teacher_logits must be on the device of student_logits \(cpu\), got meta"),
+    ("target", r"target must be on the device of student_logits \(cpu\), got meta"),
+    ("student_logits", r"teacher_logits must be on the device of student_logits \(meta\), got cpu"),
+])
+def test_device_mismatch_meta(backend, on_meta, match):
+    """Without a GPU the meta device stands in for a second device, through the function, the module and the op."""
+    args = dict(zip(("student_logits", "teacher_logits", "target"), _valid()))
+    args[on_meta] = args[on_meta].to("meta")
+    s, t, y = args.values()
+    with effikern.set_backend(backend):
+        for loss in (F_KD, DistillationLoss(2.0)):
+            with pytest.raises(ValueError, match=match):
+                loss(s, t, y)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.effikern.distillation_loss(s, t, y, 2.0, 0.5, IGNORE, False, False)
+
+
+# Every default of the function and the module, as their docstrings state them.
+DEFAULTS = {"temperature": 1.0, "alpha": 0.5, "ignore_index": -100, "reduction": "mean", "inplace_backward": False}
+
+
+def test_defaults_are_pinned_in_the_signatures():
+    function = inspect.signature(F_KD).parameters
+    module = inspect.signature(DistillationLoss).parameters
+    assert {name: function[name].default for name in DEFAULTS} == DEFAULTS
+    assert {name: module[name].default for name in DEFAULTS} == DEFAULTS
+    assert function["target"].default is None
+    assert inspect.signature(DistillationLoss.forward).parameters["target"].default is None
+    loss = DistillationLoss()
+    assert {name: getattr(loss, name) for name in DEFAULTS} == DEFAULTS
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+def test_defaults_compute_the_formula_with_the_documented_values(backend):
+    """The default-constructed module and the function called with no options give the formula at T=1, alpha=0.5,
+    ignore_index=-100, mean over counted tokens; the inputs are such that each other value would give another loss
+    (a -100 target is out of range for any other ignore_index: an error)."""
+    if backend != "auto":
+        skip_unavailable(backend, "cpu")
+    s, t, y = _inputs((6, 9), "cpu", ignored=0.3)
+    y[0] = IGNORE
+    expected = eager(s, t, y, 1.0, 0.5, ignore_index=-100, reduction="mean")
+    for other in (eager(s, t, y, 1.5, 0.5), eager(s, t, y, 1.0, 0.4), eager(s, t, y, 1.0, 0.5, reduction="sum")):
+        assert not torch.allclose(other, expected)  # the check below can tell the defaults apart
+    with effikern.set_backend(backend):
+        for loss in (F_KD(s, t, y), DistillationLoss()(s, t, y)):
+            torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(F_KD(s, t), eager(s, t, None, 1.0, 0.5))  # target None: T^2 * KL alone
+
+        # inplace_backward=False: the graph can be backpropagated twice (True refuses a second backward).
+        student = s.clone().requires_grad_()
+        for loss_fn in (F_KD, DistillationLoss()):
+            loss = loss_fn(student, t, y)
+            loss.backward(retain_graph=True)
+            loss.backward()
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import effikern
 from effikern.ops import dwsep as dwsep_op
@@ -284,7 +285,11 @@ def _valid_args():
 
 @pytest.mark.parametrize("mutate, kwargs, match", [
     (lambda a: a.__setitem__(0, torch.randn(4, 8, 8)), {}, r"x must be a 4-D tensor.*\(4, 8, 8\)"),
-    (lambda a: a.__setitem__(1, torch.randn(8, 1, 3, 3)), {}, r"dw_weight must have shape \[C=4, 1, kh, kw\]"),
+    # A valid depthwise weight for another channel count: either may be wrong, so both are named.
+    (lambda a: a.__setitem__(1, torch.randn(8, 1, 3, 3)), {},
+     r"x's channel count does not match dw_weight's: x has C=4 \(shape \(2, 4, 8, 8\)\), dw_weight has C=8"),
+    (lambda a: a.__setitem__(0, torch.randn(2, 5, 8, 8)), {}, r"x's channel count .* x has C=5 .* dw_weight has C=4"),
+    (lambda a: a.__setitem__(1, torch.randn(0, 1, 3, 3)), {}, r"dw_weight must have shape \[C=4, 1, kh, kw\]"),
     (lambda a: a.__setitem__(1, torch.randn(4, 2, 3, 3)), {}, r"depth multiplier 1"),
     (lambda a: a.__setitem__(3, torch.randn(6, 5, 1, 1)), {}, r"pw_weight must have shape \(6, 4, 1, 1\)"),
     (lambda a: a.__setitem__(3, torch.randn(6, 4, 3, 3)), {}, r"pw_weight must have shape"),
@@ -298,12 +303,23 @@ def _valid_args():
     (lambda a: None, {"stride": 0}, r"stride must be >= 1"),
     (lambda a: None, {"padding": 2**62}, r"padding must be <= 2147483647"),
     (lambda a: None, {"padding": (1, 2, 3)}, r"padding must be an int or a pair"),
+    (lambda a: None, {"padding": "full"}, r"padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"),
+    (lambda a: None, {"padding": "same", "stride": 2}, r"padding='same' needs stride 1"),
+    # F.conv2d pads an odd total one pixel more at the bottom/right, which the op's symmetric padding cannot.
+    (lambda a: a.__setitem__(1, torch.randn(4, 1, 4, 4)), {"padding": "same"},
+     r"padding='same' needs an even dilation\*\(kernel-1\) .* \(3, 3\) pixels"),
+    (lambda a: None, {"padding": "same", "dilation": (1, 3)}, None),  # (2, 6): even, so fine
+    (lambda a: a.__setitem__(1, torch.randn(4, 1, 0, 3)), {"padding": "same"}, r"dw_weight must have a kernel of at"),
+    (lambda a: a.__setitem__(1, torch.randn(4, 3, 3)), {"padding": "same"}, r"dw_weight must be a 4-D tensor"),
     (lambda a: None, {"activation": "tanh"}, r"activation must be None or one of"),
     (lambda a: None, {"residual": torch.randn(2, 6, 7, 7)}, r"residual must have shape \(2, 6, 6, 6\)"),
 ])
 def test_bad_input_names_the_argument(mutate, kwargs, match):
     args = _valid_args()
     mutate(args)
+    if match is None:  # a valid call among the invalid ones: the checks must not refuse too much
+        F_DWSEP(*args, **kwargs)
+        return
     with pytest.raises((ValueError, TypeError), match=match):
         F_DWSEP(*args, **kwargs)
 
@@ -314,6 +330,61 @@ def test_device_mismatch_is_an_error():
     args[0] = args[0].cuda()
     with pytest.raises(ValueError, match=r"dw_weight must be on the device of x"):
         F_DWSEP(*args)
+
+
+_TENSOR_ARGS = ["x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "residual"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+@pytest.mark.parametrize("name", _TENSOR_ARGS)
+def test_device_mismatch_meta(backend, name):
+    """Without a GPU the meta device stands in for a second device: each tensor argument on it is refused, by the
+    functional form (eager paths) and by the registered op (whose meta kernel is the fake function)."""
+    args = _valid_args() + [torch.randn(2, 6, 6, 6)]
+    index = _TENSOR_ARGS.index(name)
+    args[index] = args[index].to("meta")
+    # x on meta makes every other tensor the odd one out: the first checked is dw_weight.
+    match = r"dw_weight must be on the device of x \(meta\), got cpu" if name == "x" else \
+        rf"{name} must be on the device of x \(cpu\), got meta"
+    with effikern.set_backend(backend):
+        with pytest.raises(ValueError, match=match):
+            F_DWSEP(*args[:5], residual=args[5])
+        with pytest.raises(ValueError, match=match):
+            torch.ops.effikern.dwsep_conv2d(*args[:5], [1, 1], [0, 0], [1, 1], "none", args[5])
+
+
+# (C, kernel, dilation, padding): odd kernels, an even kernel at an even dilation*(k-1), rectangular ones.
+SAME_VALID = [
+    (4, (3, 3), (1, 1), "same"),
+    (3, (5, 3), (1, 1), "same"),
+    (3, (3, 5), (3, 1), "same"),
+    (5, (4, 4), (2, 2), "same"),
+    (2, (1, 1), (1, 1), "same"),
+    (4, (3, 3), (1, 1), "valid"),
+    (3, (2, 5), (3, 1), "valid"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+@pytest.mark.parametrize("c, kernel, dilation, padding", SAME_VALID, ids=str)
+def test_string_padding_matches_f_conv2d(backend, c, kernel, dilation, padding):
+    """padding="same" and "valid" as F.conv2d takes them: output and gradients of the two-conv F.conv2d form."""
+    if backend != "auto":
+        skip_unavailable(backend, "cpu")
+    x = torch.randn(2, c, 9, 8, dtype=torch.float64, requires_grad=True)
+    dw_w = torch.randn(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    dw_b, pw_b = torch.randn(c, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    pw_w = torch.randn(6, c, 1, 1, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(F.silu(F.conv2d(x, dw_w, dw_b, 1, padding, dilation, groups=c)), pw_w, pw_b)
+    with effikern.set_backend(backend):
+        y = F_DWSEP(x, dw_w, dw_b, pw_w, pw_b, padding=padding, dilation=dilation, activation="silu")
+        g = torch.randn_like(expected)
+        grads = torch.autograd.grad(y, (x, dw_w, pw_w), g)
+    if padding == "same":
+        assert y.shape[2:] == x.shape[2:]
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, dw_w, pw_w), g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_explicit_backend_that_cannot_run_raises():

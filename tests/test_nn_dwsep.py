@@ -4,6 +4,7 @@ Oracle (DESIGN.md): the reference computed in float64; effikern's error may be a
 error in the test dtype, plus a roundoff floor (ROUNDOFF) relative to the result's scale.
 """
 
+import collections
 import copy
 
 import pytest
@@ -108,6 +109,49 @@ def test_state_dict_interchangeable_with_two_conv_module(bias):
     fresh.load_state_dict(DepthwiseSeparableConv2d(6, 10, 3, padding=1, bias=bias).state_dict(), strict=True)
     ours.load_state_dict(fresh.state_dict(), strict=True)
     torch.testing.assert_close(ours(x), fresh(x))
+
+
+@pytest.mark.parametrize("bias", [(False, True), (True, False)], ids=str)
+def test_bias_per_conv_loads_the_two_conv_checkpoint(bias):
+    """MobileNet's usual block: a bias-free depthwise conv (a BatchNorm or the pointwise bias follows) and a pointwise
+    conv with a bias. ``bias=(dw_bias, pw_bias)`` gives exactly that module's state_dict keys."""
+    dw_bias, pw_bias = bias
+    theirs = nn.Sequential(collections.OrderedDict([
+        ("depthwise", nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=dw_bias)),
+        ("act", nn.ReLU6()),
+        ("pointwise", nn.Conv2d(6, 10, 1, bias=pw_bias)),
+    ])).double()
+    ours = DepthwiseSeparableConv2d(6, 10, 3, padding=1, bias=bias, activation="relu6", dtype=torch.float64)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+    fresh = DepthwiseSeparableConv2d(6, 10, 3, padding=1, bias=list(bias), activation="relu6", dtype=torch.float64)
+    theirs.load_state_dict(fresh.state_dict(), strict=True)  # and back: ours saved, theirs loaded
+    torch.testing.assert_close(theirs(x), fresh(x))
+
+
+@pytest.mark.parametrize("bias", [None, 1, (True,), (True, False, True), (1, 0), "True"], ids=repr)
+def test_bias_must_be_a_bool_or_a_pair_of_bools(bias):
+    with pytest.raises(TypeError, match=r"bias must be a bool or a pair of bools \(dw_bias, pw_bias\), got"):
+        DepthwiseSeparableConv2d(4, 6, 3, bias=bias)
+
+
+def test_wrong_input_channels_blame_the_input():
+    """As nn.Conv2d: 5 channels into a 4-channel module is the input's fault, not the weight's; the same message
+    whether forward runs fused or (bn in training mode) one layer at a time."""
+    fused = DepthwiseSeparableConv2d(4, 6, 3)
+    (dw, bn, act, pw), _ = bn_layers({}, c=4, cout=6, dtype=torch.float32)
+    unfused = DepthwiseSeparableConv2d.from_modules(dw, pw, act, bn)
+    assert fused.fused and not unfused.fused
+    for module in (fused, unfused):
+        with pytest.raises(ValueError, match=r"DepthwiseSeparableConv2d\(in_channels=4\) expected input x "
+                                             r"\[N, C, H, W\] to have 4 channels, but got 5 channels instead "
+                                             r"\(shape \(2, 5, 8, 8\)\)"):
+            module(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor"):  # other defects: the op's own checks
+        fused(torch.randn(5, 8, 8))
 
 
 def test_residual_is_added_after_pointwise():

@@ -5,10 +5,12 @@ Models run in float64, where folding BatchNorm and fusing change results by ~1e-
 """
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 
 import effikern
@@ -248,7 +250,68 @@ def test_sequential_subclass_runs_are_not_matched():
 
     model = Reversed(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 4, 1))
     _, report = effikern.optimize(model)
-    assert report.entries == []
+    assert [(e.name, e.action) for e in report.entries] == [("0", "left")]
+    assert "the data flow is not known" in report.entries[0].reason
+    assert type(model[0]) is nn.Conv2d
+
+
+class LoopedModuleList(nn.Module):
+    """dw -> act -> pw held in an nn.ModuleList and run by a loop: the chain is real, but nothing proves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, 1)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SameConv2d(nn.Conv2d):
+    """A Conv2d subclass (timm's Conv2dSame, QAT convs): its forward may not be Conv2d's."""
+
+
+@pytest.mark.parametrize("make, name, reason", [
+    (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(), nn.Conv2d(8, 6, 1)), "0",
+     "depthwise conv with depth multiplier 2 (out_channels 8 = 2 x in_channels 4): the fused op takes multiplier 1"),
+    (LoopedModuleList, "layers.0", "not followed by a 1x1 nn.Conv2d in an nn.Sequential (the last child of one, or "
+                                   "outside one, where the data flow is not known)"),
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 1), nn.Conv2d(6, 6, 3, groups=6)), "1",
+     "not followed by a 1x1 nn.Conv2d in an nn.Sequential"),
+    (lambda: nn.Sequential(SameConv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 1)), "0",
+     "depthwise conv of type SameConv2d, a subclass of nn.Conv2d whose forward may differ"),
+])
+def test_every_depthwise_conv_left_alone_is_reported_with_why(make, name, reason):
+    """The report lists what was left alone and why: depthwise convs that no rule can fuse used to be missing from
+    it ("0 replaced, 0 left")."""
+    model = make()
+    x = torch.randn(2, 4, 7, 7)
+    expected = model(x)
+    optimized, report = effikern.optimize(model)
+    assert [(e.name, e.action) for e in report.entries] == [(name, "left")]
+    assert reason in report.entries[0].reason
+    assert "0 replaced, 1 left" in str(report) and reason in str(report)
+    assert not any(isinstance(m, DepthwiseSeparableConv2d) for m in optimized.modules())
+    torch.testing.assert_close(optimized(x), expected)
+
+
+def test_a_left_block_is_reported_once_not_again_for_its_depthwise_child(monkeypatch):
+    """The block's own reason (a residual add) says why its depthwise child stays; the child's "data flow is not
+    known" would only add noise. Other rules still report on its children: here the sparse rule, on a pruned
+    pointwise conv, with no measurement to swap it by."""
+    model = nn.Sequential(ResidualBlock(4))
+    _, report = effikern.optimize(model)
+    assert [(e.name, e.action) for e in report.entries] == [("0", "left")]
+    assert "residual add" in report.entries[0].reason
+    _, report = effikern.optimize(ResidualBlock(4))  # the same at the root
+    assert [(e.name, e.action) for e in report.entries] == [("", "left")]
+
+    monkeypatch.setattr(sys.modules["effikern.optimize"], "SPARSE_FASTER", {})  # the package's optimize is the function
+    torch.nn.utils.prune.l1_unstructured(model[0].pointwise, "weight", amount=0.75)
+    _, report = effikern.optimize(model)
+    assert [(e.name, e.action) for e in report.entries] == [("0", "left"), ("0.pointwise", "left")]
+    assert "no measurement shows the sparse kernel faster" in report.entries[1].reason
 
 
 def test_root_module_is_replaced():

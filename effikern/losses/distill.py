@@ -17,7 +17,8 @@ class DistillationLoss(nn.Module):
     ``T^2 * KL`` alone (``alpha`` ignored), and only the student gets a gradient.
 
     Args:
-        temperature: T > 0. alpha: in [0, 1]. ignore_index: int. reduction: "mean", "sum" or "none".
+        temperature: T > 0, default 1.0. alpha: in [0, 1], default 0.5. ignore_index: int, default -100.
+        reduction: "mean" (default), "sum" or "none".
         inplace_backward: scale the saved student gradient in place in backward (one [..., V] buffer less at
             the peak; the graph can then be backpropagated only once). Default False.
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import functional
 from ..ops import _checks
+from ..ops import dwsep as dwsep_ops
 from ..ops.activation import activation_name, apply_activation
 from ._hooks import hooks, run_pruning_hooks
 
@@ -28,7 +29,9 @@ class DepthwiseSeparableConv2d(nn.Module):
         kernel_size, stride, dilation: int or (h, w), as for ``nn.Conv2d``.
         padding: int, (h, w), ``"valid"`` or ``"same"`` (stride 1, and only where ``"same"`` pads both
             sides equally: dilation*(k-1) even).
-        bias: whether both convolutions have a bias.
+        bias: whether the convolutions have a bias: a bool for both, or a pair ``(dw_bias, pw_bias)``, e.g.
+            ``(False, True)`` for MobileNet's bias-free depthwise conv; ``state_dict()`` has a ``*.bias`` key for
+            each conv that has one, as the two-conv module would.
         activation: None, a name ("relu", "relu6", "silu", "gelu", "hardswish") or one of the modules
             ReLU, ReLU6, SiLU, GELU(approximate='none'), Hardswish, Identity. Kept as its name.
         device, dtype: for the parameters.
@@ -47,19 +50,20 @@ class DepthwiseSeparableConv2d(nn.Module):
         stride=1,
         padding: Union[int, Tuple[int, int], str] = 0,
         dilation=1,
-        bias: bool = True,
+        bias: Union[bool, Tuple[bool, bool]] = True,
         activation: Union[None, str, nn.Module] = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
         padding = conv_padding(padding, kernel_size, stride, dilation, "padding")
+        dw_bias, pw_bias = _bias_pair(bias)
         factory = {"device": device, "dtype": dtype}
         self.depthwise = nn.Conv2d(in_channels, in_channels, kernel_size, stride, padding, dilation,
-                                   groups=in_channels, bias=bias, **factory)
+                                   groups=in_channels, bias=dw_bias, **factory)
         # An empty slot between the two, so a bn from from_modules is listed in data order (repr, state_dict).
         self.register_module("bn", None)
-        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias, **factory)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=pw_bias, **factory)
         self.activation = activation_name(activation)
 
     @classmethod
@@ -129,6 +133,7 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, C, H, W], residual [N, Cout, Ho, Wo] or None -> [N, Cout, Ho, Wo] in x's memory format."""
+        self._check_input(x)
         if not self.fused:
             return self._forward_unfused(x, residual)
         # The children are not called on the fused path, so their pruning hooks (torch.nn.utils.prune: weight =
@@ -141,6 +146,16 @@ class DepthwiseSeparableConv2d(nn.Module):
             x, dw_weight, dw_bias, self.pointwise.weight, self.pointwise.bias,
             dw.stride, dw.padding, dw.dilation, self.activation, residual,
         )
+
+    def _check_input(self, x) -> None:
+        """A wrong channel count is the input's fault, as nn.Conv2d says; the op alone cannot tell which of x and
+        the weights is wrong. Other defects (not a tensor, not 4-D, ...) are left to the op's checks."""
+        channels = self.depthwise.in_channels
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != channels:
+            raise ValueError(
+                f"{type(self).__name__}(in_channels={channels}) expected input x [N, C, H, W] to have {channels} "
+                f"channels, but got {x.shape[1]} channels instead (shape {tuple(x.shape)})"
+            )
 
     def _forward_unfused(self, x, residual):
         # Batch statistics need the whole depthwise output before normalizing it, which the fused
@@ -166,6 +181,15 @@ class DepthwiseSeparableConv2d(nn.Module):
         return f"activation={self.activation!r}, fused=True{folded}"
 
 
+def _bias_pair(bias) -> Tuple[bool, bool]:
+    """The constructor's ``bias``: a bool for both convolutions, or (dw_bias, pw_bias)."""
+    if isinstance(bias, bool):
+        return bias, bias
+    if isinstance(bias, (tuple, list)) and len(bias) == 2 and all(isinstance(b, bool) for b in bias):
+        return bias[0], bias[1]
+    raise TypeError(f"bias must be a bool or a pair of bools (dw_bias, pw_bias), got {bias!r}")
+
+
 def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d):
     """Folds an eval-mode ``bn`` into the conv before it: returns (weight', bias').
 
@@ -188,22 +212,12 @@ def conv_padding(padding, kernel_size, stride, dilation, name: str) -> Tuple[int
     """``nn.Conv2d``'s padding as the symmetric (ph, pw) pair the fused op takes.
 
     ``"valid"`` is (0, 0). ``"same"`` (stride 1 only, as in Conv2d) pads dilation*(k-1) in total, the odd
-    pixel at the bottom/right; only an even total is symmetric. ValueError naming ``name`` otherwise.
+    pixel at the bottom/right; only an even total is symmetric. ValueError naming ``name`` otherwise. The rule is
+    the functional form's too (``effikern.ops.dwsep.conv_padding``).
     """
-    if padding == "valid":
-        return (0, 0)
     if padding == "same":
-        totals = [d * (k - 1) for d, k in zip(_checks.pair(dilation, "dilation", 1),
-                                               _checks.pair(kernel_size, "kernel_size", 1))]
-        if _checks.pair(stride, "stride", 1) != (1, 1) or any(t % 2 for t in totals):
-            raise ValueError(
-                f"{name}='same' pads symmetrically only with stride 1 and an even dilation*(kernel-1) per "
-                f"side; got kernel {kernel_size}, stride {stride}, dilation {dilation}: give integer padding"
-            )
-        return totals[0] // 2, totals[1] // 2
-    if isinstance(padding, str):
-        raise ValueError(f"{name} must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
-    return _checks.pair(padding, name, 0)
+        kernel_size = _checks.pair(kernel_size, "kernel_size", 1)
+    return dwsep_ops.conv_padding(padding, kernel_size, stride, dilation, name)
 
 
 # --- from_modules validation: every message names the argument ---------------------------------------------

@@ -43,6 +43,14 @@ def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilat
         raise ValueError(f"x must have an image of at least 1x1 (H, W >= 1), got shape {tuple(x.shape)}")
     _checks.tensor(dw_weight, "dw_weight", 4)
     _checks.tensor(pw_weight, "pw_weight", 4)
+    if dw_weight.shape[1] == 1 and dw_weight.shape[0] not in (0, c):
+        # A valid depthwise weight for another channel count: either tensor may be the wrong one (a module fed the
+        # wrong input, most often), so the message names both rather than blaming the weight.
+        raise ValueError(
+            f"x's channel count does not match dw_weight's: x has C={c} (shape {tuple(x.shape)}), dw_weight has "
+            f"C={dw_weight.shape[0]} (shape {tuple(dw_weight.shape)}); the depthwise weight of x [N, C, H, W] is "
+            f"[C, 1, kh, kw]"
+        )
     if dw_weight.shape[1] != 1 or dw_weight.shape[0] != c:
         raise ValueError(
             f"dw_weight must have shape [C={c}, 1, kh, kw] (depthwise, depth multiplier 1), "
@@ -79,6 +87,44 @@ def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilat
         _checks.tensor(residual, "residual", 4)
         _checks.shape(residual, "residual", out, "the output's shape [N, Cout, Ho, Wo]")
     return out
+
+
+def conv_padding(padding, kernel_size: Tuple[int, int], stride, dilation, name: str) -> Tuple[int, int]:
+    """``F.conv2d``'s padding (int, (h, w), ``"valid"`` or ``"same"``) as the symmetric (ph, pw) pair the op takes.
+
+    ``kernel_size``: (kh, kw), each >= 1. ``"valid"`` is (0, 0). ``"same"`` needs stride 1 (as in ``F.conv2d``) and
+    pads dilation*(k-1) in total per dimension; ``F.conv2d`` puts an odd total's extra pixel at the bottom/right,
+    which the op's symmetric padding cannot express, so an odd total is refused rather than giving an output of
+    another size. Errors name ``name``.
+    """
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if _checks.pair(stride, "stride", 1) != (1, 1):
+            raise ValueError(f"{name}='same' needs stride 1, as in F.conv2d; got stride {stride}")
+        dilation = _checks.pair(dilation, "dilation", 1)
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError(
+                f"{name}='same' needs an even dilation*(kernel-1) in each dimension, which pads both sides equally; "
+                f"got kernel {tuple(kernel_size)}, dilation {dilation}: {tuple(totals)} pixels, which F.conv2d "
+                "splits unevenly (the extra one bottom/right); pad x with F.pad first and give integer padding"
+            )
+        return totals[0] // 2, totals[1] // 2
+    if isinstance(padding, str):
+        raise ValueError(f"{name} must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    return _checks.pair(padding, name, 0)
+
+
+def padding_for(padding, dw_weight, stride, dilation) -> Tuple[int, int]:
+    """The functional form's ``padding`` argument as (ph, pw), reading ``"same"``'s kernel size off ``dw_weight``."""
+    if not isinstance(padding, str):
+        return _checks.pair(padding, "padding", 0)
+    _checks.tensor(dw_weight, "dw_weight", 4)
+    kernel = tuple(dw_weight.shape[2:])
+    if min(kernel) < 1:
+        raise ValueError(f"dw_weight must have a kernel of at least 1x1, got {tuple(dw_weight.shape)}")
+    return conv_padding(padding, kernel, stride, dilation, "padding")
 
 
 def reference(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, residual):
@@ -181,9 +227,10 @@ def _conv(
     out_shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
                            residual)
     fmt = _checks.memory_format_of(x)
+    # Resolved first: a chosen backend that cannot run this call says so, for an empty batch too.
+    _, (fwd, _) = backends.resolve(OP, x, _forward_case(out_shape))
     if x.shape[0] == 0:
         return _empty(out_shape, x, fmt)
-    _, (fwd, _) = backends.resolve(OP, x, _forward_case(out_shape))
     y = fwd(
         x.contiguous(memory_format=fmt), dw_weight.contiguous(), _contig(dw_bias), pw_weight.contiguous(),
         _contig(pw_bias), list(stride), list(padding), list(dilation), CODES[activation],
@@ -273,9 +320,9 @@ def _conv_backward(
     _checks.shape(grad_y, "grad_y", out_shape, "the output's shape")
     _checks.same_dtype_device(x, "x", grad_y=grad_y)
     fmt = _checks.memory_format_of(x)
+    _, (_, bwd) = backends.resolve(OP, x, _backward_case(dw_weight, stride), backend)  # first, as in the forward
     if x.shape[0] == 0:
         return _zero_grads(x, dw_weight, pw_weight, fmt)
-    _, (_, bwd) = backends.resolve(OP, x, _backward_case(dw_weight, stride), backend)
     grads = bwd(
         grad_y.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), dw_weight.contiguous(),
         _contig(dw_bias), pw_weight.contiguous(), list(stride), list(padding), list(dilation), CODES[activation],
