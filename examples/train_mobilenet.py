@@ -94,8 +94,8 @@ def accuracy(model, images, labels, batch_size=256) -> float:
     return correct / len(labels)
 
 
-def train_teacher(images, labels, epochs, batch_size, device):
-    torch.manual_seed(0)
+def train_teacher(images, labels, epochs, batch_size, device, seed=0):
+    torch.manual_seed(seed)
     teacher = teacher_net().to(device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     for epoch in range(epochs):
@@ -126,7 +126,9 @@ class Recipe:
 
     def scaler(self):
         # Loss scaling is what fp16 needs; bf16 (the CPU's autocast type) has fp32's range, so it is off there
-        # in both modes, and the scaler's fused unscale/check/clip pass still runs (as torch's does).
+        # in both modes. Off, torch's scaler does nothing (the baseline clips with clip_grad_norm_); effikern's
+        # unscale_(max_norm) still makes its one read-only pass (the norm: nothing to unscale or check) and folds
+        # the clip into AdamW's step.
         enabled = self.amp_dtype == torch.float16
         if self.baseline:
             return torch.amp.GradScaler(self.device.type, enabled=enabled)
@@ -145,8 +147,10 @@ class Recipe:
         return DistillationLoss(temperature, alpha)
 
     def clipped_step(self, scaler, optimizer, max_norm=1.0):
-        """Unscale, clip to ``max_norm`` and step. effikern: one fused pass (unscale + inf check + norm), the
-        clip folded into the fused optimizer, no host sync. PyTorch: unscale_, clip_grad_norm_, step."""
+        """Unscale, clip to ``max_norm`` and step. effikern: one fused read-only pass over the grads (inf check and
+        norm of the unscaled grads with fp16 on GPU; the norm alone with bf16 on CPU, where the scaler is off), then
+        1/scale and the clip folded into the fused optimizer's step, no host sync. PyTorch: unscale_ (a no-op when
+        off), clip_grad_norm_, step."""
         if self.baseline:
             scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -183,17 +187,19 @@ def main(argv=None):
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="draws other data and initial weights (0: as shipped)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     recipe = Recipe(args.baseline, device)
     print(f"mode: {'PyTorch baseline' if args.baseline else 'effikern'} on {device}, autocast {recipe.amp_dtype}")
 
-    images, labels = synthetic_images(args.train_size, seed=1, device=device)
-    test_images, test_labels = synthetic_images(1024, seed=2, device=device)
-    teacher = train_teacher(images, labels, args.teacher_epochs, args.batch_size, device)
+    # The class templates stay fixed (the task); the seed draws the splits' samples and the initial weights.
+    images, labels = synthetic_images(args.train_size, seed=1 + 100 * args.seed, device=device)
+    test_images, test_labels = synthetic_images(1024, seed=2 + 100 * args.seed, device=device)
+    teacher = train_teacher(images, labels, args.teacher_epochs, args.batch_size, device, seed=args.seed)
     print(f"teacher accuracy: {accuracy(teacher, test_images, test_labels):.3f}")
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     student = recipe.student()
     optimizer = recipe.optimizer(student.parameters(), lr=3e-3)
     scaler, kd_loss = recipe.scaler(), recipe.loss_fn()

@@ -6,6 +6,7 @@ trajectories; with effikern's fused optimizers (scale folded into the update) th
 rounding and the scale trajectory and skipped steps are identical.
 """
 
+import functools
 import math
 import pickle
 
@@ -25,14 +26,15 @@ def _model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
-def _train(scaler, make_opt, steps=14, clip=None, overflow=OVERFLOW, torch_clip=False, seed=0):
+def _train(scaler, make_opt, steps=14, clip=None, overflow=OVERFLOW, torch_clip=False, seed=0, norm_type=2.0,
+           dtype=torch.float32):
     """Returns (scales after each update, skipped-step flags, final params, clip norms)."""
-    model = _model(seed)
+    model = _model(seed).to(dtype)
     opt = make_opt(model.parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     scales, skipped, norms = [], [], []
     for i in range(steps):
-        x = torch.randn(5, 8, generator=gen)
+        x = torch.randn(5, 8, generator=gen).to(dtype)
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         scaler.scale(model(x).pow(2).sum()).backward()
@@ -41,9 +43,9 @@ def _train(scaler, make_opt, steps=14, clip=None, overflow=OVERFLOW, torch_clip=
         if clip is not None:
             if torch_clip:
                 scaler.unscale_(opt)
-                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type, foreach=True))
             else:
-                norms.append(scaler.unscale_(opt, max_norm=clip))
+                norms.append(scaler.unscale_(opt, max_norm=clip, norm_type=norm_type))
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
@@ -212,8 +214,9 @@ def test_errors():
     empty.param_groups[0]["params"] = []
     with pytest.raises(ValueError, match="no params"):
         scaler.unscale_(empty)
-    with pytest.raises(ValueError, match="norm_type"):
-        scaler.unscale_(opt, max_norm=1.0, norm_type=1.0)
+    for bad in (0.0, -1.0, True, "fro"):
+        with pytest.raises(ValueError, match="norm_type must be a number > 0 or math.inf"):
+            scaler.unscale_(opt, max_norm=1.0, norm_type=bad)
     with pytest.raises(ValueError, match="hysteresis"):
         GradScaler("cpu", hysteresis=0)
     with pytest.raises(RuntimeError, match="Closure"):
@@ -410,13 +413,194 @@ def test_a_step_without_any_gradient_is_an_error_as_in_torch():
         scaler.step(opt)
 
 
-def test_float64_gradients_are_refused_clearly():
-    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+# The fallback on torch's kernels (float64 grads, norm types other than 2 and inf) against torch's GradScaler +
+# clip_grad_norm_ on the same overflowing runs: a plain optimizer sees the same ops in the same order as torch's, so
+# bit-identical parameters and norms; a folding one within rounding, with the same skipped steps and scales.
+FALLBACK_CASES = {
+    "fp32_p1": (torch.float32, 1.0), "fp32_p3": (torch.float32, 3.0),
+    "fp64_p2": (torch.float64, 2.0), "fp64_pinf": (torch.float64, math.inf), "fp64_p1": (torch.float64, 1.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+def test_fallback_matches_torch_with_a_plain_optimizer(backend, case):
+    skip_unavailable(backend, "cpu")
+    dtype, norm_type = FALLBACK_CASES[case]
+    make = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, make, clip=0.5, torch_clip=True, norm_type=norm_type, dtype=dtype)
+    with effikern.set_backend(backend):
+        ours = _train(ours_scaler, make, clip=0.5, norm_type=norm_type, dtype=dtype)
+    assert ours[0] == theirs[0] and ours[1] == theirs[1] and sum(ours[1]) == len(OVERFLOW)
+    for a, b in zip(ours[2], theirs[2]):
+        assert a.dtype == dtype and torch.equal(a, b)
+    for a, b in zip(ours[3], theirs[3]):
+        assert a.dtype == b.dtype and torch.equal(a, b) or (not torch.isfinite(a) and not torch.isfinite(b))
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+def test_fallback_matches_torch_with_a_folding_optimizer(case):
+    dtype, norm_type = FALLBACK_CASES[case]
+    # effikern's optimizers take float32/float16/bfloat16 params only; torch's fused AdamW takes float64 too.
+    make_ours = effikern.optim.AdamW if dtype == torch.float32 else functools.partial(torch.optim.AdamW, fused=True)
+    theirs_scaler, ours_scaler = _scalers()
+    theirs = _train(theirs_scaler, lambda p: torch.optim.AdamW(p, lr=0.01), clip=0.5, torch_clip=True,
+                    norm_type=norm_type, dtype=dtype)
+    ours = _train(ours_scaler, lambda p: make_ours(p, lr=0.01), clip=0.5, norm_type=norm_type, dtype=dtype)
+    assert ours[0] == theirs[0] and ours[1] == theirs[1] and sum(ours[1]) == len(OVERFLOW)
+    # float64: torch's fused and foreach AdamW agree to ~1e-15, so this also sees a clip coefficient rounded to
+    # float32 on its way into the step (float64 clips stay in place, in float64)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-15}
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(ours[3], theirs[3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_float64_gradients_without_a_clip_are_unscaled_as_torch():
+    """step() alone (no unscale_) and unscale_() without max_norm: float64 grads are unscaled in place and checked
+    by torch's kernel, the same skipped steps and parameters as torch's scaler."""
+    make = lambda p: torch.optim.SGD(p, lr=0.05)  # noqa: E731
+    for clip in (None, math.inf):
+        theirs_scaler, ours_scaler = _scalers()
+        # torch: unscale_, then clip_grad_norm_(max_norm=inf), a multiply by 1 where the norm is finite
+        theirs = _train(theirs_scaler, make, clip=clip, torch_clip=True, dtype=torch.float64)
+        ours = _train(ours_scaler, make, clip=clip, dtype=torch.float64)
+        assert ours[0] == theirs[0] and ours[1] == theirs[1] and sum(ours[1]) == len(OVERFLOW)
+        for a, b in zip(ours[2], theirs[2]):
+            assert torch.equal(a, b)
+        for a, b in zip(ours[3], theirs[3]):  # the norm (max_norm=inf) of the unscaled float64 grads
+            assert a.dtype == torch.float64 and (torch.equal(a, b) or not torch.isfinite(b))
+
+
+def test_mixed_float32_and_float64_grads_take_the_fallback_together():
+    """One optimizer with float32 and float64 params: the whole set is unscaled (each by its kernel), then measured
+    in float64, and clipped by that norm."""
+    ours_params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))]
+    grads = [torch.tensor([3.0, 0.0, 4.0]) * 8, torch.tensor([0.0, 12.0, 0.0, 0.0], dtype=torch.float64) * 8]
+    for p, g in zip(ours_params, grads):
+        p.grad = g.clone()
+    opt = torch.optim.SGD(ours_params, lr=1.0)
+    scaler = GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    norm = scaler.unscale_(opt, max_norm=6.5)
+    assert norm.dtype == torch.float64 and norm.item() == 13.0
+    scaler.step(opt)
+    coef = 6.5 / (13.0 + 1e-6)
+    torch.testing.assert_close(ours_params[0].detach(), -torch.tensor([3.0, 0.0, 4.0]) * coef)
+    want = -torch.tensor([0.0, 12.0, 0.0, 0.0], dtype=torch.float64) * coef
+    torch.testing.assert_close(ours_params[1].detach(), want)
+
+
+def test_complex_gradients_are_refused_clearly():
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
     opt = torch.optim.SGD([p], lr=0.1)
     scaler = GradScaler("cpu")
-    scaler.scale(p.sum()).backward()
-    with pytest.raises(TypeError, match="gradient of param 0 .* is torch.float64"):
+    scaler.scale(torch.ones(()))
+    p.grad = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="gradient of param 0 .* must be a floating-point tensor, got torch.complex64"):
         scaler.step(opt)
+
+
+# A disabled scaler (bf16 autocast needs no loss scaling) still clips in unscale_(max_norm): clip_grad_norm_'s
+# result on the read-only pass, folded into a folding optimizer's step; never a skipped step, so an inf gradient
+# (the last step) gives clip_grad_norm_'s coefficient 0 and nan where the grad was inf, as torch.
+DISABLED_PAIRS = {
+    "effikern_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: effikern.optim.AdamW(p, lr=0.01)),
+    "torch_fused_adamw": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)),
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+}
+
+
+def _clipped_run(make_opt, dtype, scaler=None, norm_type=2.0, steps=4):
+    """``steps`` steps clipped to 0.3, an inf in a grad at the last: by ``scaler.unscale_(max_norm)`` or, without
+    a scaler, by clip_grad_norm_. Returns (params, norms, whether each unscale_ left the grads as they were)."""
+    model = _model().to(dtype)
+    opt = make_opt(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    norms, untouched = [], []
+    for i in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 8, generator=gen).to(dtype)).float().pow(2).sum().backward()
+        if i == steps - 1:
+            model[2].weight.grad[1, 3] = math.inf
+        if scaler is None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3, norm_type, foreach=True))
+            opt.step()
+            continue
+        grads = [p.grad.clone() for p in model.parameters()]
+        norms.append(scaler.unscale_(opt, max_norm=0.3, norm_type=norm_type))
+        untouched.append(all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters())))
+        scaler.step(opt)
+        scaler.update()
+    return [p.detach() for p in model.parameters()], norms, untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pair", sorted(DISABLED_PAIRS))
+def test_disabled_scaler_clips_as_clip_grad_norm(pair, dtype):
+    make_torch, make_ours = DISABLED_PAIRS[pair]
+    theirs = _clipped_run(make_torch, dtype)
+    ours = _clipped_run(make_ours, dtype, GradScaler("cpu", enabled=False))
+    # fp32: rounding apart (the clip folded into the update skips one rounding of the clipped grad). bf16: torch
+    # measures each bf16 grad's norm in bf16 (ours in fp32: norms 0.1% apart), so params may round to the
+    # neighbouring bf16 value: 1 ulp, 2^-9 below 0.5 (atol), relative above.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 2e-3}
+    for a, b in zip(ours[0], theirs[0]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+    assert torch.isnan(ours[0][2][1, 3]) and torch.isfinite(ours[0][0]).all()  # stepped with coefficient 0
+    for a, b in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(a, b.float(), **tol)
+    # Folding optimizers take the clip in their step (grads left as they were); others get it in place.
+    assert ours[2] == [pair != "sgd"] * 4
+
+
+def test_disabled_scaler_fallback_and_norm_only():
+    """float64 grads / p = 3 on a disabled scaler: clip_grad_norm_'s results; max_norm=inf measures only."""
+    make = DISABLED_PAIRS["sgd"][0]
+    for dtype, norm_type in ((torch.float64, 2.0), (torch.float32, 3.0)):
+        theirs = _clipped_run(make, dtype, norm_type=norm_type)
+        ours = _clipped_run(make, dtype, GradScaler("cpu", enabled=False), norm_type=norm_type)
+        for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-7)
+    model = _model()
+    model(torch.randn(2, 8)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt = effikern.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", enabled=False)
+    norm = scaler.unscale_(opt, max_norm=math.inf)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+    assert scaler._disabled_factors == {}  # nothing owed to the step
+
+
+def test_disabled_scaler_owes_the_clip_to_one_step_only():
+    model = _model()
+    opt = effikern.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", enabled=False)
+    model(torch.randn(2, 8)).pow(2).sum().backward()
+    scaler.unscale_(opt, max_norm=1e-3)
+    with pytest.raises(RuntimeError, match=r"unscale_\(max_norm=...\) has already been called"):
+        scaler.unscale_(opt, max_norm=1e-3)
+    scaler.update()  # drops the clip nobody stepped with: the next step is unclipped
+    truth = torch.optim.AdamW(_model().parameters(), lr=0.1)
+    ref = truth.param_groups[0]["params"]
+    for p, q in zip(ref, model.parameters()):
+        p.grad = q.grad.clone()
+    scaler.step(opt)
+    truth.step()
+    for p, q in zip(ref, model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    # With a closure (it may recompute the grads inside step) the clip goes into the grads before the step.
+    scaler.unscale_(opt, max_norm=1e-3)
+    clone = pickle.loads(pickle.dumps(scaler))
+    assert clone._disabled_factors == {} and not clone.is_enabled()
+    clipped = [p.grad * (1e-3 / (torch.linalg.vector_norm(torch.cat([g.grad.flatten() for g in ref])) + 1e-6))
+               for p in ref]
+    assert scaler.step(opt, lambda: 7.0) == 7.0
+    for g, p in zip(clipped, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale_clip_step"])

@@ -11,9 +11,10 @@ class ShardedGradScaler(GradScaler):
     effikern's fused pass.
 
     Each rank checks and measures its own gradient shards in one pass; then ONE all_reduce combines
-    [found_inf, norm^2] (sum; found_inf clamped back to 1) or [found_inf, norm] (max, for the inf-norm), so
-    every rank skips the same steps and clips with the global norm. A rank holding no shard takes part with
-    zeros. No host sync is added: the collective runs on tensors (asynchronous on NCCL).
+    [found_inf, norm^p] (sum, then the p-th root; found_inf clamped back to 1) or [found_inf, norm] (max, for the
+    inf-norm), so every rank skips the same steps and clips with the global norm. A rank holding no shard takes
+    part with zeros. No host sync is added: the collective runs on tensors (asynchronous on NCCL). Disabled, the
+    scaler still reduces the norm for ``unscale_(optimizer, max_norm)``: every rank clips with the global norm.
     """
 
     _reduce_norm = True
