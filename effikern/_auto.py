@@ -104,9 +104,10 @@ _PREFERENCE = {
     ("fused_sgd", "cpu-avx2", torch.float32): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.float16): ("cpp", "torch"),
     ("fused_sgd", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
-    # sparse/cpu-AMD-EPYC-avx2-2t.json (git eb115cf; 4096 x 4096, 90%, fp32): cpp 12.9-74x the torch reference in
-    # every pass (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight), and 1.42-2.80x torch's CSR
-    # matmul. The earlier/ run of 4bdc989: 7.4-75x and 1.54-3.46x.
+    # sparse/cpu-AMD-EPYC-avx2-2t.json (git 8867d9d; 4096 x 4096, 90%, fp32): cpp 13.6-82x the torch reference in
+    # every pass (forward 1-64 tokens warm and cold, block 32, grad_input, grad_weight; its earlier/ run1 12.4-67x).
+    # Against torch's CSR matmul (not a backend here) 0.97-2.72x: grad_input is at parity (0.97x; 0.64x in run1).
+    # The earlier/ runs of eb115cf: 12.9-74x and 1.42-2.80x; 4bdc989: 7.4-75x and 1.54-3.46x.
     ("sparse_linear", "cpu-avx2", torch.float32): ("cpp", "torch"),
     # sparse/cpu-backends-halfprec-avx2-1t.json (git eb115cf; python -m benchmarks.bench_sparse --backends: 1 thread,
     # min of 5, the 24 cases per dtype of the AVX-512 table): cpp against the torch reference, bf16 1.37-93x forward
