@@ -77,7 +77,9 @@ _PREFERENCE = {
     # (geomeans 10.7-44x per group). Unlike on AVX-512, PyTorch's bf16 convolutions are slow on this CPU (no native
     # bf16 instructions: the N=8 channels_last forwards took 0.2-0.8 s), so cpp runs every bf16 call here.
     ("dwsep_conv2d", "cpu-avx2", torch.bfloat16): ("cpp", "torch"),
-    # kd-fp32/cpu-AMD-EPYC-avx2-2t.json: cpp 5.62x and 7.57x the eager formula (256 x 32000 / 50257, fwd+bwd).
+    # kd-fp32/cpu-AMD-EPYC-avx2-2t.json (git de8d204, 18 cases: 256 / 1024 tokens x V 32000 / 50257 / 128256, T
+    # 1 / 2 / 4, fwd+bwd): cpp 1.8-19x the eager formula (geomean 6.2x; earlier/ 4bdc989: 5.62x and 7.57x at 256
+    # tokens). The compiled formula is not a backend; cpp is slower than it in 5 of 18 (README).
     ("distillation_loss", "cpu-avx2", torch.float32): ("cpp", "torch"),
     # kd-bf16/cpu-AMD-EPYC-avx2-2t.json (git aaa285f; 256 and 1024 tokens x V 32000/50257/128256, T 1/2/4): cpp
     # 2.91-11.1x the eager formula in all 18 cases (geomean 6.20x). The run before the backward's row-scaling fix
