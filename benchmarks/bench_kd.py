@@ -5,8 +5,8 @@
 Shapes: tokens x vocabulary of LLM distillation, V = 32000 (Llama 2), 50257 (GPT-2), 128256 (Llama 3); 10% of
 the targets ignored (padding); mean reduction; the step is the loss and the student's gradient.
 CPU: the eager formula (baseline) and ``torch.compile`` of it vs the ``torch`` and ``cpp`` backends. GPU: the
-eager formula (baseline), ``torch.compile`` of it, and the ``triton`` backend. The fused kernel runs twice: as the default
-(``inplace_backward=False``) and as ``<backend>_inplace`` (``inplace_backward=True``). The runner also reports
+eager formula (baseline), ``torch.compile`` of it, and the ``triton`` backend. The fused kernel runs twice: as the
+default (``inplace_backward=False``) and as ``<backend>_inplace`` (``inplace_backward=True``). The runner also reports
 peak memory (GPU: the allocator's peak; CPU: peak resident memory, timing.cpu_peak_extra_mib): the eager formula
 keeps several [tokens, V] float tensors alive for backward, the fused op the gradient it saves and, by default,
 in backward its copy scaled by the loss's gradient (scaled in place with ``inplace_backward=True``).

@@ -3,7 +3,8 @@
 A family module exposes ``FAMILY`` (a name) and ``cases(device, quick) -> list[Case]``, and optionally
 ``report(quick) -> list[dict]`` for measurements that are not timings (the padding a batching strategy
 adds). The runner times every candidate of every case in one process, so speedups compare numbers measured
-minutes apart on the same machine, and writes ``<out>/<device>.json`` (device, versions, git sha, date, every row) and ``<device>.png``.
+minutes apart on the same machine, and writes ``<out>/<device>.json`` (device, versions, git sha, date, every row)
+and ``<device>.png``.
 """
 
 import dataclasses

@@ -14,7 +14,8 @@ import effikern
 from effikern.ops import sparse as sparse_ops
 from effikern.sparse import from_dense
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _weight(fmt="unstructured", device="cpu"):

@@ -52,7 +52,8 @@ class _SparseMatmul(nn.Module):
                  values_requires_grad: bool = True):
         super().__init__()
         if not isinstance(sparse_weight, SparseWeight):
-            raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight, got {type(sparse_weight).__name__}")
+            raise TypeError(f"sparse_weight must be an effikern.sparse.SparseWeight, "
+                            f"got {type(sparse_weight).__name__}")
         sw = sparse_weight
         self.format = sw.format
         self.out_features, self.in_features = sw.shape
